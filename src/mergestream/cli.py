@@ -1,0 +1,180 @@
+"""The `mergestream` command line: a thin layer over the Python API (one function per command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import ConfigError, MergestreamError
+from .methods import METHODS
+from .methods.base import describe_config, parse_param_strings
+from .progress import default_progress
+from .state import MergeState
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    params = parse_param_strings(args.param)
+    state = MergeState.create(args.state, args.base, method=args.method, **params)
+    roles = state.status()["tensors"]
+    print(
+        f"created {args.state}: method {state.method!r}, base {args.base} "
+        f"({roles['projected']} projected, {roles['added']} added, {roles['copied']} copied tensors)"
+    )
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    state = MergeState.open(args.state)
+    for checkpoint in args.checkpoints:
+        stats = state.add(
+            checkpoint,
+            allow_duplicate=args.allow_duplicate,
+            device=args.device,
+            workers=args.workers,
+            progress=default_progress(args.quiet),
+        )
+        scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
+        if not args.quiet:
+            print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s ({scalars})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = MergeState.open(args.state)
+    info = state.status()
+    if args.tensors:
+        info["classification"] = state.classification()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    method = info["method"]
+    params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
+    print(f"state:   {args.state}")
+    print(f"method:  {method['name']} ({params})")
+    print(f"base:    {info['base']}")
+    roles = info["tensors"]
+    print(
+        f"tensors: {roles['projected']} projected, {roles['added']} added, "
+        f"{roles['copied']} copied from the base"
+    )
+    print(f"steps:   {info['step']}")
+    for key, value in info["scalars"].items():
+        print(f"  {key} = {value:.6g}")
+    for entry in info["ledger"]:
+        print(f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}")
+    if args.tensors:
+        for name, role in info["classification"].items():
+            print(f"  {role:9s} {name}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    state = MergeState.open(args.state)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    out = state.export(args.out, dtype=dtype, progress=default_progress(args.quiet))
+    if not args.quiet:
+        print(f"wrote the merged model after {state.step} steps to {out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        print(f"{name}: {cls.summary}")
+        for pname, ptype, default, help_text in describe_config(cls.config_class):
+            print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(workdir=args.dir, models=args.models, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergestream",
+        description="Continual model merging: fold fine-tuned checkpoints into one model as "
+        "they arrive.",
+    )
+    parser.add_argument("--version", action="version", version=f"mergestream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a merge state for a base model")
+    p.add_argument("state", help="state directory to create")
+    p.add_argument("--base", required=True, help="base checkpoint (.safetensors or HF model dir)")
+    p.add_argument("--method", default="opcm", choices=sorted(METHODS))
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method parameter (repeatable); see `mergestream methods`",
+    )
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("add", help="merge checkpoints into the state, one step each, in order")
+    p.add_argument("state")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument(
+        "--allow-duplicate",
+        action="store_true",
+        help="merge a checkpoint even if identical content was merged before",
+    )
+    p.add_argument("--device", default="cpu", help="where kernels run, e.g. cpu or cuda")
+    p.add_argument("--workers", type=int, default=1, help="tensors processed in parallel")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("status", help="show method, params, steps, scalars and ledger")
+    p.add_argument("state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tensors", action="store_true", help="list each tensor's role")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write the merged model as safetensors")
+    p.add_argument("state")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="build a tiny synthetic stream and merge it")
+    p.add_argument("--dir", type=Path, default=None, help="work directory (default: temporary)")
+    p.add_argument("--models", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (MergestreamError, ConfigError) as err:
+        print(f"mergestream: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "mergestream: interrupted; the state is unchanged since its last completed step",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One merge step: stream every tensor of an incoming checkpoint through a method's kernel.
+
+For each floating-point tensor of the base, in storage order, the engine reads the base tensor,
+the incoming tensor and the method's state tensors, computes the task vector in float64, calls
+the method's pure `update`, hands the new state to a writer and accumulates the method's partial
+sums. Only a few tensors are alive at any time. Validation that needs no tensor data (names,
+shapes, dtypes) runs before anything is computed; problems found during the pass (NaN/Inf)
+raise before the caller commits, so a failed step never changes stored state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .classify import LinearRule
+from .errors import CheckpointError
+from .io.checkpoint import TensorSource
+from .methods.base import (
+    COMPUTE_DTYPE,
+    STATE_DTYPE,
+    ContinualMethod,
+    Scalars,
+    StepTensor,
+    TensorInfo,
+)
+from .progress import NoProgress, Progress
+
+StateReader = Callable[[TensorInfo], Mapping[str, torch.Tensor]]
+StateWriter = Callable[[TensorInfo, Mapping[str, torch.Tensor]], None]
+
+
+def tensor_infos(base: TensorSource, rule: LinearRule) -> list[TensorInfo]:
+    """The merged (floating-point) tensors of the base, in storage order."""
+    infos = []
+    for name in base.names():
+        spec = base.spec(name)
+        if spec.dtype.is_floating_point:
+            infos.append(TensorInfo(name, spec.shape, spec.dtype, rule.is_linear(name, spec)))
+    return infos
+
+
+def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
+    """Refuse a checkpoint whose tensors do not match the base, naming the first offender."""
+    incoming = set(checkpoint.names())
+    base_names = base.names()
+    for name in base_names:
+        spec = base.spec(name)
+        if not spec.dtype.is_floating_point:
+            continue  # integer buffers are copied from the base; the checkpoint's are ignored
+        if name not in incoming:
+            raise CheckpointError(
+                f"{checkpoint.description}: tensor {name!r} of the base is missing"
+            )
+        other = checkpoint.spec(name)
+        if other.shape != spec.shape:
+            raise CheckpointError(
+                f"{checkpoint.description}: tensor {name!r} has shape {list(other.shape)}, "
+                f"the base has {list(spec.shape)}"
+            )
+        if not other.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{checkpoint.description}: tensor {name!r} has dtype {other.dtype}, which "
+                f"cannot be merged into the base's {spec.dtype}"
+            )
+    extra = sorted(incoming - set(base_names))
+    if extra:
+        raise CheckpointError(
+            f"{checkpoint.description}: tensor {extra[0]!r} is not in the base"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+
+
+def load_task_vector(
+    info: TensorInfo, base: TensorSource, checkpoint: TensorSource, device: torch.device
+) -> torch.Tensor:
+    """incoming - base for one tensor, float64 on `device`; refuses NaN/Inf in the input."""
+    incoming = checkpoint.get(info.name).to(device=device, dtype=COMPUTE_DTYPE)
+    if not bool(torch.isfinite(incoming).all()):
+        raise CheckpointError(f"{checkpoint.description}: tensor {info.name!r} contains NaN or Inf")
+    return incoming - base.get(info.name).to(device=device, dtype=COMPUTE_DTYPE)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    scalars: Scalars
+    seconds: float
+    tensors: int
+    projected: int
+
+
+def run_step(
+    method: ContinualMethod,
+    step: int,
+    scalars: Scalars,
+    infos: list[TensorInfo],
+    base: TensorSource,
+    checkpoint: TensorSource,
+    read_state: StateReader,
+    write_state: StateWriter,
+    *,
+    device: torch.device | str = "cpu",
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> StepStats:
+    """Fold `checkpoint` into the state as step `step` (1-based); returns the new scalars.
+
+    `read_state(info)` gives the previous state tensors of one tensor ({} at step 1);
+    `write_state(info, tensors)` receives the new ones, in storage order.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    progress = progress or NoProgress()
+    check_compatible(base, checkpoint)
+
+    def on_device(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in state.items()}
+
+    def pass_over_tensors() -> Iterator[StepTensor]:
+        for info in infos:
+            yield StepTensor(
+                info,
+                on_device(read_state(info)),
+                load_task_vector(info, base, checkpoint, device),
+            )
+
+    step_scalars = dict(scalars)
+    step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
+
+    def process(info: TensorInfo):  # noqa: ANN202
+        task_vector = load_task_vector(info, base, checkpoint, device)
+        update = method.update(info, step, on_device(read_state(info)), task_vector, step_scalars)
+        for key, tensor in update.state.items():
+            if tensor.dtype != STATE_DTYPE or tuple(tensor.shape) != info.shape:
+                raise RuntimeError(
+                    f"{method.name}: state {key!r} of {info.name!r} must be {STATE_DTYPE} "
+                    f"{list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+                )
+        return update
+
+    partials: Scalars = {}
+    total_bytes = sum(_nbytes(i) for i in infos)
+    progress.start(f"step {step}", len(infos), total_bytes)
+    try:
+        for info, update in zip(infos, _ordered_map(process, infos, workers), strict=True):
+            write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
+            for key, value in update.partials.items():
+                partials[key] = partials.get(key, 0.0) + value
+            progress.advance(1, _nbytes(info))
+    finally:
+        progress.finish()
+    new_scalars = method.finish_step(step, scalars, partials)
+    return StepStats(
+        step=step,
+        scalars=new_scalars,
+        seconds=time.perf_counter() - started,
+        tensors=len(infos),
+        projected=sum(i.projected for i in infos),
+    )
+
+
+def _nbytes(info: TensorInfo) -> int:
+    numel = 1
+    for d in info.shape:
+        numel *= d
+    return numel * torch.empty((), dtype=info.dtype).element_size()
+
+
+def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202
+    """map(fn, items) in order; with workers > 1, a bounded window runs ahead on threads
+    (torch releases the GIL inside its kernels). Partial sums stay in storage order, so results
+    are bitwise identical whatever the worker count."""
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window = []
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > workers:
+                yield window.pop(0).result()
+        for future in window:
+            yield future.result()

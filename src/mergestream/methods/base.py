@@ -1,0 +1,224 @@
+"""The contract every continual merge method fulfils, and its typed configuration.
+
+A method is a pure per-tensor rule plus a tiny state schema:
+- `state_names`: the per-parameter tensors it keeps (float32, one per floating-point tensor of the
+  base), e.g. OPCM's unscaled running sum.
+- scalars: a flat dict of floats kept in the manifest (step counts, norms, scales).
+- `update`: for one tensor, old state + incoming task vector -> new state, plus partial sums that
+  the engine reduces over the whole model into the step's global scalars (`finish_step`).
+- `task_vector`: merged minus base for one tensor, from its state and the scalars.
+- `prepare_step` (optional): extra read-only passes over the model before the update pass, for
+  rules that need a global quantity first (e.g. a whole-model magnitude threshold).
+
+The engine owns all I/O, ordering, validation and atomic commits; methods never touch files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+import torch
+
+from ..classify import LinearRule
+from ..errors import ConfigError
+
+STATE_DTYPE = torch.float32  # stored state precision; all arithmetic runs in float64
+COMPUTE_DTYPE = torch.float64
+
+Scalars = dict[str, float]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One floating-point tensor of the model, as the method sees it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the base checkpoint's dtype
+    projected: bool  # a 2-D linear-layer weight (see classify.py)
+
+
+@dataclass(frozen=True)
+class StepTensor:
+    """What a preparation pass sees for one tensor."""
+
+    info: TensorInfo
+    state: Mapping[str, torch.Tensor]
+    task_vector: torch.Tensor  # float64, incoming minus base
+
+
+@dataclass
+class TensorUpdate:
+    state: dict[str, torch.Tensor]  # new state tensors, STATE_DTYPE
+    partials: Scalars = dataclasses.field(default_factory=dict)  # summed over all tensors
+
+
+def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field with help text (shown by `mergestream methods`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base class of method configs: frozen dataclasses whose fields carry help text."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid combination of values."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.validate()
+        except ValueError as err:
+            raise ConfigError(f"{type(self).__name__}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def linear_rule(self) -> LinearRule:
+        """Which tensors count as linear weights; methods that project override the patterns."""
+        return LinearRule()
+
+
+class ContinualMethod(ABC):
+    """A continual merge rule; subclasses set the class variables and implement the hooks."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    state_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: MethodConfig | None = None, **params: Any) -> None:
+        if config is not None and params:
+            raise ConfigError(f"{self.name}: pass either a config object or keyword parameters")
+        if config is None:
+            config = build_config(self.config_class, params)
+        elif not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{self.name}: expected a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        return f"{type(self).__name__}({args})"
+
+    def initial_scalars(self) -> Scalars:
+        return {}
+
+    def prepare_step(
+        self, step: int, scalars: Scalars, tensors: Callable[[], Iterator[StepTensor]]
+    ) -> Scalars:
+        """Optional read-only passes before the update pass; returns extra scalars for `update`.
+
+        `tensors()` starts a fresh pass each time it is called (one tensor in memory at a time).
+        """
+        return {}
+
+    @abstractmethod
+    def update(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: Mapping[str, torch.Tensor],
+        task_vector: torch.Tensor,
+        scalars: Scalars,
+    ) -> TensorUpdate:
+        """Fold one tensor of the `step`-th model (1-based) into the state.
+
+        `state` is empty at step 1; `task_vector` is float64; `scalars` holds the scalars before
+        this step plus whatever `prepare_step` returned.
+        """
+
+    @abstractmethod
+    def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
+        """The scalars after the step, from the previous ones and the summed partials."""
+
+    @abstractmethod
+    def task_vector(
+        self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
+    ) -> torch.Tensor:
+        """Merged minus base for one tensor, float64."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed parameters from strings (the CLI's --param KEY=VALUE) and from Python values.
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(field_type: Any, raw: Any, key: str) -> Any:
+    origin = get_origin(field_type)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(field_type) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in {"none", "null", ""}):
+            return None
+        return _convert(options[0], raw, key)
+    if origin is Literal:
+        allowed = get_args(field_type)
+        if raw not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {raw!r}")
+        return raw
+    if field_type is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if field_type in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        try:
+            value = field_type(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {field_type.__name__}, got {raw!r}") from None
+        if field_type is int and isinstance(raw, float) and raw != value:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        return value
+    if field_type is str:
+        return str(raw)
+    raise TypeError(f"unsupported config field type {field_type!r} for {key}")
+
+
+def build_config(config_class: type[MethodConfig], params: Mapping[str, Any]) -> MethodConfig:
+    """Build a config from loosely typed values (strings from the CLI, or Python values)."""
+    hints = typing.get_type_hints(config_class)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = [k for k in params if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]!r}; valid parameters: {', '.join(fields) or '(none)'}"
+        )
+    values = {k: _convert(hints[k], v, k) for k, v in params.items()}
+    return config_class(**values)
+
+
+def parse_param_strings(items: list[str]) -> dict[str, str]:
+    """`["alpha=0.5", "zero_diagonal=true"]` -> {"alpha": "0.5", ...}."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def describe_config(config_class: type[MethodConfig]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for every parameter, for listings."""
+    hints = typing.get_type_hints(config_class)
+    rows = []
+    for f in dataclasses.fields(config_class):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal:
+            type_name = "|".join(map(str, get_args(hint)))
+        else:
+            type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        rows.append((f.name, type_name, f.default, f.metadata.get("help", "")))
+    return rows

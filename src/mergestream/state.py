@@ -1,0 +1,351 @@
+"""MergeState: a base, a method, and everything merged so far, persisted between steps.
+
+    state = MergeState.create("state/", "base-model/", method=OPCM(alpha=0.5))
+    state.add("finetuned-1/")          # one step per checkpoint, committed atomically
+    state.export("merged/")            # base + merged task vector as an HF model directory
+
+The same object works in memory (`MergeState.in_memory`) for the one-call `merge()` API; the
+numerics are identical (state tensors are stored as float32 either way).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .engine import StepStats, run_step, tensor_infos
+from .errors import CheckpointError, StateError
+from .export import copy_model_files, merged_tensors, write_safetensors
+from .hashing import content_hash, file_stamps
+from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
+from .methods import ContinualMethod, TensorInfo, get_method
+from .methods.base import COMPUTE_DTYPE
+from .progress import Progress
+from .storage import DiskStorage, MemoryStorage, Storage
+
+FORMAT = "mergestream-state"
+FORMAT_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _resolve_method(method: ContinualMethod | str, params: Mapping[str, Any]) -> ContinualMethod:
+    if isinstance(method, ContinualMethod):
+        if params:
+            raise TypeError("pass parameters either in the method object or as keywords, not both")
+        return method
+    return get_method(method, **params)
+
+
+class MergeState:
+    """A continual merge in progress (see the module docstring)."""
+
+    def __init__(self, storage: Storage, base: TensorSource, base_dir: Path | None):
+        self._storage = storage
+        self._manifest = storage.load_manifest()
+        self._check_format()
+        self.method = get_method(
+            self._manifest["method"]["name"], **self._manifest["method"]["params"]
+        )
+        self._base = base
+        self._base_dir = base_dir
+        self._infos = tensor_infos(base, self.method.config.linear_rule())
+        self._info_by_name = {i.name: i for i in self._infos}
+
+    # ---------------------------------------------------------------------------- creation
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        base: str | Path,
+        method: ContinualMethod | str = "opcm",
+        **params: Any,
+    ) -> MergeState:
+        """Start a new state in directory `path` (created; must be empty or absent)."""
+        path = Path(path)
+        resolved_method = _resolve_method(method, params)
+        base_source = open_checkpoint(base)
+        if path.exists() and any(path.iterdir()):
+            raise StateError(f"{path}: directory exists and is not empty")
+        path.mkdir(parents=True, exist_ok=True)
+        base_path = Path(base).resolve()
+        manifest = cls._new_manifest(resolved_method, base_source, str(base_path))
+        storage = DiskStorage(path)
+        storage.commit(manifest)
+        return cls(storage, base_source, config_dir(base_path))
+
+    @classmethod
+    def open(cls, path: str | Path) -> MergeState:
+        """Open an existing state directory."""
+        storage = DiskStorage(Path(path))
+        manifest = storage.load_manifest()
+        base_path = Path(manifest["base"]["path"])
+        try:
+            base_source = open_checkpoint(base_path)
+        except CheckpointError as err:
+            raise StateError(f"{path}: the state's base cannot be opened: {err}") from err
+        return cls(storage, base_source, config_dir(base_path))
+
+    @classmethod
+    def in_memory(
+        cls, base: CheckpointLike, method: ContinualMethod | str = "opcm", **params: Any
+    ) -> MergeState:
+        """A state that lives in memory only (nothing is written to disk)."""
+        resolved_method = _resolve_method(method, params)
+        base_source = open_checkpoint(base)
+        storage = MemoryStorage()
+        storage.commit(cls._new_manifest(resolved_method, base_source, base_source.description))
+        return cls(storage, base_source, config_dir(base))
+
+    @staticmethod
+    def _new_manifest(
+        method: ContinualMethod, base: TensorSource, base_description: str
+    ) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mergestream_version": __version__,
+            "created": _now(),
+            "method": {"name": method.name, "params": method.config.to_dict()},
+            "base": {
+                "path": base_description,
+                "sha256": content_hash(base),
+                "files": file_stamps(base.files()),
+            },
+            "step": 0,
+            "generation": None,
+            "scalars": method.initial_scalars(),
+            "ledger": [],
+        }
+
+    def _check_format(self) -> None:
+        m = self._manifest
+        if m.get("format") != FORMAT:
+            raise StateError("not a mergestream state manifest")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise StateError(
+                f"state format version {m.get('format_version')} was written by mergestream "
+                f"{m.get('mergestream_version', '?')}; this mergestream ({__version__}) reads "
+                f"version {FORMAT_VERSION} only"
+            )
+
+    # ----------------------------------------------------------------------------- queries
+
+    @property
+    def step(self) -> int:
+        return int(self._manifest["step"])
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        return dict(self._manifest["scalars"])
+
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self._manifest["ledger"]]
+
+    @property
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def status(self) -> dict[str, Any]:
+        """Everything `mergestream status` shows, as plain data."""
+        roles = {"projected": 0, "added": 0, "copied": 0}
+        for name in self._base.names():
+            info = self._info_by_name.get(name)
+            roles["copied" if info is None else "projected" if info.projected else "added"] += 1
+        return {
+            "method": self._manifest["method"],
+            "base": self._manifest["base"]["path"],
+            "step": self.step,
+            "scalars": self.scalars,
+            "tensors": roles,
+            "ledger": self.ledger,
+            "created": self._manifest["created"],
+            "mergestream_version": self._manifest["mergestream_version"],
+        }
+
+    def classification(self) -> dict[str, str]:
+        """Tensor name -> "projected" | "added" | "copied" under the state's method config."""
+        out = {}
+        for name in self._base.names():
+            info = self._info_by_name.get(name)
+            out[name] = "copied" if info is None else "projected" if info.projected else "added"
+        return out
+
+    # ------------------------------------------------------------------------------ adding
+
+    def add(
+        self,
+        checkpoint: CheckpointLike,
+        *,
+        allow_duplicate: bool = False,
+        device: torch.device | str = "cpu",
+        workers: int = 1,
+        progress: Progress | None = None,
+    ) -> StepStats:
+        """Merge one checkpoint as the next step and commit it atomically."""
+        with self._storage.lock(exclusive=True):
+            self._manifest = self._storage.load_manifest()
+            self._check_base_unchanged()
+            source = open_checkpoint(checkpoint)
+            digest = content_hash(source)
+            if not allow_duplicate:
+                for entry in self._manifest["ledger"]:
+                    if entry["sha256"] == digest:
+                        raise StateError(
+                            f"{source.description}: identical content was already merged at "
+                            f"step {entry['step']} ({entry['path']}); pass allow_duplicate "
+                            "(--allow-duplicate) to merge it again"
+                        )
+            step = self.step + 1
+            generation = (self._manifest["generation"] or 0) + 1
+            previous = self._manifest["generation"]
+            method = self.method
+
+            def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
+                if previous is None:
+                    return {}
+                return {s: self._storage.read(previous, s, info.name) for s in method.state_names}
+
+            writer = self._storage.begin(generation, method.state_names, self._infos)
+            try:
+                stats = run_step(
+                    method,
+                    step,
+                    self.scalars,
+                    self._infos,
+                    self._base,
+                    source,
+                    read_state,
+                    writer.put,
+                    device=device,
+                    workers=workers,
+                    progress=progress,
+                )
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            manifest = json.loads(json.dumps(self._manifest))
+            manifest["step"] = step
+            manifest["generation"] = generation
+            manifest["scalars"] = stats.scalars
+            manifest["updated"] = _now()
+            manifest["ledger"].append(
+                {
+                    "step": step,
+                    "path": _describe(checkpoint, source),
+                    "size": sum(p.stat().st_size for p in source.files()),
+                    "sha256": digest,
+                    "added": _now(),
+                    "seconds": round(stats.seconds, 3),
+                    "scalars": stats.scalars,
+                }
+            )
+            self._storage.commit(manifest)
+            self._manifest = manifest
+            return stats
+
+    def _check_base_unchanged(self) -> None:
+        recorded = self._manifest["base"]
+        files = self._base.files()
+        if not files or file_stamps(files) == recorded["files"]:
+            return
+        # The files were touched: compare content, which is what matters.
+        if content_hash(self._base) != recorded["sha256"]:
+            raise StateError(
+                f"the base at {recorded['path']} has changed since this state was created "
+                "(its content hash differs); merging against a different base would be wrong"
+            )
+
+    # ----------------------------------------------------------------------------- results
+
+    def _task_vector(self, info: TensorInfo) -> torch.Tensor:
+        generation = self._manifest["generation"]
+        if generation is None:
+            return torch.zeros(info.shape, dtype=COMPUTE_DTYPE)
+        state = {s: self._storage.read(generation, s, info.name) for s in self.method.state_names}
+        return self.method.task_vector(info, state, self.scalars)
+
+    def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged - base) in float64 for every floating-point tensor, one at a time."""
+        for info in self._infos:
+            yield info.name, self._task_vector(info)
+
+    def merged_tensors(
+        self, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor) for every tensor of the base, one at a time."""
+        yield from merged_tensors(self._base, self._info_by_name, self._task_vector, dtype)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The whole merged model in memory (small models and tests)."""
+        return dict(self.merged_tensors(dtype))
+
+    def export(
+        self,
+        out: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Write the merged model to directory `out` as `model.safetensors` plus the base's
+        config/tokenizer files, so `transformers.AutoModel.from_pretrained(out)` loads it."""
+        out = Path(out)
+        with self._storage.lock(exclusive=False):
+            self._manifest = self._storage.load_manifest()
+            out.mkdir(parents=True, exist_ok=True)
+            metadata = {
+                "format": "pt",
+                "mergestream_version": __version__,
+                "mergestream_method": json.dumps(self._manifest["method"]),
+                "mergestream_step": str(self.step),
+                "mergestream_inputs": json.dumps(
+                    [[e["path"], e["sha256"]] for e in self._manifest["ledger"]]
+                ),
+            }
+            write_safetensors(
+                out / "model.safetensors",
+                self._base,
+                self._info_by_name,
+                self._task_vector,
+                dtype,
+                metadata,
+                progress,
+            )
+            copy_model_files(self._base_dir, out)
+        return out
+
+
+def _describe(checkpoint: CheckpointLike, source: TensorSource) -> str:
+    if isinstance(checkpoint, Mapping):
+        return source.description
+    return str(Path(checkpoint).resolve())
+
+
+def merge(
+    base: CheckpointLike,
+    checkpoints: list[CheckpointLike],
+    method: ContinualMethod | str = "opcm",
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge `checkpoints` into `base` in the given order and return the merged state dict.
+
+    Paths or in-memory state dicts are accepted. Nothing is written to disk.
+    """
+    state = MergeState.in_memory(base, method, **params)
+    for checkpoint in checkpoints:
+        state.add(checkpoint, allow_duplicate=True, device=device)
+    return state.state_dict(dtype)

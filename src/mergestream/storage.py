@@ -1,0 +1,240 @@
+"""Where a merge state's tensors live between steps: a directory on disk, or memory.
+
+Disk layout of a state directory:
+    manifest.json          method, params, base, step, scalars, ledger, current generation
+    gen-000003/sum.safetensors   one file per state tensor kind (float32, the base's names)
+    lock                   held (flock) by a running add; shared by readers
+
+A step writes generation g+1 beside g, fsyncs it, then replaces manifest.json by an atomic rename
+(fsync'd before and after). A crash at any instant therefore leaves the old manifest pointing at
+intact old tensors, or the new manifest pointing at complete new ones. Stale generations are
+removed after the rename, and leftovers of an interrupted step are removed by the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from .errors import StateError
+from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from .methods.base import STATE_DTYPE, TensorInfo
+
+MANIFEST = "manifest.json"
+LOCK = "lock"
+
+
+def generation_dir_name(generation: int) -> str:
+    return f"gen-{generation:06d}"
+
+
+class GenerationWriter(Protocol):
+    def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    def load_manifest(self) -> dict[str, Any]: ...
+
+    def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor: ...
+
+    def begin(
+        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+    ) -> GenerationWriter: ...
+
+    def commit(self, manifest: dict[str, Any]) -> None: ...
+
+    def lock(self, exclusive: bool) -> contextlib.AbstractContextManager[None]: ...
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+class _MemoryWriter:
+    def __init__(self, target: dict[str, dict[str, torch.Tensor]]):
+        self.target = target
+
+    def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+        for state_name, tensor in tensors.items():
+            self.target.setdefault(state_name, {})[info.name] = tensor.clone()
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.target.clear()
+
+
+class MemoryStorage:
+    """State kept in memory (the one-call `merge()` API); same numerics as disk."""
+
+    def __init__(self) -> None:
+        self.manifest: dict[str, Any] = {}
+        self.generations: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def load_manifest(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.manifest))
+
+    def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
+        return self.generations[generation][state_name][tensor_name]
+
+    def begin(
+        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+    ) -> GenerationWriter:
+        self.generations[generation] = {}
+        return _MemoryWriter(self.generations[generation])
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        self.manifest = json.loads(json.dumps(manifest))
+        current = manifest.get("generation")
+        for generation in list(self.generations):
+            if generation != current:
+                del self.generations[generation]
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        yield
+
+
+# -------------------------------------------------------------------------------------- disk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DiskWriter:
+    def __init__(self, directory: Path, state_names: tuple[str, ...], infos: list[TensorInfo]):
+        self.directory = directory
+        specs = [(i.name, TensorSpec(STATE_DTYPE, i.shape)) for i in infos]
+        self.writers: dict[str, StreamingSafetensorsWriter] = {}
+        try:
+            for state_name in state_names:
+                self.writers[state_name] = StreamingSafetensorsWriter(
+                    directory / f"{state_name}.safetensors",
+                    specs,
+                    metadata={"format": "mergestream-state", "state": state_name},
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+        if set(tensors) != set(self.writers):
+            raise RuntimeError(
+                f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
+                f"got {sorted(tensors)}"
+            )
+        for state_name, tensor in tensors.items():
+            self.writers[state_name].write(info.name, tensor)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        _fsync_dir(self.directory)
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class DiskStorage:
+    """A state directory (see the module docstring for the layout and the commit protocol)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handles: dict[tuple[int, str], Any] = {}
+
+    def load_manifest(self) -> dict[str, Any]:
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise StateError(
+                f"{self.path}: not a merge state (no {MANIFEST}); create one with init"
+            )
+        try:
+            return json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StateError(f"{manifest_path}: unreadable manifest ({err})") from err
+
+    def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
+        key = (generation, state_name)
+        handle = self._handles.get(key)
+        if handle is None:
+            path = self.path / generation_dir_name(generation) / f"{state_name}.safetensors"
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors raises several types
+                raise StateError(f"{path}: state tensors unreadable ({err})") from err
+            self._handles[key] = handle
+        try:
+            return handle.get_tensor(tensor_name)
+        except Exception as err:  # noqa: BLE001
+            raise StateError(
+                f"{self.path}: state {state_name!r} has no readable tensor {tensor_name!r} ({err})"
+            ) from err
+
+    def begin(
+        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+    ) -> GenerationWriter:
+        directory = self.path / generation_dir_name(generation)
+        if directory.exists():
+            shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
+        directory.mkdir()
+        return _DiskWriter(directory, state_names, infos)
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.path / MANIFEST, manifest)
+        self._handles.clear()
+        current = manifest.get("generation")
+        keep = generation_dir_name(current) if current is not None else None
+        for item in self.path.glob("gen-*"):
+            if item.name != keep:
+                shutil.rmtree(item, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StateError(
+                        f"{self.path}: another mergestream process is "
+                        f"{'using' if exclusive else 'adding to'} this state; "
+                        "wait for it to finish and try again"
+                    ) from None
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace `path` with JSON `data` so that readers see the old or the new file, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
