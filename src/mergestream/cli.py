@@ -26,7 +26,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     roles = state.status()["tensors"]
     print(
         f"created {args.state}: method {state.method!r}, base {args.base} "
-        f"({roles['projected']} projected, {roles['added']} added, {roles['copied']} copied tensors)"
+        f"({roles['projected']} projected, {roles['added']} added, "
+        f"{roles['copied']} copied tensors)"
     )
     return 0
 
