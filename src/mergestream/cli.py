@@ -22,7 +22,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def cmd_init(args: argparse.Namespace) -> int:
     params = parse_param_strings(args.param)
-    state = MergeState.create(args.state, args.base, method=args.method, **params)
+    state = MergeState.create(
+        args.state, args.base, method=args.method, state_dtype=args.state_dtype, **params
+    )
     roles = state.status()["tensors"]
     print(
         f"created {args.state}: method {state.method!r}, base {args.base} "
@@ -121,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="method parameter (repeatable); see `mergestream methods`",
+    )
+    p.add_argument(
+        "--state-dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="precision of the stored state (default: the method's; float64 for opcm)",
     )
     p.set_defaults(func=cmd_init)
 

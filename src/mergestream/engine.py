@@ -22,7 +22,6 @@ from .errors import CheckpointError
 from .io.checkpoint import TensorSource
 from .methods.base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     Scalars,
     StepTensor,
@@ -136,9 +135,9 @@ def run_step(
         task_vector = load_task_vector(info, base, checkpoint, device)
         update = method.update(info, step, on_device(read_state(info)), task_vector, step_scalars)
         for key, tensor in update.state.items():
-            if tensor.dtype != STATE_DTYPE or tuple(tensor.shape) != info.shape:
+            if tensor.dtype != method.state_dtype or tuple(tensor.shape) != info.shape:
                 raise RuntimeError(
-                    f"{method.name}: state {key!r} of {info.name!r} must be {STATE_DTYPE} "
+                    f"{method.name}: state {key!r} of {info.name!r} must be {method.state_dtype} "
                     f"{list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}"
                 )
         return update

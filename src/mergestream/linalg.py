@@ -6,10 +6,11 @@ the squared singular values are the eigenpairs of the n x n Gram matrix SᵀS, a
 follow as u_i = S v_i / σ_i. An `eigh` of the Gram matrix costs a fraction of an SVD, and the
 projection can be written with S and V alone, so U is never formed (see methods/opcm.py).
 
-Squaring S squares its condition number, so this runs in float64: eigenvalue errors are about
-n·eps·σ_1², i.e. singular values below ~1e-6·σ_1 are not resolved. Such directions are treated as
-the null space of S (their σ is reported as 0). The `svd` decomposition resolves them down to
-~eps·σ_1 at about twice the cost.
+Squaring S squares its condition number κ: in float64 the Gram route's singular vectors carry
+errors of about eps·κ² where an SVD's carry eps·κ. So `gram` checks κ from its own eigenvalues and
+redoes the (rare) matrices with κ > GRAM_MAX_CONDITION by SVD, keeping errors below ~1e-8
+relative either way. The `svd` decomposition always takes the thin SVD (about twice the cost).
+Singular values below a tolerance relative to σ_1 are treated as exact zeros (null space of S).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ Decomposition = Literal["gram", "svd"]
 # the square root of the eigenvalue solver's relative accuracy (with margin); for SVD the usual
 # matrix-rank tolerance.
 _EPS64 = torch.finfo(torch.float64).eps
+GRAM_MAX_CONDITION = 1e4
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ def right_singular(s: torch.Tensor, method: Decomposition = "gram") -> RightSing
         eigenvalues, v = torch.linalg.eigh(s.mT @ s)
         eigenvalues, v = eigenvalues.flip(0), v.flip(1)
         sigma = eigenvalues.clamp_min(0).sqrt()
-        rtol = 10.0 * (n * _EPS64) ** 0.5
+        if n and bool(sigma[-1] * GRAM_MAX_CONDITION < sigma[0]):
+            return right_singular(s, "svd")  # ill-conditioned: the Gram route is not accurate
+        rtol = 0.0  # well-conditioned: every singular value is resolved
     elif method == "svd":
         _, sigma, vh = torch.linalg.svd(s, full_matrices=False)
         v = vh.mT

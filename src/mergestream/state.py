@@ -20,12 +20,12 @@ import torch
 
 from . import __version__
 from .engine import StepStats, run_step, tensor_infos
-from .errors import CheckpointError, StateError
+from .errors import CheckpointError, ConfigError, StateError
 from .export import copy_model_files, merged_tensors, write_safetensors
 from .hashing import content_hash, file_stamps
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
 from .methods import ContinualMethod, TensorInfo, get_method
-from .methods.base import COMPUTE_DTYPE
+from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
 from .progress import Progress
 from .storage import DiskStorage, MemoryStorage, Storage
 
@@ -55,6 +55,7 @@ class MergeState:
         self.method = get_method(
             self._manifest["method"]["name"], **self._manifest["method"]["params"]
         )
+        self.method.state_dtype = STATE_DTYPES[self._manifest["state_dtype"]]
         self._base = base
         self._base_dir = base_dir
         self._infos = tensor_infos(base, self.method.config.linear_rule())
@@ -68,9 +69,15 @@ class MergeState:
         path: str | Path,
         base: str | Path,
         method: ContinualMethod | str = "opcm",
+        *,
+        state_dtype: str | None = None,
         **params: Any,
     ) -> MergeState:
-        """Start a new state in directory `path` (created; must be empty or absent)."""
+        """Start a new state in directory `path` (created; must be empty or absent).
+
+        `state_dtype` ("float32" or "float64") is the precision of stored state tensors; by
+        default the method's own choice (float64 for OPCM, float32 for the baselines).
+        """
         path = Path(path)
         resolved_method = _resolve_method(method, params)
         base_source = open_checkpoint(base)
@@ -78,7 +85,7 @@ class MergeState:
             raise StateError(f"{path}: directory exists and is not empty")
         path.mkdir(parents=True, exist_ok=True)
         base_path = Path(base).resolve()
-        manifest = cls._new_manifest(resolved_method, base_source, str(base_path))
+        manifest = cls._new_manifest(resolved_method, base_source, str(base_path), state_dtype)
         storage = DiskStorage(path)
         storage.commit(manifest)
         return cls(storage, base_source, config_dir(base_path))
@@ -97,25 +104,44 @@ class MergeState:
 
     @classmethod
     def in_memory(
-        cls, base: CheckpointLike, method: ContinualMethod | str = "opcm", **params: Any
+        cls,
+        base: CheckpointLike,
+        method: ContinualMethod | str = "opcm",
+        *,
+        state_dtype: str | None = None,
+        **params: Any,
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk)."""
         resolved_method = _resolve_method(method, params)
         base_source = open_checkpoint(base)
         storage = MemoryStorage()
-        storage.commit(cls._new_manifest(resolved_method, base_source, base_source.description))
+        storage.commit(
+            cls._new_manifest(resolved_method, base_source, base_source.description, state_dtype)
+        )
         return cls(storage, base_source, config_dir(base))
 
     @staticmethod
     def _new_manifest(
-        method: ContinualMethod, base: TensorSource, base_description: str
+        method: ContinualMethod,
+        base: TensorSource,
+        base_description: str,
+        state_dtype: str | None,
     ) -> dict[str, Any]:
+        if state_dtype is None:
+            state_dtype = next(
+                k for k, v in STATE_DTYPES.items() if v == method.default_state_dtype
+            )
+        elif state_dtype not in STATE_DTYPES:
+            raise ConfigError(
+                f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}"
+            )
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "mergestream_version": __version__,
             "created": _now(),
             "method": {"name": method.name, "params": method.config.to_dict()},
+            "state_dtype": state_dtype,
             "base": {
                 "path": base_description,
                 "sha256": content_hash(base),
@@ -208,15 +234,14 @@ class MergeState:
                         )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
-            previous = self._manifest["generation"]
             method = self.method
 
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
-                if previous is None:
-                    return {}
-                return {s: self._storage.read(previous, s, info.name) for s in method.state_names}
+                return self.state_tensors(info.name)  # still the previous generation here
 
-            writer = self._storage.begin(generation, method.state_names, self._infos)
+            writer = self._storage.begin(
+                generation, method.state_names, self._infos, method.state_dtype
+            )
             try:
                 stats = run_step(
                     method,
@@ -275,6 +300,13 @@ class MergeState:
             return torch.zeros(info.shape, dtype=COMPUTE_DTYPE)
         state = {s: self._storage.read(generation, s, info.name) for s in self.method.state_names}
         return self.method.task_vector(info, state, self.scalars)
+
+    def state_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0."""
+        generation = self._manifest["generation"]
+        if generation is None:
+            return {}
+        return {s: self._storage.read(generation, s, name) for s in self.method.state_names}
 
     def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged - base) in float64 for every floating-point tensor, one at a time."""
@@ -339,13 +371,14 @@ def merge(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    state_dtype: str | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge `checkpoints` into `base` in the given order and return the merged state dict.
 
     Paths or in-memory state dicts are accepted. Nothing is written to disk.
     """
-    state = MergeState.in_memory(base, method, **params)
+    state = MergeState.in_memory(base, method, state_dtype=state_dtype, **params)
     for checkpoint in checkpoints:
         state.add(checkpoint, allow_duplicate=True, device=device)
     return state.state_dict(dtype)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from .errors import StateError
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
-from .methods.base import STATE_DTYPE, TensorInfo
+from .methods.base import TensorInfo
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -52,7 +52,11 @@ class Storage(Protocol):
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor: ...
 
     def begin(
-        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+        self,
+        generation: int,
+        state_names: tuple[str, ...],
+        infos: list[TensorInfo],
+        dtype: torch.dtype,
     ) -> GenerationWriter: ...
 
     def commit(self, manifest: dict[str, Any]) -> None: ...
@@ -92,7 +96,11 @@ class MemoryStorage:
         return self.generations[generation][state_name][tensor_name]
 
     def begin(
-        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+        self,
+        generation: int,
+        state_names: tuple[str, ...],
+        infos: list[TensorInfo],
+        dtype: torch.dtype,
     ) -> GenerationWriter:
         self.generations[generation] = {}
         return _MemoryWriter(self.generations[generation])
@@ -121,9 +129,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _DiskWriter:
-    def __init__(self, directory: Path, state_names: tuple[str, ...], infos: list[TensorInfo]):
+    def __init__(
+        self,
+        directory: Path,
+        state_names: tuple[str, ...],
+        infos: list[TensorInfo],
+        dtype: torch.dtype,
+    ):
         self.directory = directory
-        specs = [(i.name, TensorSpec(STATE_DTYPE, i.shape)) for i in infos]
+        specs = [(i.name, TensorSpec(dtype, i.shape)) for i in infos]
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
             for state_name in state_names:
@@ -192,13 +206,17 @@ class DiskStorage:
             ) from err
 
     def begin(
-        self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
+        self,
+        generation: int,
+        state_names: tuple[str, ...],
+        infos: list[TensorInfo],
+        dtype: torch.dtype,
     ) -> GenerationWriter:
         directory = self.path / generation_dir_name(generation)
         if directory.exists():
             shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
         directory.mkdir()
-        return _DiskWriter(directory, state_names, infos)
+        return _DiskWriter(directory, state_names, infos, dtype)
 
     def commit(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.path / MANIFEST, manifest)

@@ -28,8 +28,9 @@ import torch
 from ..classify import LinearRule
 from ..errors import ConfigError
 
-STATE_DTYPE = torch.float32  # stored state precision; all arithmetic runs in float64
+STATE_DTYPE = torch.float32  # default stored state precision; all arithmetic runs in float64
 COMPUTE_DTYPE = torch.float64
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Scalars = dict[str, float]
 
@@ -55,7 +56,7 @@ class StepTensor:
 
 @dataclass
 class TensorUpdate:
-    state: dict[str, torch.Tensor]  # new state tensors, STATE_DTYPE
+    state: dict[str, torch.Tensor]  # new state tensors, in the method's state_dtype
     partials: Scalars = dataclasses.field(default_factory=dict)  # summed over all tensors
 
 
@@ -92,6 +93,8 @@ class ContinualMethod(ABC):
     summary: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     state_names: ClassVar[tuple[str, ...]]
+    # Precision of stored state tensors unless the user picks another (see `state_dtype`).
+    default_state_dtype: ClassVar[torch.dtype] = STATE_DTYPE
 
     def __init__(self, config: MethodConfig | None = None, **params: Any) -> None:
         if config is not None and params:
@@ -103,6 +106,11 @@ class ContinualMethod(ABC):
                 f"{self.name}: expected a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
+        self.state_dtype: torch.dtype = self.default_state_dtype
+
+    def stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` rounded to the state's storage precision (what the next step will read)."""
+        return tensor.to(self.state_dtype)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())

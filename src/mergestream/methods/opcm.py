@@ -22,7 +22,6 @@ from ..classify import LinearRule
 from ..linalg import Decomposition, right_singular, split_index
 from .base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     MethodConfig,
     Scalars,
@@ -113,6 +112,9 @@ class OPCM(ContinualMethod):
     summary = "orthogonal projection against the running sum + adaptive scaling (the default)"
     config_class = OPCMConfig
     state_names = ("sum",)
+    # OPCM's projection amplifies round-off of the stored sum at every step (the split and the
+    # singular bases are recomputed from it), so its state is kept in float64 by default.
+    default_state_dtype = torch.float64
     config: OPCMConfig
 
     def initial_scalars(self) -> Scalars:
@@ -127,7 +129,7 @@ class OPCM(ContinualMethod):
         scalars: Scalars,
     ) -> TensorUpdate:
         if step == 1:
-            new_sum = task_vector.to(STATE_DTYPE)
+            new_sum = self.stored(task_vector)
             removed_sq = 0.0
         else:
             running_sum = state["sum"].to(COMPUTE_DTYPE)
@@ -138,7 +140,7 @@ class OPCM(ContinualMethod):
                     running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
                 )
             removed_sq = float((task_vector - addition).square().sum())
-            new_sum = (running_sum + addition).to(STATE_DTYPE)
+            new_sum = self.stored(running_sum + addition)
         return TensorUpdate(
             state={"sum": new_sum},
             partials={

@@ -1,0 +1,19 @@
+"""Builders of tiny synthetic models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
+
+# Shapes with both orientations of 2-D linear weights (16x24 and 24x16), square ones, biases,
+# norms, an embedding table (2-D, never projected) and an integer buffer.
+TINY_SHAPES = transformer_shapes(layers=2, hidden=16, intermediate=24, vocab=30, positions=8)
+
+
+def memory_stream(models: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(base, [fine-tuned state dicts]) built in memory."""
+    base = make_base(TINY_SHAPES, seed=seed, dtype=dtype)
+    return base, [
+        apply(base, make_task_vector(base, seed=seed * 100 + i + 1)) for i in range(models)
+    ]
