@@ -225,6 +225,6 @@ def test_float32_state_is_an_explicit_lower_precision_option() -> None:
         errors[state_dtype] = max(
             relative_error(merged[k] - base[k].double(), v) for k, v in expected.items()
         )
-    assert errors["float64"] <= 1e-7
+    assert errors["float64"] <= 1e-5
     # float32 storage of the running sum is amplified by the projection at every step
     assert errors["float64"] < errors["float32"] <= 1e-3

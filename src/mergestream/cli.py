@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a checkpoint even if identical content was merged before",
     )
     p.add_argument("--device", default="cpu", help="where kernels run, e.g. cpu or cuda")
-    p.add_argument("--workers", type=int, default=1, help="tensors processed in parallel")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tensors processed in parallel (default: one per CPU core; 1 on a GPU)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_add)
 

@@ -10,6 +10,8 @@ raise before the caller commits, so a failed step never changes stored state.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -104,16 +106,23 @@ def run_step(
     write_state: StateWriter,
     *,
     device: torch.device | str = "cpu",
-    workers: int = 1,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> StepStats:
     """Fold `checkpoint` into the state as step `step` (1-based); returns the new scalars.
 
     `read_state(info)` gives the previous state tensors of one tensor ({} at step 1);
     `write_state(info, tensors)` receives the new ones, in storage order.
+
+    `workers` tensors are processed at once (default: one per CPU core, or 1 on a GPU). With
+    more than one worker each kernel runs single-threaded: a decomposition of one matrix
+    scales poorly over threads, while independent tensors scale almost perfectly, and the
+    results do not depend on how many workers ran.
     """
     started = time.perf_counter()
     device = torch.device(device)
+    if workers is None:
+        workers = default_workers(device)
     progress = progress or NoProgress()
     check_compatible(base, checkpoint)
 
@@ -146,11 +155,12 @@ def run_step(
     total_bytes = sum(_nbytes(i) for i in infos)
     progress.start(f"step {step}", len(infos), total_bytes)
     try:
-        for info, update in zip(infos, _ordered_map(process, infos, workers), strict=True):
-            write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
-            for key, value in update.partials.items():
-                partials[key] = partials.get(key, 0.0) + value
-            progress.advance(1, _nbytes(info))
+        with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
+            for info, update in zip(infos, _ordered_map(process, infos, workers), strict=True):
+                write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
+                for key, value in update.partials.items():
+                    partials[key] = partials.get(key, 0.0) + value
+                progress.advance(1, _nbytes(info))
     finally:
         progress.finish()
     new_scalars = method.finish_step(step, scalars, partials)
@@ -161,6 +171,30 @@ def run_step(
         tensors=len(infos),
         projected=sum(i.projected for i in infos),
     )
+
+
+def default_workers(device: torch.device) -> int:
+    """One worker per available CPU core (at most 8); a GPU gets one stream of work."""
+    if device.type != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+@contextlib.contextmanager
+def _single_threaded_kernels(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _nbytes(info: TensorInfo) -> int:

@@ -215,7 +215,7 @@ class MergeState:
         *,
         allow_duplicate: bool = False,
         device: torch.device | str = "cpu",
-        workers: int = 1,
+        workers: int | None = None,
         progress: Progress | None = None,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically."""
