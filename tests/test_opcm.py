@@ -228,3 +228,25 @@ def test_float32_state_is_an_explicit_lower_precision_option() -> None:
     assert errors["float64"] <= 1e-5
     # float32 storage of the running sum is amplified by the projection at every step
     assert errors["float64"] < errors["float32"] <= 1e-3
+
+
+def test_ablations_scaling_only_and_projection_only() -> None:
+    base, checkpoints = memory_stream(4, seed=8)
+    floats = [k for k in base if base[k].is_floating_point()]
+    taus = [{k: c[k].double() - base[k].double() for k in floats} for c in checkpoints]
+    # nothing projected: task arithmetic rescaled to the mean task-vector distance
+    scaling_only = merge(base, checkpoints, "opcm", dtype=torch.float64, project_exclude=".")
+    total = {k: sum(t[k] for t in taus) for k in floats}
+    mean_norm = sum(global_norm(t) for t in taus) / len(taus)
+    for k in floats:
+        expected = total[k] * mean_norm / global_norm(total)
+        assert relative_error(scaling_only[k] - base[k].double(), expected) <= 1e-6, k
+    # projection without the scaling: merged = base + S
+    projection_only = merge(base, checkpoints, "opcm", dtype=torch.float64, adaptive_scaling=False)
+    reference = reference_opcm(base, checkpoints, 0.5, True)
+    running_sum_norm = global_norm({k: projection_only[k] - base[k].double() for k in floats})
+    assert running_sum_norm > 1.2 * mean_norm  # unscaled: longer than any single task vector
+    ratio = running_sum_norm / global_norm(reference)
+    for k in floats:
+        got = projection_only[k] - base[k].double()
+        assert relative_error(got, reference[k] * ratio) <= 1e-5, k

@@ -72,6 +72,7 @@ def test_state_records_method_params_ledger_and_scalars(tiny_stream, tmp_path):
             "decomposition": "gram",
             "project_include": None,
             "project_exclude": None,
+            "adaptive_scaling": True,
         },
     }
     assert info["step"] == 2

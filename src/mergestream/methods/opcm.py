@@ -96,6 +96,10 @@ class OPCMConfig(MethodConfig):
         None, "regex: also project 2-D tensors whose name matches (beyond the linear-weight rule)"
     )
     project_exclude: str | None = param(None, "regex: never project tensors whose name matches")
+    adaptive_scaling: bool = param(
+        True,
+        "divide the running sum by λ = ‖S‖/mean‖τ‖; false keeps merged = base + S (an ablation)",
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0 or math.isnan(self.alpha):
@@ -155,7 +159,8 @@ class OPCM(ContinualMethod):
         norm_sum = scalars["norm_sum"] + task_norm
         mean_norm = norm_sum / step
         merged_norm = math.sqrt(partials["sum_norm_sq"])
-        if step == 1 or merged_norm == 0.0 or mean_norm == 0.0:
+        unscaled = step == 1 or not self.config.adaptive_scaling
+        if unscaled or merged_norm == 0.0 or mean_norm == 0.0:
             scale = 1.0  # first model as is; an all-zero sum has nothing to rescale
         else:
             scale = merged_norm / mean_norm
