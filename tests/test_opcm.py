@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import memory_stream
 
-from mergestream import MergeState, merge
+from mergestream import ConfigError, MergeState, merge
 from mergestream.classify import LinearRule
 from mergestream.io.safetensors_stream import TensorSpec
 from mergestream.linalg import right_singular, split_index
@@ -250,3 +250,24 @@ def test_ablations_scaling_only_and_projection_only() -> None:
     for k in floats:
         got = projection_only[k] - base[k].double()
         assert relative_error(got, reference[k] * ratio) <= 1e-5, k
+
+
+def test_unavailable_device_is_refused_clearly() -> None:
+    base, checkpoints = memory_stream(1, seed=9)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+        merge(base, checkpoints, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("zero_diagonal", [True, False])
+def test_gpu_kernels_match_cpu(zero_diagonal) -> None:
+    base, checkpoints = memory_stream(5, seed=10)
+    method = OPCM(alpha=0.5, zero_diagonal=zero_diagonal)
+    on_cpu = merge(base, checkpoints, method, dtype=torch.float64)
+    on_gpu = merge(base, checkpoints, method, dtype=torch.float64, device="cuda")
+    for name, tensor in on_cpu.items():
+        if tensor.is_floating_point():
+            delta = on_gpu[name] - base[name].double()
+            assert relative_error(delta, tensor - base[name].double()) <= 1e-8, name

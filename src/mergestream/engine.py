@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .classify import LinearRule
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .io.checkpoint import TensorSource
 from .methods.base import (
     COMPUTE_DTYPE,
@@ -120,7 +120,7 @@ def run_step(
     results do not depend on how many workers ran.
     """
     started = time.perf_counter()
-    device = torch.device(device)
+    device = resolve_device(device)
     if workers is None:
         workers = default_workers(device)
     progress = progress or NoProgress()
@@ -171,6 +171,19 @@ def run_step(
         tensors=len(infos),
         projected=sum(i.projected for i in infos),
     )
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch device, refusing clearly one that this machine does not have."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU is available to torch here")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available to torch here")
+    return resolved
 
 
 def default_workers(device: torch.device) -> int:
