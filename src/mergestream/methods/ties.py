@@ -215,22 +215,17 @@ class _Selection:
 
     def observe(self, keys: torch.Tensor) -> None:
         """Count the next digit of the keys sharing the prefix; note each digit's extreme keys."""
-        width = min(DIGIT_BITS, self.shift)
         candidates = keys[self.undecided(keys)]
-        digits = (candidates >> (self.shift - width)) & ((1 << width) - 1)
-        bins = 1 << width
-        hist = torch.bincount(digits, minlength=bins)
-        lowest = torch.full((bins,), _KEY_MAX, dtype=torch.int64, device=keys.device)
-        highest = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
-        lowest.scatter_reduce_(0, digits, candidates, "amin")
-        highest.scatter_reduce_(0, digits, candidates, "amax")
         if self._hist is None:
-            self._hist, self._lowest, self._highest = hist, lowest, highest
-        else:
-            self._hist += hist
-            torch.minimum(self._lowest, lowest, out=self._lowest)
-            torch.maximum(self._highest, highest, out=self._highest)
-        self._width = width
+            self._width = min(DIGIT_BITS, self.shift)
+            bins = 1 << self._width
+            self._hist = torch.zeros(bins, dtype=torch.int64, device=keys.device)
+            self._lowest = torch.full((bins,), _KEY_MAX, dtype=torch.int64, device=keys.device)
+            self._highest = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
+        digits = (candidates >> (self.shift - self._width)) & ((1 << self._width) - 1)
+        self._hist.index_add_(0, digits, torch.ones_like(digits))
+        self._lowest.scatter_reduce_(0, digits, candidates, "amin")
+        self._highest.scatter_reduce_(0, digits, candidates, "amax")
 
     def narrow(self, rank: int) -> None:
         """Fix the next digit from the histogram of the pass just ended."""
@@ -239,6 +234,7 @@ class _Selection:
             return
         assert self._hist is not None
         hist, self._hist = self._hist, None
+        assert self._lowest is not None and self._highest is not None
         cumulative = hist.cumsum(0)
         target = torch.tensor(rank - self.below, dtype=cumulative.dtype, device=hist.device)
         digit = int(torch.searchsorted(cumulative, target))
@@ -258,6 +254,12 @@ class _Selection:
         self.key = int(torch.kthvalue(candidates, rank - self.below).values)
 
 
+def _observe(selections: tuple[_Selection, _Selection], keys: tuple[torch.Tensor, ...]) -> None:
+    for selection, k in zip(selections, keys, strict=True):
+        if not selection.resolved:
+            selection.observe(k)
+
+
 def global_ties_selection(
     tensors: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], threshold: float
 ) -> tuple[float, float, float, int]:
@@ -271,11 +273,12 @@ def global_ties_selection(
     passes = 0
     while True:
         passes += 1
-        # Kept aside this pass: values whose trim is undecided in either vector.
+        # Kept aside this pass: values whose trim is undecided in either vector. The first pass
+        # histograms only once they overflow (small models never need a histogram).
         collect = selections is None or (
             sum(s.count or 0 for s in selections if not s.resolved) <= PENDING_LIMIT
         )
-        histogram = selections is None or not collect
+        histogram = not collect
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         pending_count = 0
         sign_sum = 0
@@ -289,15 +292,18 @@ def global_ties_selection(
             keys = (magnitude_keys(m), magnitude_keys(tau))
             numel += keys[0].numel()
             if histogram:
-                for s, k in zip(selections, keys, strict=True):
-                    if not s.resolved:
-                        s.observe(k)
+                _observe(selections, keys)
             if not collect:
                 continue
             undecided = selections[0].undecided(keys[0]) | selections[1].undecided(keys[1])
             pending_count += int(undecided.sum())
             if pending_count > PENDING_LIMIT:
-                collect, pending = False, []
+                # Too many to finish in memory this pass: histogram instead, starting with the
+                # entries kept aside so far (they include every undecided one seen).
+                for kept_m, kept_tau in pending:
+                    _observe(selections, (magnitude_keys(kept_m), magnitude_keys(kept_tau)))
+                _observe(selections, keys)
+                collect, histogram, pending = False, True, []
                 continue
             m_flat, tau_flat = m.reshape(-1), tau.reshape(-1)
             pending.append((m_flat[undecided], tau_flat[undecided]))
