@@ -30,8 +30,9 @@ update pass, in bounded memory:
   A model with at most `PENDING_LIMIT` entries takes one preparation pass; a larger one takes one
   pass per refinement plus one, typically 2 or 3 read passes before the update pass (at most 5).
   Memory: per vector, 2^DIGIT_BITS counts and extreme keys (1.5 MiB), plus at most
-  `PENDING_LIMIT` kept-aside entries (12 bytes each, 24 MiB), whatever the model size and the
-  number of models.
+  `PENDING_LIMIT` kept-aside entries (12 bytes each, 24 MiB; a few times that while they are
+  finished), beside the per-tensor temporaries every method has; independent of the model size
+  and of the number of models.
 `scope=tensor` trims and resolves zero signs within each tensor instead (the same TIES rule with
 one tensor as the whole vector, as mergekit and PEFT apply it); it needs no preparation pass.
 
@@ -202,28 +203,39 @@ class _Selection:
         assert self.key is not None
         return _key_value(self.key, self.bits)
 
+    @property
+    def untouched(self) -> bool:
+        """Nothing narrowed yet: every key is undecided."""
+        return self.key is None and self.shift == self.bits
+
     def undecided(self, keys: torch.Tensor) -> torch.Tensor:
         if self.key is not None:
             return torch.zeros_like(keys, dtype=torch.bool)
         return (keys >> self.shift) == self.prefix
 
-    def kept(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys known to be at or above the answer."""
+    def split(self, keys: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(undecided keys, or None when there are none; keys known to be kept, i.e. at or above
+        the answer)."""
         if self.key is not None:
-            return keys >= self.key
-        return (keys >> self.shift) > self.prefix
+            return None, keys >= self.key
+        high = keys >> self.shift
+        return high == self.prefix, high > self.prefix
 
     def observe(self, keys: torch.Tensor) -> None:
         """Count the next digit of the keys sharing the prefix; note each digit's extreme keys."""
-        candidates = keys[self.undecided(keys)]
+        candidates = keys if self.untouched else keys[self.undecided(keys)]
         if self._hist is None:
             self._width = min(DIGIT_BITS, self.shift)
             bins = 1 << self._width
             self._hist = torch.zeros(bins, dtype=torch.int64, device=keys.device)
             self._lowest = torch.full((bins,), _KEY_MAX, dtype=torch.int64, device=keys.device)
             self._highest = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
-        digits = (candidates >> (self.shift - self._width)) & ((1 << self._width) - 1)
-        self._hist.index_add_(0, digits, torch.ones_like(digits))
+        bins = self._hist.numel()
+        digits = (candidates >> (self.shift - self._width)) & (bins - 1)
+        if digits.numel() > bins:
+            self._hist += torch.bincount(digits, minlength=bins)
+        else:
+            self._hist.index_add_(0, digits, torch.ones_like(digits))
         self._lowest.scatter_reduce_(0, digits, candidates, "amin")
         self._highest.scatter_reduce_(0, digits, candidates, "amax")
 
@@ -254,6 +266,53 @@ class _Selection:
         self.key = int(torch.kthvalue(candidates, rank - self.below).values)
 
 
+class _Aside:
+    """Entries whose trim is still undecided, kept aside during a pass to finish in memory.
+
+    In the first pass every entry is undecided, so whole tensors are referenced as they come;
+    later passes copy the undecided entries into two buffers sized once for the pass, so that
+    nothing small and long-lived sits between the pass's large temporaries (which fragments the
+    heap of a long pass)."""
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        dtypes: tuple[torch.dtype, ...] = (),
+        device: torch.device | None = None,
+    ) -> None:
+        self.count = 0
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        if capacity is not None:
+            self._buffers = (
+                torch.empty(capacity, dtype=dtypes[0], device=device),
+                torch.empty(capacity, dtype=dtypes[1], device=device),
+            )
+
+    def add(self, m: torch.Tensor, tau: torch.Tensor) -> None:
+        if self._buffers is None:
+            self._parts.append((m, tau))
+        else:
+            end = self.count + m.numel()
+            self._buffers[0][self.count : end] = m
+            self._buffers[1][self.count : end] = tau
+        self.count += m.numel()
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._buffers is None:
+            yield from self._parts
+        else:
+            yield self._buffers[0][: self.count], self._buffers[1][: self.count]
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = list(self.chunks())
+        if not chunks:
+            return torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=COMPUTE_DTYPE)
+        if len(chunks) == 1:
+            return chunks[0]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
 def _observe(selections: tuple[_Selection, _Selection], keys: tuple[torch.Tensor, ...]) -> None:
     for selection, k in zip(selections, keys, strict=True):
         if not selection.resolved:
@@ -269,23 +328,27 @@ def global_ties_selection(
     (threshold of m, threshold of τ, majority sign, number of passes); see the module docstring.
     """
     selections: tuple[_Selection, _Selection] | None = None
+    dtypes: tuple[torch.dtype, ...] = ()
+    device: torch.device | None = None
     rank: int | None = None
     passes = 0
     while True:
         passes += 1
-        # Kept aside this pass: values whose trim is undecided in either vector. The first pass
-        # histograms only once they overflow (small models never need a histogram).
-        collect = selections is None or (
-            sum(s.count or 0 for s in selections if not s.resolved) <= PENDING_LIMIT
-        )
-        histogram = not collect
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pending_count = 0
+        if selections is None:
+            # First pass: keep everything aside while it fits; histogram only once it does not
+            # (a model of at most PENDING_LIMIT entries never needs a histogram).
+            aside: _Aside | None = _Aside()
+            histogram = False
+        else:
+            bound = sum(s.count or 0 for s in selections if not s.resolved)
+            aside = _Aside(bound, dtypes, device) if bound <= PENDING_LIMIT else None
+            histogram = aside is None
         sign_sum = 0
         numel = 0
         for m, tau in tensors():
             if selections is None:
                 selections = (_Selection(_key_bits(m.dtype)), _Selection(_key_bits(tau.dtype)))
+                dtypes, device = (m.dtype, tau.dtype), tau.device
                 if threshold >= 100:
                     for s in selections:
                         s.key = 0
@@ -293,25 +356,41 @@ def global_ties_selection(
             numel += keys[0].numel()
             if histogram:
                 _observe(selections, keys)
-            if not collect:
-                continue
-            undecided = selections[0].undecided(keys[0]) | selections[1].undecided(keys[1])
-            pending_count += int(undecided.sum())
-            if pending_count > PENDING_LIMIT:
-                # Too many to finish in memory this pass: histogram instead, starting with the
-                # entries kept aside so far (they include every undecided one seen).
-                for kept_m, kept_tau in pending:
-                    _observe(selections, (magnitude_keys(kept_m), magnitude_keys(kept_tau)))
-                _observe(selections, keys)
-                collect, histogram, pending = False, True, []
+            if aside is None:
                 continue
             m_flat, tau_flat = m.reshape(-1), tau.reshape(-1)
-            pending.append((m_flat[undecided], tau_flat[undecided]))
-            decided = ~undecided
-            zero = torch.zeros((), dtype=COMPUTE_DTYPE, device=tau.device)
-            m_kept = torch.where(selections[0].kept(keys[0]), m_flat.to(COMPUTE_DTYPE), zero)
-            tau_kept = torch.where(selections[1].kept(keys[1]), tau_flat.to(COMPUTE_DTYPE), zero)
-            sign_sum += int(torch.sign(m_kept[decided] + tau_kept[decided]).sum())
+            everything = selections[0].untouched or selections[1].untouched
+            undecided: torch.Tensor | None = None
+            if everything:  # nothing narrowed yet: every entry is undecided
+                count = m_flat.numel()
+            else:
+                undecided_m, kept_m = selections[0].split(keys[0])
+                undecided_tau, kept_tau = selections[1].split(keys[1])
+                if undecided_m is None or undecided_tau is None:
+                    undecided = undecided_tau if undecided_m is None else undecided_m
+                else:
+                    undecided = undecided_m | undecided_tau
+                count = 0 if undecided is None else int(undecided.sum())
+            if aside.count + count > PENDING_LIMIT:
+                # Too many to finish in memory this pass: histogram instead, starting with the
+                # entries kept aside so far (they include every undecided one seen).
+                for chunk in aside.chunks():
+                    _observe(selections, tuple(magnitude_keys(v) for v in chunk))
+                _observe(selections, keys)
+                aside, histogram = None, True
+                continue
+            if everything:
+                aside.add(m_flat, tau_flat)
+                continue
+            if count:
+                aside.add(m_flat[undecided], tau_flat[undecided])
+            # Every other entry's trim is known: its elected sign counts now.
+            elected = torch.sign(
+                torch.where(kept_m, m_flat, 0.0) + torch.where(kept_tau, tau_flat, 0.0)
+            )
+            if undecided is not None:
+                elected.masked_fill_(undecided, 0)
+            sign_sum += int(elected.sum())
         if selections is None:  # no floating-point tensors at all
             return 0.0, 0.0, 0.0, passes
         if rank is None:
@@ -319,13 +398,8 @@ def global_ties_selection(
             for s in selections:
                 if not s.resolved:
                     s.count = numel
-        if collect:
-            if pending:
-                m_rest = torch.cat([p[0] for p in pending])
-                tau_rest = torch.cat([p[1] for p in pending])
-            else:
-                m_rest = torch.zeros(0, dtype=torch.float32)
-                tau_rest = torch.zeros(0, dtype=COMPUTE_DTYPE)
+        if aside is not None:
+            m_rest, tau_rest = aside.values()
             for s, values in zip(selections, (m_rest, tau_rest), strict=True):
                 if not s.resolved:
                     k = magnitude_keys(values)
