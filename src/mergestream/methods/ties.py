@@ -11,7 +11,10 @@ Step 1: θ = θ0 + c·τ_1. Step t: with m = θ − θ0 (the merged task vector 
      their mean, or the largest magnitude with the elected sign).
 
 State: m itself (float32 per tensor, already scaled). The trim and the sign election see exactly
-the stored float32 values of m and the float64 task vector.
+the stored float32 values of m and the float64 task vector. Scalars: `merged_norm` (‖m‖),
+`last_task_norm` (‖τ_t‖) and, from step 2, `last_kept_merged_fraction` and
+`last_kept_task_fraction` (shares of entries surviving each trim) and `last_changed_fraction`
+(share of entries the step changed).
 
 `scope=model` (default) applies the trim and the majority sign to the whole flattened model, as
 the reference does. Both are global quantities, so `prepare_step` finds them exactly before the
