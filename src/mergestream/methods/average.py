@@ -1,0 +1,71 @@
+"""Running average of the models (as in stochastic weight averaging): θ ← ((t−1)·θ + θ_t)/t.
+
+Step 1 gives the first model itself; after t models the merged model is the plain mean of the
+models, i.e. θ0 + mean τ_i, whatever the order. State: the running mean task vector (float32 per
+tensor), updated with the same rule, ((t−1)·mean + τ_t)/t, in float64. No parameters.
+Scalars: `merged_norm` (‖mean τ‖ over the whole model) and `last_task_norm` (‖τ_t‖).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .base import (
+    COMPUTE_DTYPE,
+    STATE_DTYPE,
+    ContinualMethod,
+    MethodConfig,
+    Scalars,
+    TensorInfo,
+    TensorUpdate,
+)
+from .registry import register_method
+
+
+@dataclass(frozen=True)
+class AverageConfig(MethodConfig):
+    """The running average has no parameters."""
+
+
+@register_method
+class Average(ContinualMethod):
+    name = "average"
+    summary = "running mean of all models (base + mean task vector; order-independent)"
+    config_class = AverageConfig
+    state_names = ("mean",)
+
+    def update(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: Mapping[str, torch.Tensor],
+        task_vector: torch.Tensor,
+        scalars: Scalars,
+    ) -> TensorUpdate:
+        if step == 1:
+            new_mean = task_vector.to(STATE_DTYPE)
+        else:
+            previous = state["mean"].to(COMPUTE_DTYPE)
+            new_mean = (((step - 1) * previous + task_vector) / step).to(STATE_DTYPE)
+        return TensorUpdate(
+            state={"mean": new_mean},
+            partials={
+                "task_norm_sq": float(task_vector.square().sum()),
+                "mean_norm_sq": float(new_mean.to(COMPUTE_DTYPE).square().sum()),
+            },
+        )
+
+    def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
+        return {
+            "merged_norm": math.sqrt(partials.get("mean_norm_sq", 0.0)),
+            "last_task_norm": math.sqrt(partials.get("task_norm_sq", 0.0)),
+        }
+
+    def task_vector(
+        self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
+    ) -> torch.Tensor:
+        return state["mean"].to(COMPUTE_DTYPE)
