@@ -16,7 +16,6 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     MethodConfig,
     Scalars,
@@ -47,10 +46,10 @@ class Average(ContinualMethod):
         scalars: Scalars,
     ) -> TensorUpdate:
         if step == 1:
-            new_mean = task_vector.to(STATE_DTYPE)
+            new_mean = self.stored(task_vector)
         else:
             previous = state["mean"].to(COMPUTE_DTYPE)
-            new_mean = (((step - 1) * previous + task_vector) / step).to(STATE_DTYPE)
+            new_mean = self.stored(((step - 1) * previous + task_vector) / step)
         return TensorUpdate(
             state={"mean": new_mean},
             partials={

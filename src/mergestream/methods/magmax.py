@@ -18,7 +18,6 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     MethodConfig,
     Scalars,
@@ -55,12 +54,12 @@ class MagMax(ContinualMethod):
         scalars: Scalars,
     ) -> TensorUpdate:
         if step == 1:
-            new_max = task_vector.to(STATE_DTYPE)
+            new_max = self.stored(task_vector)
             replaced = float(task_vector.numel())
         else:
             kept = state["max"].to(COMPUTE_DTYPE)
             take = task_vector.abs() >= kept.abs()
-            new_max = torch.where(take, task_vector, kept).to(STATE_DTYPE)
+            new_max = self.stored(torch.where(take, task_vector, kept))
             replaced = float(take.sum())
         return TensorUpdate(
             state={"max": new_max},

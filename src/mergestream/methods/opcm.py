@@ -155,10 +155,10 @@ class OPCM(ContinualMethod):
         )
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
-        task_norm = math.sqrt(partials["task_norm_sq"])
+        task_norm = math.sqrt(partials.get("task_norm_sq", 0.0))
         norm_sum = scalars["norm_sum"] + task_norm
         mean_norm = norm_sum / step
-        merged_norm = math.sqrt(partials["sum_norm_sq"])
+        merged_norm = math.sqrt(partials.get("sum_norm_sq", 0.0))
         unscaled = step == 1 or not self.config.adaptive_scaling
         if unscaled or merged_norm == 0.0 or mean_norm == 0.0:
             scale = 1.0  # first model as is; an all-zero sum has nothing to rescale
@@ -170,7 +170,7 @@ class OPCM(ContinualMethod):
             "merged_norm": merged_norm,
             "last_task_norm": task_norm,
             "last_removed_fraction": (
-                math.sqrt(partials["removed_norm_sq"]) / task_norm if task_norm else 0.0
+                math.sqrt(partials.get("removed_norm_sq", 0.0)) / task_norm if task_norm else 0.0
             ),
         }
 

@@ -18,7 +18,6 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     MethodConfig,
     Scalars,
@@ -57,9 +56,9 @@ class TaskArithmetic(ContinualMethod):
         scalars: Scalars,
     ) -> TensorUpdate:
         if step == 1:
-            new_sum = task_vector.to(STATE_DTYPE)
+            new_sum = self.stored(task_vector)
         else:
-            new_sum = (state["sum"].to(COMPUTE_DTYPE) + task_vector).to(STATE_DTYPE)
+            new_sum = self.stored(state["sum"].to(COMPUTE_DTYPE) + task_vector)
         return TensorUpdate(
             state={"sum": new_sum},
             partials={

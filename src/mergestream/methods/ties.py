@@ -66,7 +66,6 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    STATE_DTYPE,
     ContinualMethod,
     MethodConfig,
     Scalars,
@@ -471,7 +470,7 @@ class Ties(ContinualMethod):
         cfg = self.config
         partials = {"task_norm_sq": float(task_vector.square().sum())}
         if step == 1:
-            new_merged = (cfg.scaling_factor * task_vector).to(STATE_DTYPE)
+            new_merged = self.stored(cfg.scaling_factor * task_vector)
         else:
             merged = state["merged"]
             if cfg.scope == "model":
@@ -485,7 +484,7 @@ class Ties(ContinualMethod):
             combined, counts = ties_combine(
                 merged, task_vector, t_m, t_tau, majority, cfg.merge_func
             )
-            new_merged = (merged.to(COMPUTE_DTYPE) + cfg.scaling_factor * combined).to(STATE_DTYPE)
+            new_merged = self.stored(merged.to(COMPUTE_DTYPE) + cfg.scaling_factor * combined)
             partials.update({k: float(v) for k, v in counts.items()})
             partials["entries"] = float(task_vector.numel())
         partials["merged_norm_sq"] = float(new_merged.to(COMPUTE_DTYPE).square().sum())
