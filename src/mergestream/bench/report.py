@@ -1,0 +1,162 @@
+"""Tables and plots of a benchmark results file (see `run.py` for its schema)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .protocol import mean_std
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """ACC and BWT (mean ± std over task orders) and mean final per-task accuracy per method."""
+    tasks: list[str] = results["meta"]["tasks"]
+    header = ["method", "ACC (%)", "BWT (%)", *tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    reference = results["reference"]
+    for label in ("pretrained", "individual"):
+        per_task = reference[label]
+        mean = sum(per_task[t] for t in tasks) / len(tasks)
+        cells = [label if label == "pretrained" else "individual fine-tuned", _pct(mean), "–"]
+        lines.append("| " + " | ".join(cells + [_pct(per_task[t]) for t in tasks]) + " |")
+    for label, entry in results["methods"].items():
+        accs = [run["acc"] for run in entry["runs"]]
+        bwts = [run["bwt"] for run in entry["runs"] if run.get("bwt") is not None]
+        acc = f"{_pm(*mean_std(accs))} (n={len(accs)})"
+        bwt = f"{_pm(*mean_std(bwts))} (n={len(bwts)})" if bwts else "–"
+        per_task = [
+            sum(run["final"][t] for run in entry["runs"]) / len(entry["runs"]) for t in tasks
+        ]
+        lines.append("| " + " | ".join([label, acc, bwt, *map(_pct, per_task)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def alpha_table(results: Mapping[str, Any]) -> str:
+    sweep = results.get("alpha_sweep")
+    if not sweep:
+        return ""
+    lines = ["| alpha | ACC (%) |", "|---|---|"]
+    for alpha, runs in zip(sweep["alphas"], sweep["accs"], strict=True):
+        lines.append(f"| {alpha:g} | {_pm(*mean_std(runs))} (n={len(runs)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def step_curves(results: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Per method: mean over the orders with a full matrix of the average accuracy over the
+    tasks merged so far, after each step."""
+    curves = {}
+    for label, entry in results["methods"].items():
+        matrices = [run["matrix"] for run in entry["runs"] if run.get("matrix")]
+        if not matrices:
+            continue
+        steps = len(matrices[0])
+        curve = []
+        for t in range(steps):
+            per_order = [sum(m[t][: t + 1]) / (t + 1) for m in matrices]
+            curve.append(sum(per_order) / len(per_order))
+        curves[label] = curve
+    return curves
+
+
+def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """PNG plots: accuracy after each step, accuracy matrices, the alpha sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    curves = step_curves(results)
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, curve in curves.items():
+            ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=label)
+        ax.set_xlabel("models merged")
+        ax.set_ylabel("mean accuracy on the tasks merged so far (%)")
+        ax.set_title("Accuracy after each merge step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "accuracy_per_step.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    with_matrix = [
+        (label, next(run for run in entry["runs"] if run.get("matrix")))
+        for label, entry in results["methods"].items()
+        if any(run.get("matrix") for run in entry["runs"])
+    ]
+    if with_matrix:
+        cols = min(4, len(with_matrix))
+        rows = (len(with_matrix) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (label, run) in zip(axes.flat, with_matrix, strict=False):
+            matrix = run["matrix"]
+            grid = [[100 * a if a is not None else float("nan") for a in row] for row in matrix]
+            ax.axis("on")
+            ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+            ax.set_title(label, fontsize=8)
+            ax.set_xlabel("task (merge order)", fontsize=7)
+            ax.set_ylabel("after step", fontsize=7)
+            ax.set_xticks(range(len(matrix)))
+            ax.set_yticks(range(len(matrix)))
+            ax.set_yticklabels(range(1, len(matrix) + 1), fontsize=6)
+            ax.set_xticklabels([t[:8] for t in run["order"]], rotation=90, fontsize=6)
+        fig.suptitle("Accuracy matrix (first task order), %")
+        fig.tight_layout()
+        path = out_dir / "accuracy_matrix.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    sweep = results.get("alpha_sweep")
+    if sweep:
+        means = [100 * mean_std(runs)[0] for runs in sweep["accs"]]
+        stds = [100 * mean_std(runs)[1] for runs in sweep["accs"]]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.errorbar(sweep["alphas"], means, yerr=stds, marker="o", capsize=3)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("ACC after all steps (%)")
+        ax.set_title("OPCM: alpha sweep")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "alpha_sweep.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """results.json, results.md and the plots into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    md_path = out_dir / "results.md"
+    meta = results["meta"]
+    text = [
+        f"Benchmark run {meta.get('date', '')} on {meta.get('machine', '')}",
+        "",
+        markdown_table(results),
+    ]
+    sweep = alpha_table(results)
+    if sweep:
+        text += ["OPCM alpha sweep:", "", sweep]
+    md_path.write_text("\n".join(text))
+    plots = write_plots(results, out_dir)
+    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in plots}}

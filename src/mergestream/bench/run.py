@@ -1,0 +1,249 @@
+"""The continual-merging benchmark: every method, several task orders, the accuracy matrix.
+
+For each method and each seeded task order, the zoo's fine-tuned checkpoints are merged one step
+at a time through the normal engine (an in-memory `MergeState`, the same code as `mergestream
+add`), and the merged encoder is evaluated with the frozen zero-shot heads. On the first
+`matrix_orders` orders it is evaluated after every step on the tasks merged so far (the accuracy
+matrix, hence BWT and the curves); on the others only the final model is evaluated on all tasks
+(ACC), which keeps the cost of ten orders affordable.
+
+Zoo layout (written by `mergestream.bench.finetune`): `<zoo>/pretrained/` and one
+`<zoo>/<task>/` per task with the fine-tuned model, `head.safetensors`, `test.json` (the test
+split) and `finetune.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..state import MergeState
+from .protocol import backward_transfer, final_accuracy, mean_std, task_orders
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    method: str
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+DEFAULT_METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("average", "average"),
+    MethodSpec("task arithmetic (c=0.3)", "task_arithmetic", {"scaling_factor": 0.3}),
+    MethodSpec("TIES (c=0.3, top 20%)", "ties", {"scaling_factor": 0.3, "threshold": 20}),
+    MethodSpec("MagMax (c=0.5)", "magmax", {"scaling_factor": 0.5}),
+    MethodSpec("OPCM (alpha=0.5)", "opcm", {"alpha": 0.5, "zero_diagonal": True}),
+    MethodSpec("OPCM paper variant", "opcm", {"alpha": 0.5, "zero_diagonal": False}),
+    MethodSpec("ablation: scaling only", "opcm", {"project_exclude": "."}),
+    MethodSpec("ablation: projection only", "opcm", {"alpha": 0.5, "adaptive_scaling": False}),
+)
+DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    """What the evaluator needs of a task: its name and test examples."""
+
+    name: str
+    test: list[tuple[str, int]]
+
+
+@dataclasses.dataclass
+class Zoo:
+    root: Path
+    pretrained: Path
+    tasks: list[str]
+    heads: dict[str, torch.Tensor]
+    test_sets: dict[str, TestSet]
+    max_length: int
+
+
+def load_zoo(root: Path, tasks: Sequence[str] | None = None) -> Zoo:
+    """The zoo's checkpoints, heads and test splits (tasks in the given order)."""
+    root = Path(root)
+    available = sorted(
+        p.name for p in root.iterdir() if (p / "finetune.json").is_file() and p.name != "pretrained"
+    )
+    chosen = list(tasks) if tasks else available
+    missing = [t for t in chosen if t not in available]
+    if missing:
+        raise FileNotFoundError(
+            f"{root}: no fine-tuned checkpoint for {', '.join(missing)}; build the zoo first "
+            "(python -m mergestream.bench.finetune)"
+        )
+    heads, test_sets, max_lengths = {}, {}, set()
+    for task in chosen:
+        heads[task] = load_file(str(root / task / "head.safetensors"))["head"]
+        split = json.loads((root / task / "test.json").read_text())
+        test_sets[task] = TestSet(task, [(text, int(label)) for text, label in split])
+        info = json.loads((root / task / "finetune.json").read_text())
+        max_lengths.add(int(info["recipe"]["max_length"]))
+    if len(max_lengths) != 1:
+        raise ValueError(f"{root}: tasks were fine-tuned with different max_length {max_lengths}")
+    return Zoo(root, root / "pretrained", chosen, heads, test_sets, max_lengths.pop())
+
+
+class ZooEvaluator:
+    """Accuracy of merged state dicts on the zoo's tasks, with one reusable encoder."""
+
+    def __init__(self, zoo: Zoo, device: str = "cpu"):
+        from .encoder import Evaluator, load_encoder
+
+        model, tokenizer = load_encoder(zoo.pretrained, device=device)
+        self.zoo = zoo
+        self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length)
+        self.evaluations = 0
+
+    def accuracies(
+        self, state_dict: dict[str, torch.Tensor] | None, tasks: Sequence[str]
+    ) -> dict[str, float]:
+        if state_dict is not None:
+            self.evaluator.load_state_dict(state_dict)
+        self.evaluations += len(tasks)
+        return {t: self.evaluator.accuracy(self.zoo.test_sets[t], self.zoo.heads[t]) for t in tasks}
+
+
+def _merge_and_evaluate(
+    zoo: Zoo,
+    evaluator: ZooEvaluator,
+    spec: MethodSpec,
+    order: list[str],
+    full_matrix: bool,
+) -> dict[str, Any]:
+    state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
+    matrix: list[list[float | None]] = []
+    merge_seconds = 0.0
+    final: dict[str, float] = {}
+    for step, task in enumerate(order, start=1):
+        started = time.perf_counter()
+        state.add(zoo.root / task, allow_duplicate=True)
+        merge_seconds += time.perf_counter() - started
+        last = step == len(order)
+        if not (full_matrix or last):
+            continue
+        evaluated = order if last else order[:step]
+        accs = evaluator.accuracies(state.state_dict(), evaluated)
+        if full_matrix:
+            matrix.append([accs[t] for t in order[:step]] + [None] * (len(order) - step))
+        if last:
+            final = accs
+    run: dict[str, Any] = {
+        "order": order,
+        "final": final,
+        "acc": sum(final.values()) / len(final),
+        "merge_seconds": round(merge_seconds, 3),
+        "scalars": state.scalars,
+    }
+    if full_matrix:
+        run["matrix"] = matrix
+        run["bwt"] = backward_transfer(matrix)
+        assert abs(final_accuracy(matrix) - run["acc"]) < 1e-12
+    return run
+
+
+def run_benchmark(
+    zoo_root: Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
+    orders: int = 10,
+    matrix_orders: int = 3,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    sweep_orders: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the protocol (see the module docstring) and return the results dict."""
+    started = time.perf_counter()
+    zoo = load_zoo(zoo_root, tasks)
+    evaluator = ZooEvaluator(zoo, device=device)
+    all_orders = task_orders(zoo.tasks, orders, seed=seed)
+
+    reference = {"pretrained": evaluator.accuracies(None, zoo.tasks), "individual": {}}
+    for task in zoo.tasks:
+        individual = load_file(str(zoo.root / task / "model.safetensors"))
+        reference["individual"][task] = evaluator.accuracies(individual, [task])[task]
+    log(
+        "pretrained ACC {:.1f}, individual fine-tuned ACC {:.1f}".format(
+            100 * sum(reference["pretrained"].values()) / len(zoo.tasks),
+            100 * sum(reference["individual"].values()) / len(zoo.tasks),
+        )
+    )
+
+    results_methods: dict[str, Any] = {}
+    for spec in methods:
+        runs = []
+        for index, order in enumerate(all_orders):
+            runs.append(_merge_and_evaluate(zoo, evaluator, spec, order, index < matrix_orders))
+        accs = [r["acc"] for r in runs]
+        bwts = [r["bwt"] for r in runs if "bwt" in r]
+        results_methods[spec.label] = {"method": spec.method, "params": spec.params, "runs": runs}
+        acc_m, acc_s = mean_std(accs)
+        bwt_text = "BWT {:.1f}±{:.1f}".format(*(100 * x for x in mean_std(bwts))) if bwts else ""
+        log(f"{spec.label:32s} ACC {100 * acc_m:.1f}±{100 * acc_s:.1f} {bwt_text}")
+
+    sweep: dict[str, Any] | None = None
+    if alphas:
+        sweep = {"alphas": list(alphas), "accs": [], "orders": min(sweep_orders, orders)}
+        for alpha in alphas:
+            spec = MethodSpec(f"OPCM alpha={alpha}", "opcm", {"alpha": alpha})
+            accs = [
+                _merge_and_evaluate(zoo, evaluator, spec, order, False)["acc"]
+                for order in all_orders[: sweep["orders"]]
+            ]
+            sweep["accs"].append(accs)
+            log(f"alpha {alpha:.1f}: ACC {100 * mean_std(accs)[0]:.1f}")
+
+    return {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(),
+            "versions": {
+                "mergestream": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "zoo": str(zoo.root),
+            "tasks": zoo.tasks,
+            "orders": orders,
+            "matrix_orders": matrix_orders,
+            "seed": seed,
+            "evaluations": evaluator.evaluations,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "reference": reference,
+        "methods": results_methods,
+        "alpha_sweep": sweep,
+    }
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cores} cores of {cpu}{memory}"
