@@ -1,0 +1,262 @@
+"""Peak memory of `mergestream add` and `export` on LLaMA-shaped bf16 checkpoints.
+
+Synthetic checkpoints with the tensor names and shapes of a LLaMA model (TinyLlama-1.1B's by
+default: 22 layers, hidden 2048, MLP 5632, grouped KV 256, vocab 32000; about 1.1B parameters,
+2.2 GB in bf16) are generated on the fly, one at a time, into a work directory (default
+`cache/memory_llama/`, not committed), and merged one by one. Every `init`, `add` and `export`
+runs as a fresh `python -m mergestream` process; its peak resident set size comes from the
+kernel's accounting of that child (`wait4` -> `ru_maxrss`), so it covers everything the process
+ever held, including mapped file pages.
+
+    python benchmarks/memory_llama.py                      # 1.1B, 3 models, exports after 1 and 3
+    python benchmarks/memory_llama.py --preset tinyllama-4l --models 20 --export-after 2,20
+
+Disk: the base and one fine-tuned checkpoint (2.2 GB each in bf16 for 1.1B) plus two generations
+of the float32 state while a step runs (4.4 GB each), and the export (2.2 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from mergestream.export import plan_shards, shard_file_names  # noqa: E402
+from mergestream.io.safetensors_stream import (  # noqa: E402
+    SafetensorsFile,
+    StreamingSafetensorsWriter,
+    TensorSpec,
+)
+
+PRESETS = {
+    # TinyLlama-1.1B: the shapes of a real ~1B LLaMA.
+    "tinyllama-1.1b": dict(layers=22, hidden=2048, intermediate=5632, kv=256, vocab=32000),
+    # The same widths and vocabulary with 4 layers: identical largest tensors, so the same
+    # per-tensor working set, at a fifth of the time per step (for long streams).
+    "tinyllama-4l": dict(layers=4, hidden=2048, intermediate=5632, kv=256, vocab=32000),
+    # Seconds, for checking the script itself.
+    "toy": dict(layers=2, hidden=64, intermediate=160, kv=32, vocab=500),
+}
+
+
+def llama_shapes(
+    layers: int, hidden: int, intermediate: int, kv: int, vocab: int
+) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (hidden, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_config(layers: int, hidden: int, intermediate: int, kv: int, vocab: int) -> dict:
+    heads = hidden // 64
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv // 64 if kv >= 64 else 1,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_checkpoint(directory: Path, shapes: dict, make, config: dict, shard: str) -> None:
+    """Write an HF-style sharded bf16 checkpoint, one tensor in memory at a time."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    specs = [(n, TensorSpec(torch.bfloat16, s)) for n, s in shapes.items()]
+    shards = plan_shards(specs, int(float(shard.removesuffix("GB")) * 1e9))
+    names = shard_file_names(len(shards))
+    for file_name, members in zip(names, shards, strict=True):
+        with StreamingSafetensorsWriter(
+            tmp / file_name, [(n, TensorSpec(torch.bfloat16, shapes[n])) for n in members]
+        ) as writer:
+            for name in members:
+                writer.write(name, make(name, shapes[name]).to(torch.bfloat16))
+    if len(names) > 1:
+        weight_map = {n: f for f, members in zip(names, shards, strict=True) for n in members}
+        index = {"metadata": {"total_size": sum(s.nbytes for _, s in specs)}}
+        index["weight_map"] = weight_map
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def make_base(seed: int):
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g) * 0.02
+
+    return make
+
+
+def make_finetuned(base_dir: Path, seed: int):
+    """Base + a low-rank-plus-noise task vector, reading the base tensor by tensor."""
+    files = {}
+    for path in sorted(base_dir.glob("*.safetensors")):
+        handle = SafetensorsFile(path)
+        for name in handle.names():
+            files[name] = handle
+
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        base = files[name].read(name).to(torch.float32)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if len(shape) == 2:
+            rank = 8
+            a = torch.randn(shape[0], rank, generator=g)
+            b = torch.randn(rank, shape[1], generator=g)
+            delta = (a @ b) / math.sqrt(rank) * 2e-3
+            delta += torch.randn(shape, generator=g) * 2e-4
+        else:
+            delta = torch.randn(shape, generator=g) * 1e-3
+        return base.add_(delta)
+
+    return make
+
+
+def run_measured(argv: list[str], env: dict[str, str]) -> dict:
+    """Run a fresh process; its wall time and peak RSS (from wait4's resource usage)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{output}")
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "output": output.strip(),
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except OSError:
+        mem_kb = 0
+    import safetensors
+
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "date": dt.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "commit": commit,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
+    parser.add_argument("--models", type=int, default=3, help="checkpoints to merge")
+    parser.add_argument(
+        "--export-after", default="1,3", help="comma-separated steps after which to export"
+    )
+    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "memory_llama")
+    parser.add_argument("--shard-size", default="1GB", help="shard size of generated inputs")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+
+    dims = PRESETS[args.preset]
+    shapes = llama_shapes(**dims)
+    params = sum(math.prod(s) for s in shapes.values())
+    work = args.workdir / args.preset
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    cli = [sys.executable, "-m", "mergestream"]
+    exports = {int(s) for s in args.export_after.split(",") if s.strip()}
+    info = machine()
+    print(f"{args.preset}: {params / 1e9:.2f}B parameters, {2 * params / 1e9:.2f} GB in bf16")
+    print(json.dumps(info))
+
+    base_dir = work / "base"
+    if not (base_dir / "config.json").is_file():
+        t = time.perf_counter()
+        write_checkpoint(base_dir, shapes, make_base(0), llama_config(**dims), args.shard_size)
+        print(f"generated the base in {time.perf_counter() - t:.0f}s")
+    state = work / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    results = {"preset": args.preset, "parameters": params, "machine": info, "runs": []}
+
+    def record(kind: str, step: int, argv: list[str]) -> None:
+        r = run_measured(argv, env)
+        r.update(kind=kind, step=step)
+        results["runs"].append(r)
+        print(f"{kind:7s} step {step:3d}: peak RSS {r['peak_rss_mb']:8.1f} MB in {r['seconds']}s")
+
+    record("init", 0, [*cli, "init", str(state), "--base", str(base_dir), "--quiet"])
+    ckpt = work / "finetuned"
+    for step in range(1, args.models + 1):
+        t = time.perf_counter()
+        write_checkpoint(
+            ckpt, shapes, make_finetuned(base_dir, step), llama_config(**dims), args.shard_size
+        )
+        print(f"generated checkpoint {step} in {time.perf_counter() - t:.0f}s")
+        plan = run_measured([*cli, "plan", str(state), str(ckpt), "--json"], env)
+        estimate = json.loads(plan["output"])[0]["peak_memory_bytes"] / 1e6
+        results["runs"].append({"kind": "plan", "step": step, "estimate_mb": round(estimate)})
+        record("add", step, [*cli, "add", str(state), str(ckpt), "--quiet"])
+        print(f"        (plan estimated {estimate:.0f} MB)")
+        if step in exports:
+            out = work / "export"
+            shutil.rmtree(out, ignore_errors=True)
+            record("export", step, [*cli, "export", str(state), str(out), "--quiet"])
+            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
