@@ -67,7 +67,7 @@ def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
         if missing and extra:
             problem += f"; {len(extra)} of its tensors are not in the base (first: {extra[0]!r})"
         buffers = base_set.difference(float_names)  # integer buffers: never merged
-        hint = mismatch_hint(float_names, [n for n in incoming if n not in buffers])
+        hint = mismatch_hint(float_names, incoming, buffers)
         raise CheckpointError(
             f"{checkpoint.description}: {problem}" + (f". Hint: {hint}" if hint else "")
         )

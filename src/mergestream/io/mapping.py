@@ -165,15 +165,19 @@ def _common_prefix(names: list[str]) -> str:
     return first[: first.rfind(".", 0, i) + 1] if "." in first[:i] else ""
 
 
-def mismatch_hint(base_names: list[str], checkpoint_names: list[str]) -> str:
-    """A suggestion for a checkpoint whose names do not match the base's floating-point ones,
-    or "" when no option explains the difference."""
+def mismatch_hint(
+    base_names: Iterable[str], checkpoint_names: Iterable[str], buffers: Iterable[str] = ()
+) -> str:
+    """A suggestion for a checkpoint whose names do not match the base's floating-point ones
+    (`base_names`; `buffers` are the base's other tensors, which a checkpoint may or may not
+    hold), or "" when no option explains the difference."""
     base = set(base_names)
+    known = base.union(buffers)
     incoming = set(checkpoint_names)
     strip: Counter[str] = Counter()
-    for name in incoming - base:
+    for name in incoming - known:
         for prefix in _dot_prefixes(name):
-            if name[len(prefix) :] in base:
+            if name[len(prefix) :] in known:
                 strip[prefix] += 1
     add: Counter[str] = Counter()
     for name in base - incoming:
@@ -205,7 +209,7 @@ def mismatch_hint(base_names: list[str], checkpoint_names: list[str]) -> str:
             + (f" (all under {under!r})" if under else "")
             + "; if the others are unchanged from the base, pass missing='base' (--missing base)"
         )
-    extra = mapped - base
+    extra = mapped - known
     if extra and present:
         hints.append(
             f"{len(extra)} of its tensors are not in the base; to leave them out (e.g. a task "
