@@ -93,15 +93,20 @@ def merged_tensors(
 
     Floating-point tensors become base + task vector (computed in float64, cast to `dtype` or the
     base's dtype); other tensors are the base's, unchanged. The base tensor is added into the
-    task vector's float64 buffer, so a tensor costs one float64 copy beyond its inputs.
+    task vector's float64 buffer, so a tensor costs one float64 copy beyond what the method
+    needs to compute its task vector.
     """
     for name in base.names():
-        tensor = base.get(name)
         info = infos.get(name)
-        if info is not None:
-            merged = task_vector(info).to(COMPUTE_DTYPE)
-            tensor = merged.add_(tensor.to(merged.device)).to(dtype or tensor.dtype)
-            del merged
+        if info is None:
+            yield name, base.get(name)
+            continue
+        # The task vector first: the base tensor is read only once the method's temporaries
+        # are gone, so it does not add to the peak.
+        merged = task_vector(info).to(COMPUTE_DTYPE)
+        merged.add_(base.get(name).to(merged.device))
+        tensor = merged.to(dtype or info.dtype)
+        del merged
         yield name, tensor
 
 
