@@ -249,3 +249,18 @@ def test_duplicate_is_refused_unless_allowed(setup, capsys):
     state = MergeState.open(setup["state"])
     assert state.step == 2
     assert state.ledger[0]["sha256"] == state.ledger[1]["sha256"]
+
+
+def test_full_disk_while_writing_the_new_generation(setup, capsys, monkeypatch):
+    import errno
+
+    from mergestream.io.safetensors_stream import StreamingSafetensorsWriter
+
+    def no_space(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "write", no_space)
+    err = refused(setup, write(setup, setup["good"]), capsys)
+    assert "No space left on device" in err and "the state is unchanged" in err
+    monkeypatch.undo()
+    still_usable(setup)

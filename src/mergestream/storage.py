@@ -111,6 +111,19 @@ class MemoryStorage:
 # -------------------------------------------------------------------------------------- disk
 
 
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Turn an OS error while writing a new generation (a full disk, a quota, permissions) into
+    a plain error that says the committed state is not affected."""
+    try:
+        yield
+    except OSError as err:
+        raise StateError(
+            f"{directory}: cannot write the new state ({err.strerror or err}); the state is "
+            "unchanged since its last completed step"
+        ) from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -141,14 +154,16 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        for state_name, tensor in tensors.items():
-            self.writers[state_name].write(info.name, tensor)
+        with _writing(self.directory):
+            for state_name, tensor in tensors.items():
+                self.writers[state_name].write(info.name, tensor)
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-        _fsync_dir(self.directory)
-        _fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
+        with _writing(self.directory):
+            for writer in self.writers.values():
+                writer.close()
+            _fsync_dir(self.directory)
+            _fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -200,10 +215,11 @@ class DiskStorage:
         self, generation: int, state_names: tuple[str, ...], infos: list[TensorInfo]
     ) -> GenerationWriter:
         directory = self.path / generation_dir_name(generation)
-        if directory.exists():
-            shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
-        directory.mkdir()
-        return _DiskWriter(directory, state_names, infos)
+        with _writing(directory):
+            if directory.exists():
+                shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
+            directory.mkdir()
+            return _DiskWriter(directory, state_names, infos)
 
     def commit(self, manifest: dict[str, Any]) -> None:
         # The lock file exists from the first commit on, so later commands never add files to a
