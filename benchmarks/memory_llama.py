@@ -4,9 +4,11 @@ Synthetic checkpoints with the tensor names and shapes of a LLaMA model (TinyLla
 default: 22 layers, hidden 2048, MLP 5632, grouped KV 256, vocab 32000; about 1.1B parameters,
 2.2 GB in bf16) are generated on the fly, one at a time, into a work directory (default
 `cache/memory_llama/`, not committed), and merged one by one. Every `init`, `add` and `export`
-runs as a fresh `python -m mergestream` process; its peak resident set size comes from the
-kernel's accounting of that child (`wait4` -> `ru_maxrss`), so it covers everything the process
-ever held, including mapped file pages.
+runs as a fresh `python -m mergestream` process that reports its own peak resident set size
+(`VmHWM`, the high-water mark of its address space, read from /proc when it exits), so the
+number covers everything the process ever held, mapped file pages included. (`wait4`'s
+`ru_maxrss` is not used: Linux carries the parent's high-water mark into a child across fork and
+exec, so it would report the larger of the two.) Checkpoints are generated in separate processes.
 
     python benchmarks/memory_llama.py                      # 1.1B, 3 models, exports after 1 and 3
     python benchmarks/memory_llama.py --preset tinyllama-4l --models 20 --export-after 2,20
@@ -30,17 +32,19 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
 
-from mergestream.export import plan_shards, shard_file_names  # noqa: E402
-from mergestream.io.safetensors_stream import (  # noqa: E402
-    SafetensorsFile,
-    StreamingSafetensorsWriter,
-    TensorSpec,
-)
+# Runs the command line in the measured process and reports that process's own peak RSS.
+MEASURED = """
+import runpy, sys
+sys.argv = ["mergestream", *sys.argv[1:]]
+try:
+    runpy.run_module("mergestream", run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    print(f"VMHWM_KB {hwm}", file=sys.stderr)
+"""
 
 PRESETS = {
     # TinyLlama-1.1B: the shapes of a real ~1B LLaMA.
@@ -93,6 +97,11 @@ def llama_config(layers: int, hidden: int, intermediate: int, kv: int, vocab: in
 
 def write_checkpoint(directory: Path, shapes: dict, make, config: dict, shard: str) -> None:
     """Write an HF-style sharded bf16 checkpoint, one tensor in memory at a time."""
+    import torch
+
+    from mergestream.export import plan_shards, shard_file_names
+    from mergestream.io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -116,6 +125,8 @@ def write_checkpoint(directory: Path, shapes: dict, make, config: dict, shard: s
 
 
 def make_base(seed: int):
+    import torch
+
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape)
@@ -127,6 +138,10 @@ def make_base(seed: int):
 
 def make_finetuned(base_dir: Path, seed: int):
     """Base + a low-rank-plus-noise task vector, reading the base tensor by tensor."""
+    import torch
+
+    from mergestream.io.safetensors_stream import SafetensorsFile
+
     files = {}
     for path in sorted(base_dir.glob("*.safetensors")):
         handle = SafetensorsFile(path)
@@ -149,20 +164,40 @@ def make_finetuned(base_dir: Path, seed: int):
     return make
 
 
-def run_measured(argv: list[str], env: dict[str, str]) -> dict:
-    """Run a fresh process; its wall time and peak RSS (from wait4's resource usage)."""
+def run_measured(args: list[str], env: dict[str, str]) -> dict:
+    """Run `mergestream ARGS` in a fresh process; its wall time, output and peak RSS."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    output = proc.stdout.read().decode() if proc.stdout else ""
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURED, *args], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{output}")
+        raise SystemExit(f"mergestream {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    hwm = [line for line in proc.stderr.splitlines() if line.startswith("VMHWM_KB ")]
     return {
         "seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
-        "output": output.strip(),
+        "peak_rss_mb": round(int(hwm[-1].split()[1]) / 1024, 1),
+        "output": proc.stdout.strip(),
     }
+
+
+def generate(kind: str, directory: Path, preset: str, seed: int, shard: str) -> None:
+    """Write the base or a fine-tuned checkpoint, in a process of its own."""
+    subprocess.run(
+        [sys.executable, __file__, "--generate", kind, str(directory), preset, str(seed), shard],
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        check=True,
+    )
+
+
+def _generate_main(kind: str, directory: str, preset: str, seed: str, shard: str) -> None:
+    dims = PRESETS[preset]
+    directory_path = Path(directory)
+    make = (
+        make_base(int(seed))
+        if kind == "base"
+        else make_finetuned(directory_path.parent / "base", int(seed))
+    )
+    write_checkpoint(directory_path, llama_shapes(**dims), make, llama_config(**dims), shard)
 
 
 def machine() -> dict:
@@ -175,8 +210,15 @@ def machine() -> dict:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except OSError:
         mem_kb = 0
-    import safetensors
-
+    versions = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, safetensors; print(torch.__version__, safetensors.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -186,13 +228,16 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "ram_gb": round(mem_kb / 2**20, 1),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
+        "torch": versions[0],
+        "safetensors": versions[1],
         "commit": commit,
     }
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--generate":
+        _generate_main(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
     parser.add_argument("--models", type=int, default=3, help="checkpoints to merge")
@@ -211,7 +256,6 @@ def main() -> None:
     work = args.workdir / args.preset
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    cli = [sys.executable, "-m", "mergestream"]
     exports = {int(s) for s in args.export_after.split(",") if s.strip()}
     info = machine()
     print(f"{args.preset}: {params / 1e9:.2f}B parameters, {2 * params / 1e9:.2f} GB in bf16")
@@ -220,7 +264,7 @@ def main() -> None:
     base_dir = work / "base"
     if not (base_dir / "config.json").is_file():
         t = time.perf_counter()
-        write_checkpoint(base_dir, shapes, make_base(0), llama_config(**dims), args.shard_size)
+        generate("base", base_dir, args.preset, 0, args.shard_size)
         print(f"generated the base in {time.perf_counter() - t:.0f}s")
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
@@ -232,23 +276,21 @@ def main() -> None:
         results["runs"].append(r)
         print(f"{kind:7s} step {step:3d}: peak RSS {r['peak_rss_mb']:8.1f} MB in {r['seconds']}s")
 
-    record("init", 0, [*cli, "init", str(state), "--base", str(base_dir), "--quiet"])
+    record("init", 0, ["init", str(state), "--base", str(base_dir), "--quiet"])
     ckpt = work / "finetuned"
     for step in range(1, args.models + 1):
         t = time.perf_counter()
-        write_checkpoint(
-            ckpt, shapes, make_finetuned(base_dir, step), llama_config(**dims), args.shard_size
-        )
+        generate("finetuned", ckpt, args.preset, step, args.shard_size)
         print(f"generated checkpoint {step} in {time.perf_counter() - t:.0f}s")
-        plan = run_measured([*cli, "plan", str(state), str(ckpt), "--json"], env)
+        plan = run_measured(["plan", str(state), str(ckpt), "--json"], env)
         estimate = json.loads(plan["output"])[0]["peak_memory_bytes"] / 1e6
         results["runs"].append({"kind": "plan", "step": step, "estimate_mb": round(estimate)})
-        record("add", step, [*cli, "add", str(state), str(ckpt), "--quiet"])
+        record("add", step, ["add", str(state), str(ckpt), "--quiet"])
         print(f"        (plan estimated {estimate:.0f} MB)")
         if step in exports:
             out = work / "export"
             shutil.rmtree(out, ignore_errors=True)
-            record("export", step, [*cli, "export", str(state), str(out), "--quiet"])
+            record("export", step, ["export", str(state), str(out), "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(ckpt, ignore_errors=True)
     if args.json:

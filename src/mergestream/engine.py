@@ -56,16 +56,17 @@ def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
     missing = [n for n in float_names if n not in incoming_set]
     extra = [n for n in incoming if n not in base_set]
     if missing or extra:
+
+        def first(names: list[str], what: str) -> str:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            return f"tensor {names[0]!r} {what}{more}"
+
+        problems = []
         if missing:
-            problem = f"tensor {missing[0]!r} of the base is missing" + (
-                f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            )
-        else:
-            problem = f"tensor {extra[0]!r} is not in the base" + (
-                f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            )
-        if missing and extra:
-            problem += f"; {len(extra)} of its tensors are not in the base (first: {extra[0]!r})"
+            problems.append(first(missing, "of the base is missing"))
+        if extra:
+            problems.append(first(extra, "is not in the base"))
+        problem = "; ".join(problems)
         buffers = base_set.difference(float_names)  # integer buffers: never merged
         hint = mismatch_hint(float_names, incoming, buffers)
         raise CheckpointError(
