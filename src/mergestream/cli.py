@@ -72,6 +72,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     state = MergeState.open(args.state)
     plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
+    for offset, plan in enumerate(plans):
+        plan.step += offset  # the checkpoints would be merged one after the other
     if getattr(args, "json", False):
         print(json.dumps([p.to_dict() for p in plans], indent=2))
     else:
@@ -101,7 +103,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in info["scalars"].items():
         print(f"  {key} = {value:.6g}")
     for entry in info["ledger"]:
-        print(f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}")
+        mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
+        print(
+            f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
+            + (f"  ({mapping})" if mapping else "")
+        )
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
