@@ -5,12 +5,12 @@ tensors by what the method will do with them, and estimates peak memory and disk
 tensor data, hashes nothing and writes nothing.
 
 Memory estimate: the process as it is now (interpreter, torch, open headers) plus the largest
-per-tensor working set of the step. For one tensor of n elements that set is the incoming and
-base tensors in their stored dtypes, the method's state tensors as stored, and a number of
-float64 buffers of n elements (the task vector, the state in float64, the method's temporaries;
-`F64_BUFFERS`, measured on OPCM with `benchmarks/memory_llama.py`), plus, for projected 2-D
-tensors, the projection's extra work (`PROJECTION_BUFFERS` m x n buffers and a few k x k Gram
-matrices, k = min(m, n)).
+per-tensor working set of the step. For a tensor of n elements that is a number of float64
+buffers of n elements and of buffers in the state's dtype, counted from OPCM's update and
+checked against `benchmarks/memory_llama.py`: at the first step the task vector and the new
+state's norm (a float64 copy and its square) beside the new state; at later steps also the old
+state, read and in float64; for projected 2-D tensors also the projected task vector and a few
+k x k matrices (k = min(m, n)). Methods with leaner updates need less.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import torch
 
 from .io.checkpoint import TensorSource
 from .io.mapping import MappedSource
-from .io.safetensors_stream import TensorSpec
 from .methods.base import TensorInfo
 
-F64_BUFFERS = 5  # float64 copies of one tensor alive at once during an update, at most
-PROJECTION_BUFFERS = 2  # extra m x n float64 buffers of a projected tensor
-GRAM_BUFFERS = 4  # k x k float64 matrices of the projection (Gram, eigenvectors, products)
-EXPORT_F64_BUFFERS = 2  # float64 copies of one tensor during export (state in f64, merged)
+# (float64 buffers, state-dtype buffers) of one tensor alive at once while it is merged
+FIRST_STEP_BUFFERS = (3, 1)
+LATER_STEP_BUFFERS = (4, 2)
+PROJECTED_BUFFERS = (5, 2)
+GRAM_BUFFERS = 4  # k x k float64 matrices of the projection
+EXPORT_BUFFERS = (2, 1)  # the state read, in float64, and the task vector
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -67,30 +68,29 @@ class Plan:
     disk_needed_bytes: int
     disk_free_bytes: int | None
     export_bytes: int
+    export_peak_memory_bytes: int
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def working_set(info: TensorInfo, incoming: TensorSpec, state_bytes: int) -> int:
+def working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
     """Bytes alive at once while one tensor is merged (see the module docstring)."""
     n = math.prod(info.shape)
-    total = n * (_element_size(incoming.dtype) + _element_size(info.dtype))
-    total += state_bytes + F64_BUFFERS * 8 * n
-    if info.projected and len(info.shape) == 2:
-        k = min(info.shape)
-        total += PROJECTION_BUFFERS * 8 * n + GRAM_BUFFERS * 8 * k * k
+    projected = info.projected and len(info.shape) == 2 and not first_step
+    f64, states = (
+        FIRST_STEP_BUFFERS if first_step else PROJECTED_BUFFERS if projected else LATER_STEP_BUFFERS
+    )
+    total = n * (8 * f64 + state_size * states)
+    if projected:
+        total += GRAM_BUFFERS * 8 * min(info.shape) ** 2
     return total
 
 
-def export_working_set(info: TensorInfo, state_bytes: int, out_dtype: torch.dtype) -> int:
-    n = math.prod(info.shape)
-    return (
-        n * (_element_size(info.dtype) + _element_size(out_dtype))
-        + state_bytes
-        + EXPORT_F64_BUFFERS * 8 * n
-    )
+def export_working_set(info: TensorInfo, state_size: int) -> int:
+    f64, states = EXPORT_BUFFERS
+    return math.prod(info.shape) * (8 * f64 + state_size * states)
 
 
 def plan_add(
@@ -115,14 +115,14 @@ def plan_add(
         name = str(source.spec(info.name).dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + 1
     state_size = _element_size(state_dtype) * len(state_names)
-    peak_tensor, peak = "", 0
+    peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
     for info in infos:
-        n = math.prod(info.shape)
-        generation_bytes += n * state_size
-        need = working_set(info, source.spec(info.name), n * state_size)
+        generation_bytes += math.prod(info.shape) * state_size
+        need = working_set(info, state_size, first_step=step == 0)
         if need > peak:
             peak_tensor, peak = info.name, need
+        export_peak = max(export_peak, export_working_set(info, state_size))
     runtime = current_rss()
     # While the step runs, the previous generation and the new one are both on disk.
     disk_needed = generation_bytes
@@ -159,6 +159,7 @@ def plan_add(
         disk_needed_bytes=disk_needed,
         disk_free_bytes=disk_free,
         export_bytes=sum(base.spec(n).nbytes for n in base.names()),
+        export_peak_memory_bytes=runtime + export_peak,
         warnings=warnings,
     )
 
@@ -193,6 +194,7 @@ def format_plan(plan: Plan) -> str:
         f"  disk:     {_gb(plan.disk_needed_bytes)} for the new state generation"
         + (f" ({_gb(plan.disk_free_bytes)} free)" if plan.disk_free_bytes is not None else "")
         + f"; an export takes {_gb(plan.export_bytes)}",
+        f"  export:   about {_gb(plan.export_peak_memory_bytes)} of memory at peak",
     ]
     lines += [f"  warning:  {w}" for w in plan.warnings]
     return "\n".join(lines)

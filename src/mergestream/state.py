@@ -243,10 +243,17 @@ class MergeState:
             if not allow_duplicate:
                 for entry in self._manifest["ledger"]:
                     if entry["sha256"] == digest:
+                        latest = entry["step"] == self.step
                         raise StateError(
                             f"{source.description}: identical content was already merged at "
-                            f"step {entry['step']} ({entry['path']}); pass allow_duplicate "
-                            "(--allow-duplicate) to merge it again"
+                            f"step {entry['step']} ({entry['path']})"
+                            + (
+                                ", the latest step (an add of it that was interrupted had "
+                                "completed)"
+                                if latest
+                                else ""
+                            )
+                            + "; pass allow_duplicate (--allow-duplicate) to merge it again"
                         )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
