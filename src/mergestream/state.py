@@ -82,7 +82,7 @@ class MergeState:
     def __init__(self, storage: Storage, base: TensorSource, base_dir: Path | None):
         self._storage = storage
         self._manifest = storage.load_manifest()
-        check_format(self._manifest, getattr(storage, "path", "<memory>"))
+        check_format(self._manifest, self._where)
         self.method = get_method(
             self._manifest["method"]["name"], **self._manifest["method"]["params"]
         )
@@ -167,6 +167,16 @@ class MergeState:
     # ----------------------------------------------------------------------------- queries
 
     @property
+    def _path(self) -> Path | None:
+        """The state directory (None for a state in memory)."""
+        path = getattr(self._storage, "path", None)
+        return Path(path) if path is not None else None
+
+    @property
+    def _where(self) -> str:
+        return str(self._path) if self._path is not None else "<memory>"
+
+    @property
     def step(self) -> int:
         return int(self._manifest["step"])
 
@@ -232,13 +242,10 @@ class MergeState:
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
-            self._manifest = self._storage.load_manifest()
-            check_format(self._manifest, getattr(self._storage, "path", "<memory>"))
+            self._reload_manifest()
             base_stamps = self._check_base_unchanged()
-            raw = open_checkpoint(checkpoint)
+            raw, source = self._open_input(checkpoint, mapping)
             cleanup.callback(raw.close)
-            source = apply_mapping(raw, mapping, self._base)
-            check_compatible(self._base, source)  # headers only: fails before any hashing
             digest = content_hash(raw, progress)
             if not allow_duplicate:
                 for entry in self._manifest["ledger"]:
@@ -318,15 +325,13 @@ class MergeState:
     ) -> Plan:
         """What `add` would do with these arguments, from headers alone; writes nothing.
         Raises the error `add` would raise for a checkpoint that does not fit the base."""
-        mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
-        self._manifest = self._storage.load_manifest()
-        check_format(self._manifest, getattr(self._storage, "path", "<memory>"))
-        raw = open_checkpoint(checkpoint)
+        self._reload_manifest()
+        raw, source = self._open_input(
+            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra)
+        )
         try:
-            source = apply_mapping(raw, mapping, self._base)
-            check_compatible(self._base, source)
             return plan_add(
-                state_path=getattr(self._storage, "path", None),
+                state_path=self._path,
                 step=self.step,
                 base=self._base,
                 infos=self._infos,
@@ -339,6 +344,25 @@ class MergeState:
             )
         finally:
             raw.close()
+
+    def _reload_manifest(self) -> None:
+        """Read the manifest again (another process may have added since this object opened)."""
+        self._manifest = self._storage.load_manifest()
+        check_format(self._manifest, self._where)
+
+    def _open_input(
+        self, checkpoint: CheckpointLike, mapping: NameMapping
+    ) -> tuple[TensorSource, TensorSource]:
+        """(the checkpoint as stored, the checkpoint in the base's names), checked against the
+        base from headers alone, so a misfit is refused before anything is read or hashed."""
+        raw = open_checkpoint(checkpoint)
+        try:
+            source = apply_mapping(raw, mapping, self._base)
+            check_compatible(self._base, source)
+        except BaseException:
+            raw.close()
+            raise
+        return raw, source
 
     def _check_base_unchanged(self) -> list[dict[str, object]] | None:
         """Refuse to go on if the base's content changed since the state was created. Returns
@@ -406,8 +430,7 @@ class MergeState:
         out = Path(out)
         self._check_export_target(out)
         with self._storage.lock(exclusive=False):
-            self._manifest = self._storage.load_manifest()
-            check_format(self._manifest, getattr(self._storage, "path", "<memory>"))
+            self._reload_manifest()
             self._check_base_unchanged()
             files = write_model(
                 out,
@@ -428,9 +451,8 @@ class MergeState:
 
     def _check_export_target(self, out: Path) -> None:
         target = out.resolve()
-        state_dir = getattr(self._storage, "path", None)
-        if state_dir is not None:
-            state_dir = Path(state_dir).resolve()
+        if self._path is not None:
+            state_dir = self._path.resolve()
             if target == state_dir or state_dir in target.parents:
                 raise MergestreamError(f"{out}: cannot export into the state directory")
         if self._base_dir is not None and target == self._base_dir.resolve():
