@@ -37,13 +37,47 @@ REPO = Path(__file__).resolve().parent.parent
 # Runs the command line in the measured process and reports that process's own peak RSS.
 MEASURED = """
 import runpy, sys
+{prelude}
 sys.argv = ["mergestream", *sys.argv[1:]]
 try:
     runpy.run_module("mergestream", run_name="__main__")
 finally:
     with open("/proc/self/status") as f:
         hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    print(f"VMHWM_KB {hwm}", file=sys.stderr)
+    print(f"VMHWM_KB {{hwm}}", file=sys.stderr)
+"""
+
+# `--method io-floor`: the lightest possible method (a float32 running sum of task vectors, no
+# temporaries of its own), registered in the measured process. What an add costs with it is the
+# floor set by the streaming machinery: reading, the float64 task vector, writing the new state.
+IO_FLOOR_METHOD = """
+from dataclasses import dataclass
+import torch
+from mergestream.methods.base import ContinualMethod, MethodConfig, TensorUpdate
+from mergestream.methods.registry import register_method
+
+@dataclass(frozen=True)
+class RunningSumConfig(MethodConfig):
+    pass
+
+@register_method
+class RunningSum(ContinualMethod):
+    name = "bench-running-sum"
+    summary = "benchmark only: float32 sum of task vectors"
+    config_class = RunningSumConfig
+    state_names = ("sum",)
+
+    def update(self, info, step, state, task_vector, scalars):
+        new = task_vector.to(torch.float32)
+        if step > 1:
+            new += state["sum"]
+        return TensorUpdate(state={"sum": new})
+
+    def finish_step(self, step, scalars, partials):
+        return {}
+
+    def task_vector(self, info, state, scalars):
+        return state["sum"].to(torch.float64)
 """
 
 PRESETS = {
@@ -164,11 +198,14 @@ def make_finetuned(base_dir: Path, seed: int):
     return make
 
 
-def run_measured(args: list[str], env: dict[str, str]) -> dict:
+def run_measured(args: list[str], env: dict[str, str], prelude: str = "") -> dict:
     """Run `mergestream ARGS` in a fresh process; its wall time, output and peak RSS."""
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURED, *args], env=env, capture_output=True, text=True
+        [sys.executable, "-c", MEASURED.format(prelude=prelude), *args],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise SystemExit(f"mergestream {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
@@ -240,6 +277,12 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
+    parser.add_argument(
+        "--method",
+        choices=["opcm", "io-floor"],
+        default="opcm",
+        help="io-floor: a float32 running sum, to measure the streaming machinery alone",
+    )
     parser.add_argument("--models", type=int, default=3, help="checkpoints to merge")
     parser.add_argument(
         "--export-after", default="1,3", help="comma-separated steps after which to export"
@@ -271,18 +314,21 @@ def main() -> None:
     results = {"preset": args.preset, "parameters": params, "machine": info, "runs": []}
 
     def record(kind: str, step: int, argv: list[str]) -> None:
-        r = run_measured(argv, env)
+        r = run_measured(argv, env, prelude)
         r.update(kind=kind, step=step)
         results["runs"].append(r)
         print(f"{kind:7s} step {step:3d}: peak RSS {r['peak_rss_mb']:8.1f} MB in {r['seconds']}s")
 
-    record("init", 0, ["init", str(state), "--base", str(base_dir), "--quiet"])
+    prelude = IO_FLOOR_METHOD if args.method == "io-floor" else ""
+    method = ["--method", "bench-running-sum"] if args.method == "io-floor" else []
+    results["method"] = args.method
+    record("init", 0, ["init", str(state), "--base", str(base_dir), "--quiet", *method])
     ckpt = work / "finetuned"
     for step in range(1, args.models + 1):
         t = time.perf_counter()
         generate("finetuned", ckpt, args.preset, step, args.shard_size)
         print(f"generated checkpoint {step} in {time.perf_counter() - t:.0f}s")
-        plan = run_measured(["plan", str(state), str(ckpt), "--json"], env)
+        plan = run_measured(["plan", str(state), str(ckpt), "--json"], env, prelude)
         estimate = json.loads(plan["output"])[0]["peak_memory_bytes"] / 1e6
         results["runs"].append({"kind": "plan", "step": step, "estimate_mb": round(estimate)})
         record("add", step, ["add", str(state), str(ckpt), "--quiet"])
