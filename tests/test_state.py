@@ -143,7 +143,9 @@ def test_nan_in_incoming_tensor_is_refused_and_state_untouched(tiny_stream, tmp_
     state = MergeState.create(tmp_path / "s", base)
     state.add(checkpoints[0])
     before = tree_digest(tmp_path / "s")
-    with pytest.raises(CheckpointError, match="'encoder.layer.1.output.dense.weight' contains NaN"):
+    with pytest.raises(
+        CheckpointError, match="'encoder.layer.1.output.dense.weight' contains 1 NaN"
+    ):
         state.add(bad)
     assert tree_digest(tmp_path / "s") == before
     assert not list((tmp_path / "s").glob("gen-000002"))
@@ -163,7 +165,7 @@ def test_create_refuses_a_non_empty_directory_and_unknown_params(tiny_stream, tm
     base, _ = tiny_stream
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "file").write_text("x")
-    with pytest.raises(StateError, match="not empty"):
+    with pytest.raises(StateError, match="not an empty directory"):
         MergeState.create(tmp_path / "s", base)
     with pytest.raises(ConfigError, match="unknown parameter 'alpah'; valid parameters: alpha"):
         MergeState.create(tmp_path / "t", base, "opcm", alpah=0.5)

@@ -12,8 +12,11 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, MergestreamError
+from .export import DEFAULT_MAX_SHARD_SIZE
+from .io.mapping import EXTRA_POLICIES, MISSING_POLICIES
 from .methods import METHODS
 from .methods.base import describe_config, parse_param_strings
+from .plan import format_plan
 from .progress import default_progress
 from .state import MergeState
 
@@ -23,7 +26,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def cmd_init(args: argparse.Namespace) -> int:
     params = parse_param_strings(args.param)
     state = MergeState.create(
-        args.state, args.base, method=args.method, state_dtype=args.state_dtype, **params
+        args.state,
+        args.base,
+        method=args.method,
+        state_dtype=args.state_dtype,
+        progress=default_progress(args.quiet),
+        **params,
     )
     roles = state.status()["tensors"]
     print(
@@ -34,7 +42,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mapping(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "strip_prefix": args.strip_prefix,
+        "add_prefix": args.add_prefix,
+        "missing": args.missing,
+        "extra": args.extra,
+    }
+
+
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return cmd_plan(args)
     state = MergeState.open(args.state)
     for checkpoint in args.checkpoints:
         stats = state.add(
@@ -43,10 +62,23 @@ def cmd_add(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             progress=default_progress(args.quiet),
+            **_mapping(args),
         )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
         if not args.quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s ({scalars})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    state = MergeState.open(args.state)
+    plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
+    for offset, plan in enumerate(plans):
+        plan.step += offset  # the checkpoints would be merged one after the other
+    if getattr(args, "json", False):
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+    else:
+        print("\n".join(format_plan(p) for p in plans))
     return 0
 
 
@@ -72,7 +104,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in info["scalars"].items():
         print(f"  {key} = {value:.6g}")
     for entry in info["ledger"]:
-        print(f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}")
+        mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
+        print(
+            f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
+            + (f"  ({mapping})" if mapping else "")
+        )
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
@@ -82,7 +118,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     state = MergeState.open(args.state)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    out = state.export(args.out, dtype=dtype, progress=default_progress(args.quiet))
+    out = state.export(
+        args.out,
+        dtype=dtype,
+        max_shard_size=args.max_shard_size,
+        progress=default_progress(args.quiet),
+    )
     if not args.quiet:
         print(f"wrote the merged model after {state.step} steps to {out}")
     return 0
@@ -115,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a merge state for a base model")
     p.add_argument("state", help="state directory to create")
-    p.add_argument("--base", required=True, help="base checkpoint (.safetensors or HF model dir)")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base checkpoint: .safetensors, .bin/.pt, or an HF model directory (sharded or not)",
+    )
     p.add_argument("--method", default="opcm", choices=sorted(METHODS))
     p.add_argument(
         "--param",
@@ -130,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="precision of the stored state (default: the method's; float64 for opcm)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("add", help="merge checkpoints into the state, one step each, in order")
@@ -148,7 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensors processed in parallel (default: one per CPU core; 1 on a GPU)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_mapping_arguments(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would happen (as `mergestream plan`) and write nothing",
+    )
     p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser(
+        "plan",
+        help="check checkpoints against the state and show what add would do, writing nothing",
+    )
+    p.add_argument("state")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    _add_mapping_arguments(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("status", help="show method, params, steps, scalars and ledger")
     p.add_argument("state")
@@ -160,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors")
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default %(default)s); a bigger "
+        "model is split into shards with an index",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -172,6 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("fitting a checkpoint's tensor names to the base's")
+    group.add_argument(
+        "--strip-prefix",
+        metavar="P",
+        help="remove P from the front of the checkpoint's tensor names (e.g. 'model.')",
+    )
+    group.add_argument(
+        "--add-prefix",
+        metavar="P",
+        help="put P in front of the checkpoint's tensor names (after --strip-prefix)",
+    )
+    group.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        default="error",
+        help="base tensors absent from the checkpoint: refuse (error, the default) or treat "
+        "them as unchanged from the base (base), e.g. for a checkpoint of one tower only",
+    )
+    group.add_argument(
+        "--extra",
+        choices=EXTRA_POLICIES,
+        default="error",
+        help="checkpoint tensors the base lacks: refuse (error, the default) or leave them out",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

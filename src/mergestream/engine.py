@@ -21,7 +21,8 @@ import torch
 
 from .classify import LinearRule
 from .errors import CheckpointError, ConfigError
-from .io.checkpoint import TensorSource
+from .io.checkpoint import TensorSource, tensor_location
+from .io.mapping import mismatch_hint
 from .methods.base import (
     COMPUTE_DTYPE,
     ContinualMethod,
@@ -46,44 +47,74 @@ def tensor_infos(base: TensorSource, rule: LinearRule) -> list[TensorInfo]:
 
 
 def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
-    """Refuse a checkpoint whose tensors do not match the base, naming the first offender."""
-    incoming = set(checkpoint.names())
+    """Refuse a checkpoint whose tensors do not match the base, naming the first offender (and
+    the option that would map the checkpoint onto the base, where one fits)."""
+    incoming = checkpoint.names()
+    incoming_set = set(incoming)
     base_names = base.names()
-    for name in base_names:
+    base_set = set(base_names)
+    float_names = [n for n in base_names if base.spec(n).dtype.is_floating_point]
+    missing = [n for n in float_names if n not in incoming_set]
+    extra = [n for n in incoming if n not in base_set]
+    if missing or extra:
+
+        def first(names: list[str], what: str) -> str:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            return f"tensor {names[0]!r} {what}{more}"
+
+        problems = []
+        if missing:
+            problems.append(first(missing, "of the base is missing"))
+        if extra:
+            problems.append(first(extra, "is not in the base"))
+        problem = "; ".join(problems)
+        buffers = base_set.difference(float_names)  # integer buffers: never merged
+        hint = mismatch_hint(float_names, incoming, buffers)
+        raise CheckpointError(
+            f"{checkpoint.description}: {problem}" + (f". Hint: {hint}" if hint else "")
+        )
+    for name in float_names:
         spec = base.spec(name)
-        if not spec.dtype.is_floating_point:
-            continue  # integer buffers are copied from the base; the checkpoint's are ignored
-        if name not in incoming:
-            raise CheckpointError(
-                f"{checkpoint.description}: tensor {name!r} of the base is missing"
-            )
         other = checkpoint.spec(name)
         if other.shape != spec.shape:
             raise CheckpointError(
-                f"{checkpoint.description}: tensor {name!r} has shape {list(other.shape)}, "
-                f"the base has {list(spec.shape)}"
+                f"{tensor_location(checkpoint, name)}: tensor {name!r} has shape "
+                f"{list(other.shape)}, the base has {list(spec.shape)}"
             )
         if not other.dtype.is_floating_point:
             raise CheckpointError(
-                f"{checkpoint.description}: tensor {name!r} has dtype {other.dtype}, which "
-                f"cannot be merged into the base's {spec.dtype}"
+                f"{tensor_location(checkpoint, name)}: tensor {name!r} has dtype "
+                f"{_dtype_name(other.dtype)}, which cannot be cast to the base's "
+                f"{_dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
+                "carry no task vector)"
             )
-    extra = sorted(incoming - set(base_names))
-    if extra:
-        raise CheckpointError(
-            f"{checkpoint.description}: tensor {extra[0]!r} is not in the base"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_task_vector(
     info: TensorInfo, base: TensorSource, checkpoint: TensorSource, device: torch.device
 ) -> torch.Tensor:
-    """incoming - base for one tensor, float64 on `device`; refuses NaN/Inf in the input."""
-    incoming = checkpoint.get(info.name).to(device=device, dtype=COMPUTE_DTYPE)
-    if not bool(torch.isfinite(incoming).all()):
-        raise CheckpointError(f"{checkpoint.description}: tensor {info.name!r} contains NaN or Inf")
-    return incoming - base.get(info.name).to(device=device, dtype=COMPUTE_DTYPE)
+    """incoming - base for one tensor, float64 on `device`; refuses NaN/Inf in the input.
+
+    Computed in place in one float64 buffer (the base tensor is converted on the fly), so a
+    tensor costs one float64 copy plus the two inputs in their stored dtypes.
+    """
+    incoming = checkpoint.get(info.name).to(device=device, dtype=COMPUTE_DTYPE, copy=True)
+    finite = torch.isfinite(incoming)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(incoming).sum())
+        inf = incoming.numel() - int(finite.sum()) - nan
+        first = int((~finite).reshape(-1).nonzero()[0])
+        raise CheckpointError(
+            f"{tensor_location(checkpoint, info.name)}: tensor {info.name!r} contains "
+            f"{nan} NaN and {inf} infinite values (first at flat index {first}); "
+            "a checkpoint with non-finite weights cannot be merged"
+        )
+    del finite
+    return incoming.sub_(base.get(info.name).to(device))
 
 
 @dataclass(frozen=True)

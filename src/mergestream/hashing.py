@@ -1,39 +1,90 @@
-"""Content hashes for the ledger and the base fingerprint."""
+"""Content hashes for the ledger and the base fingerprint.
+
+Files are hashed in fixed-size chunks read into one reused buffer, so hashing a checkpoint of any
+size costs a few megabytes of memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .io.checkpoint import TensorSource
+from .progress import NoProgress, Progress
 
 CHUNK = 8 << 20
 
 
-def sha256_files(files: list[Path]) -> str:
+def sha256_files(
+    files: list[Path],
+    progress: Progress | None = None,
+    items_per_file: list[int] | None = None,
+) -> str:
+    """SHA-256 of the files' bytes, concatenated in order. `items_per_file` is what each file
+    counts for in the progress display (tensors); bytes advance as they are read."""
+    progress = progress or NoProgress()
     digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    for index, path in enumerate(files):
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    digest.update(view[:n])
+                    progress.advance(0, n)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+        progress.advance(items_per_file[index] if items_per_file else 1, 0)
     return digest.hexdigest()
 
 
-def sha256_tensors(source: TensorSource) -> str:
+def sha256_tensors(source: TensorSource, progress: Progress | None = None) -> str:
     """Hash of names, dtypes, shapes and bytes, for sources that are not files."""
+    progress = progress or NoProgress()
     digest = hashlib.sha256()
     for name in source.names():
         tensor = source.get(name).detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        progress.advance(1, tensor.numel() * tensor.element_size())
     return digest.hexdigest()
 
 
-def content_hash(source: TensorSource) -> str:
+def content_hash(source: TensorSource, progress: Progress | None = None) -> str:
+    """SHA-256 of a checkpoint: of its files' bytes, or of its tensors for in-memory sources."""
+    progress = progress or NoProgress()
     files = source.files()
-    return sha256_files(files) if files else sha256_tensors(source)
+    if files:
+        total = sum(os.path.getsize(p) for p in files)
+        counts = _tensors_per_file(source, files)
+        progress.start("hashing", sum(counts), total)
+        try:
+            return sha256_files(files, progress, counts)
+        finally:
+            progress.finish()
+    names = source.names()
+    progress.start("hashing", len(names), sum(source.spec(n).nbytes for n in names))
+    try:
+        return sha256_tensors(source, progress)
+    finally:
+        progress.finish()
+
+
+def _tensors_per_file(source: TensorSource, files: list[Path]) -> list[int]:
+    file_of = getattr(source, "file_of", None)
+    if file_of is None or len(files) == 1:
+        return [len(source.names())] + [0] * (len(files) - 1)
+    index = {str(p): i for i, p in enumerate(files)}
+    counts = [0] * len(files)
+    for name in source.names():
+        i = index.get(str(file_of(name)))
+        if i is not None:
+            counts[i] += 1
+    return counts
 
 
 def file_stamps(files: list[Path]) -> list[dict[str, object]]:

@@ -65,7 +65,10 @@ class TerminalProgress:
 
     def _draw(self) -> None:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        fraction = self._items / self._total_items if self._total_items else 1.0
+        if self._total_bytes:
+            fraction = min(self._bytes / self._total_bytes, 1.0)
+        else:
+            fraction = self._items / self._total_items if self._total_items else 1.0
         width = 24
         filled = int(width * fraction)
         bar = "#" * filled + "-" * (width - filled)

@@ -10,6 +10,7 @@ numerics are identical (state tensors are stored as float32 either way).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 from collections.abc import Iterator, Mapping
@@ -19,18 +20,48 @@ from typing import Any
 import torch
 
 from . import __version__
-from .engine import StepStats, run_step, tensor_infos
-from .errors import CheckpointError, ConfigError, StateError
-from .export import copy_model_files, merged_tensors, write_safetensors
+from .engine import StepStats, check_compatible, run_step, tensor_infos
+from .errors import CheckpointError, ConfigError, MergestreamError, StateError
+from .export import (
+    DEFAULT_MAX_SHARD_SIZE,
+    copy_model_files,
+    fsync_dir,
+    merged_tensors,
+    write_model,
+)
 from .hashing import content_hash, file_stamps
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
+from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
+from .modelcard import provenance_metadata, render_model_card
+from .plan import Plan, plan_add
 from .progress import Progress
 from .storage import DiskStorage, MemoryStorage, Storage
 
 FORMAT = "mergestream-state"
 FORMAT_VERSION = 1
+
+
+REQUIRED_KEYS = ("method", "base", "step", "generation", "scalars", "ledger")
+
+
+def check_format(manifest: Any, where: object) -> None:
+    """Refuse a manifest this version cannot read, before anything relies on its contents."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StateError(f"{where}: not a mergestream state manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise StateError(
+            f"{where}: state format version {version} was written by mergestream "
+            f"{manifest.get('mergestream_version', '?')}; this mergestream ({__version__}) reads "
+            f"version {FORMAT_VERSION} only"
+            + ("; upgrade mergestream to use this state" if newer else "")
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise StateError(f"{where}: the state manifest lacks {missing[0]!r}; it is damaged")
 
 
 def _now() -> str:
@@ -51,7 +82,7 @@ class MergeState:
     def __init__(self, storage: Storage, base: TensorSource, base_dir: Path | None):
         self._storage = storage
         self._manifest = storage.load_manifest()
-        self._check_format()
+        check_format(self._manifest, self._where)
         self.method = get_method(
             self._manifest["method"]["name"], **self._manifest["method"]["params"]
         )
@@ -71,6 +102,7 @@ class MergeState:
         method: ContinualMethod | str = "opcm",
         *,
         state_dtype: str | None = None,
+        progress: Progress | None = None,
         **params: Any,
     ) -> MergeState:
         """Start a new state in directory `path` (created; must be empty or absent).
@@ -81,11 +113,13 @@ class MergeState:
         path = Path(path)
         resolved_method = _resolve_method(method, params)
         base_source = open_checkpoint(base)
-        if path.exists() and any(path.iterdir()):
-            raise StateError(f"{path}: directory exists and is not empty")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StateError(f"{path}: exists and is not an empty directory")
         path.mkdir(parents=True, exist_ok=True)
         base_path = Path(base).resolve()
-        manifest = cls._new_manifest(resolved_method, base_source, str(base_path), state_dtype)
+        manifest = cls._new_manifest(
+            resolved_method, base_source, str(base_path), state_dtype, progress
+        )
         storage = DiskStorage(path)
         storage.commit(manifest)
         return cls(storage, base_source, config_dir(base_path))
@@ -95,6 +129,7 @@ class MergeState:
         """Open an existing state directory."""
         storage = DiskStorage(Path(path))
         manifest = storage.load_manifest()
+        check_format(manifest, path)  # before anything else reads the manifest
         base_path = Path(manifest["base"]["path"])
         try:
             base_source = open_checkpoint(base_path)
@@ -126,6 +161,7 @@ class MergeState:
         base: TensorSource,
         base_description: str,
         state_dtype: str | None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         if state_dtype is None:
             state_dtype = next(
@@ -144,7 +180,7 @@ class MergeState:
             "state_dtype": state_dtype,
             "base": {
                 "path": base_description,
-                "sha256": content_hash(base),
+                "sha256": content_hash(base, progress),
                 "files": file_stamps(base.files()),
             },
             "step": 0,
@@ -153,18 +189,17 @@ class MergeState:
             "ledger": [],
         }
 
-    def _check_format(self) -> None:
-        m = self._manifest
-        if m.get("format") != FORMAT:
-            raise StateError("not a mergestream state manifest")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise StateError(
-                f"state format version {m.get('format_version')} was written by mergestream "
-                f"{m.get('mergestream_version', '?')}; this mergestream ({__version__}) reads "
-                f"version {FORMAT_VERSION} only"
-            )
-
     # ----------------------------------------------------------------------------- queries
+
+    @property
+    def _path(self) -> Path | None:
+        """The state directory (None for a state in memory)."""
+        path = getattr(self._storage, "path", None)
+        return Path(path) if path is not None else None
+
+    @property
+    def _where(self) -> str:
+        return str(self._path) if self._path is not None else "<memory>"
 
     @property
     def step(self) -> int:
@@ -214,23 +249,43 @@ class MergeState:
         checkpoint: CheckpointLike,
         *,
         allow_duplicate: bool = False,
+        strip_prefix: str | None = None,
+        add_prefix: str | None = None,
+        missing: str = "error",
+        extra: str = "error",
         device: torch.device | str = "cpu",
         workers: int | None = None,
         progress: Progress | None = None,
     ) -> StepStats:
-        """Merge one checkpoint as the next step and commit it atomically."""
-        with self._storage.lock(exclusive=True):
-            self._manifest = self._storage.load_manifest()
-            self._check_base_unchanged()
-            source = open_checkpoint(checkpoint)
-            digest = content_hash(source)
+        """Merge one checkpoint as the next step and commit it atomically.
+
+        The checkpoint must hold the base's floating-point tensors under the base's names, or be
+        mapped onto them with `strip_prefix` / `add_prefix` (renaming), `missing="base"` (absent
+        tensors are unchanged from the base) and `extra="ignore"` (tensors the base lacks are
+        left out); the ledger records the mapping. Anything wrong with the checkpoint raises
+        before the state changes.
+        """
+        mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
+        with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
+            self._reload_manifest()
+            base_stamps = self._check_base_unchanged()
+            raw, source = self._open_input(checkpoint, mapping)
+            cleanup.callback(raw.close)
+            digest = content_hash(raw, progress)
             if not allow_duplicate:
                 for entry in self._manifest["ledger"]:
                     if entry["sha256"] == digest:
+                        latest = entry["step"] == self.step
                         raise StateError(
                             f"{source.description}: identical content was already merged at "
-                            f"step {entry['step']} ({entry['path']}); pass allow_duplicate "
-                            "(--allow-duplicate) to merge it again"
+                            f"step {entry['step']} ({entry['path']})"
+                            + (
+                                ", the latest step (an add of it that was interrupted had "
+                                "completed)"
+                                if latest
+                                else ""
+                            )
+                            + "; pass allow_duplicate (--allow-duplicate) to merge it again"
                         )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
@@ -265,32 +320,98 @@ class MergeState:
             manifest["generation"] = generation
             manifest["scalars"] = stats.scalars
             manifest["updated"] = _now()
-            manifest["ledger"].append(
-                {
-                    "step": step,
-                    "path": _describe(checkpoint, source),
-                    "size": sum(p.stat().st_size for p in source.files()),
-                    "sha256": digest,
-                    "added": _now(),
-                    "seconds": round(stats.seconds, 3),
-                    "scalars": stats.scalars,
-                }
-            )
+            if base_stamps is not None:
+                manifest["base"]["files"] = base_stamps
+            entry = {
+                "step": step,
+                "path": _describe(checkpoint, source),
+                "size": sum(p.stat().st_size for p in source.files()),
+                "sha256": digest,
+                "added": _now(),
+                "seconds": round(stats.seconds, 3),
+                "scalars": stats.scalars,
+            }
+            if isinstance(source, MappedSource):
+                entry["mapping"] = source.summary()
+            manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
             return stats
 
-    def _check_base_unchanged(self) -> None:
+    def plan(
+        self,
+        checkpoint: CheckpointLike,
+        *,
+        strip_prefix: str | None = None,
+        add_prefix: str | None = None,
+        missing: str = "error",
+        extra: str = "error",
+    ) -> Plan:
+        """What `add` would do with these arguments, from headers alone; writes nothing.
+        Raises the error `add` would raise for a checkpoint that does not fit the base."""
+        self._reload_manifest()
+        raw, source = self._open_input(
+            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra)
+        )
+        try:
+            return plan_add(
+                state_path=self._path,
+                step=self.step,
+                base=self._base,
+                infos=self._infos,
+                classification=self.classification(),
+                source=source,
+                state_names=self.method.state_names,
+                state_dtype=self.method.state_dtype,
+                ledger=self.ledger,
+                checkpoint_path=_describe(checkpoint, raw),
+            )
+        finally:
+            raw.close()
+
+    def _reload_manifest(self) -> None:
+        """Read the manifest again (another process may have added since this object opened)."""
+        self._manifest = self._storage.load_manifest()
+        check_format(self._manifest, self._where)
+
+    def _open_input(
+        self, checkpoint: CheckpointLike, mapping: NameMapping
+    ) -> tuple[TensorSource, TensorSource]:
+        """(the checkpoint as stored, the checkpoint in the base's names), checked against the
+        base from headers alone, so a misfit is refused before anything is read or hashed."""
+        raw = open_checkpoint(checkpoint)
+        try:
+            source = apply_mapping(raw, mapping, self._base)
+            check_compatible(self._base, source)
+        except BaseException:
+            raw.close()
+            raise
+        return raw, source
+
+    def _check_base_unchanged(self) -> list[dict[str, object]] | None:
+        """Refuse to go on if the base's content changed since the state was created. Returns
+        the base files' current stamps when they differ from the recorded ones but the content
+        is the same (e.g. the files were copied), so the next commit can record them."""
         recorded = self._manifest["base"]
         files = self._base.files()
-        if not files or file_stamps(files) == recorded["files"]:
-            return
-        # The files were touched: compare content, which is what matters.
+        if not files:
+            return None
+        try:
+            stamps = file_stamps(files)
+        except OSError as err:
+            raise StateError(
+                f"the base at {recorded['path']} cannot be read any more ({err})"
+            ) from None
+        if stamps == recorded["files"]:
+            return None
         if content_hash(self._base) != recorded["sha256"]:
             raise StateError(
                 f"the base at {recorded['path']} has changed since this state was created "
-                "(its content hash differs); merging against a different base would be wrong"
+                f"(its content hash is no longer the recorded {recorded['sha256'][:16]}...); "
+                "merging into or exporting from a different base would be wrong. Restore the "
+                "original base files, or start a new state for the new base"
             )
+        return stamps
 
     # ----------------------------------------------------------------------------- results
 
@@ -328,34 +449,45 @@ class MergeState:
         out: str | Path,
         *,
         dtype: torch.dtype | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         progress: Progress | None = None,
     ) -> Path:
-        """Write the merged model to directory `out` as `model.safetensors` plus the base's
-        config/tokenizer files, so `transformers.AutoModel.from_pretrained(out)` loads it."""
+        """Write the merged model to directory `out` as HF-style safetensors (one file, or shards
+        of at most `max_shard_size` with an index), the base's config/tokenizer files and a
+        model card with provenance, so `transformers.AutoModel.from_pretrained(out)` loads it.
+
+        Floating-point tensors are written in `dtype`, or the base's dtype by default.
+        """
         out = Path(out)
+        self._check_export_target(out)
         with self._storage.lock(exclusive=False):
-            self._manifest = self._storage.load_manifest()
-            out.mkdir(parents=True, exist_ok=True)
-            metadata = {
-                "format": "pt",
-                "mergestream_version": __version__,
-                "mergestream_method": json.dumps(self._manifest["method"]),
-                "mergestream_step": str(self.step),
-                "mergestream_inputs": json.dumps(
-                    [[e["path"], e["sha256"]] for e in self._manifest["ledger"]]
-                ),
-            }
-            write_safetensors(
-                out / "model.safetensors",
+            self._reload_manifest()
+            self._check_base_unchanged()
+            files = write_model(
+                out,
                 self._base,
                 self._info_by_name,
                 self._task_vector,
                 dtype,
-                metadata,
+                provenance_metadata(self._manifest),
+                max_shard_size,
                 progress,
             )
-            copy_model_files(self._base_dir, out)
+            copied = copy_model_files(self._base_dir, out)
+            dtypes = {str(dtype or i.dtype).removeprefix("torch.") for i in self._infos}
+            card = render_model_card(self._manifest, files, "/".join(sorted(dtypes)), copied)
+            (out / "README.md").write_text(card)
+            fsync_dir(out)
         return out
+
+    def _check_export_target(self, out: Path) -> None:
+        target = out.resolve()
+        if self._path is not None:
+            state_dir = self._path.resolve()
+            if target == state_dir or state_dir in target.parents:
+                raise MergestreamError(f"{out}: cannot export into the state directory")
+        if self._base_dir is not None and target == self._base_dir.resolve():
+            raise MergestreamError(f"{out}: cannot export into the base model's directory")
 
 
 def _describe(checkpoint: CheckpointLike, source: TensorSource) -> str:

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
 
-from .errors import StateError
-from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from .errors import CheckpointError, StateError
+from .io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
 from .methods.base import TensorInfo
 
 MANIFEST = "manifest.json"
@@ -120,6 +119,19 @@ class MemoryStorage:
 # -------------------------------------------------------------------------------------- disk
 
 
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Turn an OS error while writing a new generation (a full disk, a quota, permissions) into
+    a plain error that says the committed state is not affected."""
+    try:
+        yield
+    except OSError as err:
+        raise StateError(
+            f"{directory}: cannot write the new state ({err.strerror or err}); the state is "
+            "unchanged since its last completed step"
+        ) from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -156,13 +168,16 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        for state_name, tensor in tensors.items():
-            self.writers[state_name].write(info.name, tensor)
+        with _writing(self.directory):
+            for state_name, tensor in tensors.items():
+                self.writers[state_name].write(info.name, tensor)
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-        _fsync_dir(self.directory)
+        with _writing(self.directory):
+            for writer in self.writers.values():
+                writer.close()
+            _fsync_dir(self.directory)
+            _fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -175,7 +190,7 @@ class DiskStorage:
 
     def __init__(self, path: Path):
         self.path = path
-        self._handles: dict[tuple[int, str], Any] = {}
+        self._handles: dict[tuple[int, str], SafetensorsFile] = {}
 
     def load_manifest(self) -> dict[str, Any]:
         manifest_path = self.path / MANIFEST
@@ -194,16 +209,21 @@ class DiskStorage:
         if handle is None:
             path = self.path / generation_dir_name(generation) / f"{state_name}.safetensors"
             try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as err:  # noqa: BLE001 - safetensors raises several types
-                raise StateError(f"{path}: state tensors unreadable ({err})") from err
+                handle = SafetensorsFile(path)
+            except CheckpointError as err:
+                raise StateError(f"state tensors unreadable: {err}") from None
             self._handles[key] = handle
+        if tensor_name not in handle:
+            raise StateError(f"{handle.path}: state {state_name!r} has no tensor {tensor_name!r}")
         try:
-            return handle.get_tensor(tensor_name)
-        except Exception as err:  # noqa: BLE001
-            raise StateError(
-                f"{self.path}: state {state_name!r} has no readable tensor {tensor_name!r} ({err})"
-            ) from err
+            return handle.read(tensor_name)
+        except CheckpointError as err:
+            raise StateError(f"state tensors unreadable: {err}") from None
+
+    def _close_handles(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def begin(
         self,
@@ -213,14 +233,18 @@ class DiskStorage:
         dtype: torch.dtype,
     ) -> GenerationWriter:
         directory = self.path / generation_dir_name(generation)
-        if directory.exists():
-            shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
-        directory.mkdir()
-        return _DiskWriter(directory, state_names, infos, dtype)
+        with _writing(directory):
+            if directory.exists():
+                shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
+            directory.mkdir()
+            return _DiskWriter(directory, state_names, infos, dtype)
 
     def commit(self, manifest: dict[str, Any]) -> None:
+        # The lock file exists from the first commit on, so later commands never add files to a
+        # state that they leave unchanged.
+        os.close(os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
         write_json_atomic(self.path / MANIFEST, manifest)
-        self._handles.clear()
+        self._close_handles()
         current = manifest.get("generation")
         keep = generation_dir_name(current) if current is not None else None
         for item in self.path.glob("gen-*"):
@@ -229,7 +253,11 @@ class DiskStorage:
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        lock_path = self.path / LOCK
+        if not exclusive and lock_path.exists():
+            fd = os.open(lock_path, os.O_RDONLY)  # readers need no write access to the state
+        else:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)

@@ -1,9 +1,16 @@
-"""A safetensors writer that streams tensors to disk one at a time.
+"""Safetensors files read and written one tensor at a time.
 
 `safetensors.torch.save_file` needs every tensor in memory at once. Merging a large model must
-not, so this writer lays out the whole header first (names, dtypes and shapes are known before
+not, so the writer lays out the whole header first (names, dtypes and shapes are known before
 any data is computed) and then writes each tensor's bytes at its precomputed offset, in any order.
 The result is an ordinary safetensors file that `safe_open` reads.
+
+The reader checks the header against the file size when it opens a file (so a truncated or
+corrupt file is refused before any work starts) and reads each tensor with `pread` into freshly
+allocated memory. It deliberately does not memory-map: pages of a mapped file that were touched
+stay in the process's resident set until it unmaps the file, so one pass over a mapped 2 GB
+checkpoint makes a process 2 GB larger. Read into private buffers, a pass keeps only the tensors
+still referenced.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..errors import CheckpointError
 
 # safetensors dtype codes; the same table the format's reference implementation uses.
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -32,7 +41,13 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
     if hasattr(torch, _name):
         DTYPE_CODES[getattr(torch, _name)] = _code
         CODE_DTYPES[_code] = getattr(torch, _name)
@@ -137,3 +152,176 @@ class StreamingSafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+# The format's reference implementation refuses headers above 100 MB; so does this reader.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """One safetensors file opened for reading: header parsed and checked, data read on demand.
+
+    Raises `CheckpointError` naming the file (and the tensor, where one is at fault) for a missing,
+    truncated or corrupt file, or a tensor whose dtype this library cannot represent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot open ({err.strerror})") from None
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {message}")
+
+    def _parse(self) -> None:
+        assert self._fd is not None
+        file_size = os.fstat(self._fd).st_size
+        if file_size < 8:
+            raise self._fail(f"not a safetensors file (only {file_size} bytes)")
+        header_len = struct.unpack("<Q", os.pread(self._fd, 8, 0))[0]
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+            raise self._fail(
+                f"not a safetensors file, or truncated: its first 8 bytes declare a header of "
+                f"{header_len} bytes, the file has {file_size} bytes"
+            )
+        raw = _pread_exact(self._fd, header_len, 8)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise self._fail(f"corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise self._fail("corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._fail("corrupt safetensors header (__metadata__ is not an object)")
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
+        self._data_start = 8 + header_len
+        data_size = file_size - self._data_start
+        entries: list[tuple[int, int, str, TensorSpec]] = []
+        for name, entry in header.items():
+            entries.append((*self._check_entry(name, entry), name, self._spec(name, entry)))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        previous_end, previous_name = 0, None
+        for begin, end, name, spec in entries:
+            if end - begin != spec.nbytes:
+                raise self._fail(
+                    f"corrupt header: tensor {name!r} is {_describe(spec)} ({spec.nbytes} bytes) "
+                    f"but its data_offsets span {end - begin} bytes"
+                )
+            if begin < previous_end:
+                raise self._fail(
+                    f"corrupt header: the data of tensor {name!r} overlaps that of "
+                    f"{previous_name!r}"
+                )
+            if end > data_size:
+                raise self._fail(
+                    f"truncated: tensor {name!r} needs bytes up to {self._data_start + end} but "
+                    f"the file has only {file_size} (expected at least "
+                    f"{self._data_start + entries[-1][1]}); was it copied or downloaded completely?"
+                )
+            previous_end, previous_name = end, name
+        self._entries = {name: (begin, spec) for begin, _, name, spec in entries}
+
+    def _check_entry(self, name: str, entry: object) -> tuple[int, int]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list):
+            raise self._fail(f"corrupt header: tensor {name!r} has no data_offsets")
+        offsets = entry["data_offsets"]
+        if (
+            len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise self._fail(f"corrupt header: tensor {name!r} has data_offsets {offsets!r}")
+        return offsets[0], offsets[1]
+
+    def _spec(self, name: str, entry: dict) -> TensorSpec:
+        code = entry.get("dtype")
+        if code not in CODE_DTYPES:
+            raise self._fail(f"tensor {name!r} has dtype {code}, which mergestream cannot read")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise self._fail(f"corrupt header: tensor {name!r} has shape {shape!r}")
+        return TensorSpec(CODE_DTYPES[code], tuple(shape))
+
+    def names(self) -> list[str]:
+        """Tensor names in the order their data lies in the file."""
+        return list(self._entries)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._entries[name][1]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in newly allocated memory that the caller owns."""
+        if self._fd is None:
+            raise self._fail("read after close")
+        begin, spec = self._entries[name]
+        buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
+        try:
+            _pread_into(self._fd, buffer, self._data_start + begin)
+        except OSError as err:
+            raise self._fail(f"cannot read tensor {name!r} ({err.strerror or err})") from None
+        except EOFError:
+            raise self._fail(
+                f"truncated: the file ended while reading tensor {name!r} (it shrank after it "
+                "was opened?)"
+            ) from None
+        return buffer.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    buffer = torch.empty(size, dtype=torch.uint8)
+    _pread_into(fd, buffer, offset)
+    return buffer.numpy().tobytes()
+
+
+def _pread_into(fd: int, buffer: torch.Tensor, offset: int) -> None:
+    """Fill a uint8 tensor from `fd` at `offset`; EOFError if the file ends first."""
+    view = memoryview(buffer.numpy())
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, min(len(view) - done, 1 << 30), offset + done)
+            n = len(chunk)
+            view[done : done + n] = chunk
+        if n == 0:
+            raise EOFError
+        done += n

@@ -1,0 +1,200 @@
+"""What an `add` would do, worked out from file headers alone (`mergestream plan`, `add --dry-run`).
+
+The plan validates the checkpoint against the base (names, shapes, dtypes, name mapping), counts
+tensors by what the method will do with them, and estimates peak memory and disk use. It reads no
+tensor data, hashes nothing and writes nothing.
+
+Memory estimate: the process as it is now (interpreter, torch, open headers) plus the largest
+per-tensor working set of the step. For a tensor of n elements that is a number of float64
+buffers of n elements and of buffers in the state's dtype, counted from OPCM's update and
+checked against `benchmarks/memory_llama.py`: at the first step the task vector and the new
+state's norm (a float64 copy and its square) beside the new state; at later steps also the old
+state, read and in float64; for projected 2-D tensors also the projected task vector and a few
+k x k matrices (k = min(m, n)). Methods with leaner updates need less.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io.checkpoint import TensorSource
+from .io.mapping import MappedSource
+from .methods.base import TensorInfo
+
+# (float64 buffers, state-dtype buffers) of one tensor alive at once while it is merged
+FIRST_STEP_BUFFERS = (3, 1)
+LATER_STEP_BUFFERS = (4, 2)
+PROJECTED_BUFFERS = (5, 2)
+GRAM_BUFFERS = 4  # k x k float64 matrices of the projection
+EXPORT_BUFFERS = (2, 1)  # the state read, in float64, and the task vector
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Plan:
+    checkpoint: str
+    step: int
+    tensors: dict[str, int]  # projected / added / copied (from the base)
+    incoming_dtypes: dict[str, int]
+    mapping: dict[str, Any]
+    taken_from_base: int
+    ignored: int
+    checkpoint_bytes: int
+    largest_tensor: str
+    peak_memory_bytes: int
+    runtime_bytes: int
+    state_generation_bytes: int
+    disk_needed_bytes: int
+    disk_free_bytes: int | None
+    export_bytes: int
+    export_peak_memory_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
+    """Bytes alive at once while one tensor is merged (see the module docstring)."""
+    n = math.prod(info.shape)
+    projected = info.projected and len(info.shape) == 2 and not first_step
+    f64, states = (
+        FIRST_STEP_BUFFERS if first_step else PROJECTED_BUFFERS if projected else LATER_STEP_BUFFERS
+    )
+    total = n * (8 * f64 + state_size * states)
+    if projected:
+        total += GRAM_BUFFERS * 8 * min(info.shape) ** 2
+    return total
+
+
+def export_working_set(info: TensorInfo, state_size: int) -> int:
+    f64, states = EXPORT_BUFFERS
+    return math.prod(info.shape) * (8 * f64 + state_size * states)
+
+
+def plan_add(
+    *,
+    state_path: Path | None,
+    step: int,
+    base: TensorSource,
+    infos: list[TensorInfo],
+    classification: dict[str, str],
+    source: TensorSource,
+    state_names: tuple[str, ...],
+    state_dtype: torch.dtype,
+    ledger: list[dict[str, Any]],
+    checkpoint_path: str,
+) -> Plan:
+    """The plan for merging `source` (already mapped and checked against the base)."""
+    counts = {"projected": 0, "added": 0, "copied": 0}
+    for role in classification.values():
+        counts[role] += 1
+    dtypes: dict[str, int] = {}
+    for info in infos:
+        name = str(source.spec(info.name).dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    state_size = _element_size(state_dtype) * len(state_names)
+    peak_tensor, peak, export_peak = "", 0, 0
+    generation_bytes = 0
+    for info in infos:
+        generation_bytes += math.prod(info.shape) * state_size
+        need = working_set(info, state_size, first_step=step == 0)
+        if need > peak:
+            peak_tensor, peak = info.name, need
+        export_peak = max(export_peak, export_working_set(info, state_size))
+    runtime = current_rss()
+    # While the step runs, the previous generation and the new one are both on disk.
+    disk_needed = generation_bytes
+    disk_free = shutil.disk_usage(state_path).free if state_path is not None else None
+    warnings = []
+    if disk_free is not None and disk_free < disk_needed:
+        warnings.append(
+            f"the state's file system has {_gb(disk_free)} free, the new generation needs "
+            f"{_gb(disk_needed)}"
+        )
+    files = source.files()
+    size = sum(p.stat().st_size for p in files)
+    for entry in ledger:
+        if files and entry.get("path") == checkpoint_path and entry.get("size") == size:
+            warnings.append(
+                f"a checkpoint at this path with the same size was merged at step "
+                f"{entry['step']}; add refuses it if its content hash matches "
+                "(pass --allow-duplicate to merge it again)"
+            )
+    mapped = source if isinstance(source, MappedSource) else None
+    return Plan(
+        checkpoint=checkpoint_path,
+        step=step + 1,
+        tensors=counts,
+        incoming_dtypes=dtypes,
+        mapping=mapped.mapping.to_dict() if mapped else {},
+        taken_from_base=len(mapped.filled) if mapped else 0,
+        ignored=len(mapped.ignored) if mapped else 0,
+        checkpoint_bytes=size,
+        largest_tensor=peak_tensor,
+        peak_memory_bytes=runtime + peak,
+        runtime_bytes=runtime,
+        state_generation_bytes=generation_bytes,
+        disk_needed_bytes=disk_needed,
+        disk_free_bytes=disk_free,
+        export_bytes=sum(base.spec(n).nbytes for n in base.names()),
+        export_peak_memory_bytes=runtime + export_peak,
+        warnings=warnings,
+    )
+
+
+def _gb(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.2f} GB"
+
+
+def format_plan(plan: Plan) -> str:
+    t = plan.tensors
+    lines = [
+        f"plan: merge {plan.checkpoint} as step {plan.step} (nothing is written)",
+        f"  tensors:  {t['projected']} projected, {t['added']} added, "
+        f"{t['copied']} copied from the base",
+        "  incoming: "
+        + ", ".join(f"{n} {dtype}" for dtype, n in sorted(plan.incoming_dtypes.items()))
+        + f" ({_gb(plan.checkpoint_bytes)} on disk)",
+    ]
+    if plan.mapping:
+        lines.append(
+            "  mapping:  "
+            + ", ".join(f"{k}={v}" for k, v in plan.mapping.items())
+            + f" ({plan.taken_from_base} tensors taken from the base, {plan.ignored} ignored)"
+        )
+    lines += [
+        f"  memory:   about {_gb(plan.peak_memory_bytes)} at peak ({_gb(plan.runtime_bytes)} "
+        f"runtime + the working set of {plan.largest_tensor!r})",
+        f"  disk:     {_gb(plan.disk_needed_bytes)} for the new state generation"
+        + (f" ({_gb(plan.disk_free_bytes)} free)" if plan.disk_free_bytes is not None else "")
+        + f"; an export takes {_gb(plan.export_bytes)}",
+        f"  export:   about {_gb(plan.export_peak_memory_bytes)} of memory at peak",
+    ]
+    lines += [f"  warning:  {w}" for w in plan.warnings]
+    return "\n".join(lines)
