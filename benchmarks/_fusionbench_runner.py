@@ -112,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     models = {"_pretrained_": entry(args.base), **{n: entry(dirs[n]) for n in names}}
     modelpool = CLIPVisionModelPool(DictConfig(models))
 
-    marks: list[tuple[str, float, float | None]] = []  # (model, time, peak RSS since last mark)
+    # (model, wall time, CPU time, peak RSS since the previous mark)
+    marks: list[tuple[str, float, float, float | None]] = []
     original_load = modelpool.load_model
 
     def timed_load(name, *a, **kw):  # noqa: ANN001, ANN202
-        marks.append((str(name), time.perf_counter(), peak_rss_mib()))
+        marks.append((str(name), time.perf_counter(), time.process_time(), peak_rss_mib()))
         reset_peak_rss()
         model = original_load(name, *a, **kw)
         got = next(model.parameters()).dtype
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = algorithm.run(modelpool)
     t_ran = time.perf_counter()
     algorithm.on_run_end()
-    marks.append(("<end>", t_ran, peak_rss_mib()))
+    marks.append(("<end>", t_ran, time.process_time(), peak_rss_mib()))
 
     reset_peak_rss()
     os.makedirs(args.out, exist_ok=True)
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 "step": i,
                 "model": marks[i][0],
                 "seconds": marks[i + 1][1] - marks[i][1],
-                "peak_rss_mib": marks[i + 1][2],
+                "cpu_seconds": marks[i + 1][2] - marks[i][2],
+                "peak_rss_mib": marks[i + 1][3],
             }
         )
     profiler = {k: [float(x) for x in v] for k, v in algorithm.profiler.recorded_durations.items()}
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "order": names,
         "import_seconds": t_imported - T_PROCESS,
         "setup_seconds": marks[1][1] - marks[0][1],  # loading the pretrained model
-        "setup_peak_rss_mib": marks[1][2],
+        "setup_peak_rss_mib": marks[1][3],
         "steps": steps,
         "run_seconds": t_ran - t_run,
         "export_seconds": t_saved - t_ran,

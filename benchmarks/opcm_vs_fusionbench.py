@@ -152,14 +152,15 @@ def worker_mergestream(p: dict) -> dict:
     steps = []
     for i, model in enumerate(p["models"], start=1):
         reset_peak_rss()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = state.add(model, allow_duplicate=p["allow_duplicate"], device=p["device"])
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         steps.append(
             {
                 "step": i,
                 "model": Path(model).name,
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "engine_seconds": stats.seconds,  # the tensor pass alone (no hashing, commit)
                 "peak_rss_mib": peak_rss_mib(),
             }
@@ -191,9 +192,21 @@ def worker_mergestream(p: dict) -> dict:
     }
 
 
+def _read_into(path: Path, buffer: memoryview) -> int:
+    """Read a whole file into `buffer` (reused between files); the bytes read."""
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer[: min(len(buffer), 1 << 26)])
+            if not n:
+                return total
+            total += n
+
+
 def worker_floor(p: dict) -> dict:
-    """What one step cannot go below: read base + incoming + state, write the state; and a bare
-    thin float64 SVD of every projected weight (of the incoming task vector, same shapes)."""
+    """What one step cannot go below: reading base + incoming + state and writing the state
+    (bytes only, fsync included), and a bare thin float64 SVD of every projected weight (of the
+    incoming task vector, which has the shape and kind of spectrum of the running sum)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -209,30 +222,33 @@ def worker_floor(p: dict) -> dict:
     tau = {k: incoming[k].double() - base[k].double() for k in base if base[k].is_floating_point()}
     save_file({k: v.to(dtype) for k, v in tau.items()}, str(state_file))
     del base, incoming
+    state_bytes = state_file.stat().st_size
+    buffer = memoryview(bytearray(state_bytes))
     results = []
     for _ in range(p["repeats"]):
-        reset_peak_rss()
         t0 = time.perf_counter()
-        b = load_file(str(base_file))
-        m = load_file(str(incoming_file))
-        s = load_file(str(state_file))
+        read = sum(_read_into(f, buffer) for f in (base_file, incoming_file, state_file))
         t1 = time.perf_counter()
-        save_file(s, str(new_state_file))
-        fd = os.open(new_state_file, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        with open(new_state_file, "wb", buffering=0) as f:
+            written = f.write(buffer[:state_bytes])
+            os.fsync(f.fileno())
         t2 = time.perf_counter()
-        del b, m, s
+        new_state_file.unlink()
         svd_seconds = 0.0
         for name in p["projected"]:
-            matrix = tau[name]
             t = time.perf_counter()
-            torch.linalg.svd(matrix, full_matrices=False)
+            torch.linalg.svd(tau[name], full_matrices=False)
             svd_seconds += time.perf_counter() - t
         results.append(
-            {"read_seconds": t1 - t0, "write_seconds": t2 - t1, "svd_seconds": svd_seconds}
+            {
+                "read_seconds": t1 - t0,
+                "write_seconds": t2 - t1,
+                "svd_seconds": svd_seconds,
+                "bytes_read": read,
+                "bytes_written": written,
+            }
         )
-    best = {k: min(r[k] for r in results) for k in results[0]}
+    best = {k: min(r[k] for r in results) for k in ("read_seconds", "write_seconds", "svd_seconds")}
     best["io_seconds"] = best["read_seconds"] + best["write_seconds"]
     best["seconds"] = best["io_seconds"] + best["svd_seconds"]
     return {
@@ -241,7 +257,7 @@ def worker_floor(p: dict) -> dict:
         "state_dtype": p["state_dtype"],
         "projected": len(p["projected"]),
         "threads": torch.get_num_threads(),
-        "state_bytes": state_file.stat().st_size,
+        "state_bytes": state_bytes,
     }
 
 
@@ -451,6 +467,9 @@ def summarize(results: dict) -> dict:
     later = [s["seconds"] for s in ms["steps"] if s["step"] >= 2]
     summary = {
         "mergestream_mean_step_seconds": _mean(later),
+        "mergestream_mean_step_cpu_seconds": _mean(
+            [s["cpu_seconds"] for s in ms["steps"] if s["step"] >= 2]
+        ),
         "mergestream_merge_seconds": _merge_seconds(ms, "mergestream"),
         "mergestream_process_seconds": ms["process_seconds"],
         "mergestream_process_peak_rss_mib": ms["process_peak_rss_mib"],
@@ -465,6 +484,9 @@ def summarize(results: dict) -> dict:
         summary.update(
             {
                 "reference_mean_step_seconds": _mean(ref_later),
+                "reference_mean_step_cpu_seconds": _mean(
+                    [s.get("cpu_seconds", 0.0) for s in ref["steps"] if s["step"] >= 2]
+                ),
                 "reference_merge_seconds": _merge_seconds(ref, "reference"),
                 "reference_process_seconds": ref["process_seconds"],
                 "reference_process_peak_rss_mib": ref["process_peak_rss_mib"],
@@ -552,6 +574,14 @@ def markdown_comparison(results: dict) -> str:
         f"| {_fmt(s.get('reference_mean_step_seconds'))} "
         f"| {_ratio(s['mergestream_mean_step_seconds'], s.get('reference_mean_step_seconds'))} "
         "| | |"
+    )
+    ms_cpu, ref_cpu = (
+        s.get("mergestream_mean_step_cpu_seconds"),
+        s.get("reference_mean_step_cpu_seconds"),
+    )
+    out.append(
+        f"| mean CPU seconds (user + sys) of steps ≥ 2 | {_fmt(ms_cpu)} | {_fmt(ref_cpu)} "
+        f"| {_ratio(ms_cpu, ref_cpu)} | | |"
     )
     out.append(
         f"| merge total (set-up + steps + export) | {_fmt(s['mergestream_merge_seconds'])} "
