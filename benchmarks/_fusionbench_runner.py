@@ -42,13 +42,23 @@ def peak_rss_mib() -> float | None:
         return None
 
 
+_HIGHEST = [0.0]  # the process's peak RSS over every interval closed so far
+
+
 def reset_peak_rss() -> bool:
+    """Start a new peak-RSS interval. Resetting VmHWM also resets what the kernel reports as the
+    process's ru_maxrss, so the highest value seen is kept here (see `process_peak_rss_mib`)."""
+    _HIGHEST[0] = max(_HIGHEST[0], peak_rss_mib() or 0.0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+def process_peak_rss_mib() -> float:
+    return max(_HIGHEST[0], peak_rss_mib() or 0.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "export_peak_rss_mib": export_rss,
         "profiler": profiler,
         "process_seconds": time.perf_counter() - T_PROCESS,
+        "peak_rss_mib": process_peak_rss_mib(),
     }
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(result, f, indent=2)

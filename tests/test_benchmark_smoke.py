@@ -149,7 +149,8 @@ def test_harness_mergestream_side(zoo, zoo_root, tmp_path, capsys):
     ms = results["mergestream"]
     assert [s["step"] for s in ms["steps"]] == [1, 2, 3]
     assert all(s["seconds"] > 0 for s in ms["steps"])
-    assert ms["process_peak_rss_mib"] > 0 and ms["threads"] >= 1
+    assert ms["threads"] >= 1
+    assert ms["process_peak_rss_mib"] >= max(s["peak_rss_mib"] or 0 for s in ms["steps"]) > 0
     assert ms["method"]["params"]["zero_diagonal"] is True
     assert ms["tensors"]["projected"] == results["zoo"]["linear_weights"] == 12
     floor = results["floor"]
