@@ -227,7 +227,8 @@ def _read_into(path: Path, buffer: memoryview) -> int:
 def worker_floor(p: dict) -> dict:
     """What one step cannot go below: reading base + incoming + state and writing the state
     (bytes only, fsync included), and a bare thin float64 SVD of every projected weight (of the
-    incoming task vector, which has the shape and kind of spectrum of the running sum)."""
+    incoming task vector, which has the shape and kind of spectrum of the running sum), on
+    mergestream's device."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -256,9 +257,13 @@ def worker_floor(p: dict) -> dict:
         t2 = time.perf_counter()
         new_state_file.unlink()
         svd_seconds = 0.0
+        device = torch.device(p.get("device", "cpu"))
         for name in p["projected"]:
+            matrix = tau[name].to(device)  # the copy to the device is not timed
             t = time.perf_counter()
-            torch.linalg.svd(tau[name], full_matrices=False)
+            torch.linalg.svd(matrix, full_matrices=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             svd_seconds += time.perf_counter() - t
         results.append(
             {
@@ -858,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             "projected": projected,
             "repeats": args.floor_repeats,
             "threads": args.threads,
+            "device": args.device,
         }
         results["floor"] = run_worker("floor", floor_params, work, args.threads)
         shutil.rmtree(work / "floor", ignore_errors=True)
