@@ -615,7 +615,8 @@ _FINE_FOOD_TEMPLATES = [
     "a customer review that is {}.",
     "this product review is {}.",
 ]
-_FINE_FOOD_NAMES = ["mixed or negative", "enthusiastic"]
+# Labels are "other" (1-4 stars) and "great" (5 stars); "bad" prompts the first best.
+_FINE_FOOD_NAMES = ["bad", "great"]
 
 
 # --------------------------------------------------------------------------------------
