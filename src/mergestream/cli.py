@@ -145,6 +145,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.report import markdown_table, write_report
+    from .bench.run import DEFAULT_ALPHAS, run_benchmark
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    results = run_benchmark(
+        args.zoo,
+        tasks=tasks,
+        orders=args.orders,
+        matrix_orders=args.matrix_orders,
+        alphas=() if args.no_sweep else DEFAULT_ALPHAS,
+        sweep_orders=args.sweep_orders,
+        seed=args.seed,
+        device=args.device,
+        log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+    )
+    written = write_report(results, args.out)
+    print(markdown_table(results))
+    print(f"results, table and plots in {args.out} ({', '.join(p.name for p in written.values())})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergestream",
@@ -240,6 +262,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="merge a zoo of fine-tuned encoders with every method over task orders; "
+        "report ACC/BWT, tables and plots",
+    )
+    p.add_argument(
+        "zoo", type=Path, help="zoo folder built by python -m mergestream.bench.finetune"
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder")
+    p.add_argument("--tasks", default=None, help="comma-separated subset, in this order")
+    p.add_argument("--orders", type=int, default=10, help="seeded task orders (final ACC)")
+    p.add_argument(
+        "--matrix-orders",
+        type=int,
+        default=3,
+        help="orders evaluated after every step (accuracy matrix, BWT)",
+    )
+    p.add_argument("--sweep-orders", type=int, default=3, help="orders for the alpha sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip OPCM's alpha sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

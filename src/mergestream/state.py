@@ -151,7 +151,9 @@ class MergeState:
         base_source = open_checkpoint(base)
         storage = MemoryStorage()
         storage.commit(
-            cls._new_manifest(resolved_method, base_source, base_source.description, state_dtype)
+            cls._new_manifest(
+                resolved_method, base_source, base_source.description, state_dtype, hash_base=False
+            )
         )
         return cls(storage, base_source, config_dir(base))
 
@@ -162,7 +164,11 @@ class MergeState:
         base_description: str,
         state_dtype: str | None,
         progress: Progress | None = None,
+        *,
+        hash_base: bool = True,
     ) -> dict[str, Any]:
+        """A step-0 manifest. An in-memory state skips hashing the base: it holds the base
+        open for its whole life, so there is no later run to compare it with."""
         if state_dtype is None:
             state_dtype = next(
                 k for k, v in STATE_DTYPES.items() if v == method.default_state_dtype
@@ -180,7 +186,7 @@ class MergeState:
             "state_dtype": state_dtype,
             "base": {
                 "path": base_description,
-                "sha256": content_hash(base, progress),
+                "sha256": content_hash(base, progress) if hash_base else None,
                 "files": file_stamps(base.files()),
             },
             "step": 0,
@@ -271,7 +277,9 @@ class MergeState:
             base_stamps = self._check_base_unchanged()
             raw, source = self._open_input(checkpoint, mapping)
             cleanup.callback(raw.close)
-            digest = content_hash(raw, progress)
+            # An in-memory merge that allows duplicates has no use for the hash: skip the read.
+            in_memory = isinstance(self._storage, MemoryStorage)
+            digest = None if in_memory and allow_duplicate else content_hash(raw, progress)
             if not allow_duplicate:
                 for entry in self._manifest["ledger"]:
                     if entry["sha256"] == digest:
@@ -402,7 +410,7 @@ class MergeState:
             raise StateError(
                 f"the base at {recorded['path']} cannot be read any more ({err})"
             ) from None
-        if stamps == recorded["files"]:
+        if stamps == recorded["files"] or recorded["sha256"] is None:
             return None
         if content_hash(self._base) != recorded["sha256"]:
             raise StateError(

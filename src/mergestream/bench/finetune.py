@@ -8,7 +8,7 @@ decay to zero; batch 32; dropout as in pretraining; data reshuffled every epoch.
 The zoo is a folder with one Hugging Face model directory per task::
 
     <out>/pretrained/            the starting encoder (safetensors + tokenizer files)
-    <out>/<task>/                fine-tuned encoder, head.safetensors, finetune.json
+    <out>/<task>/                fine-tuned encoder, head.safetensors, test.json, finetune.json
 
 ``finetune.json`` holds the recipe, the loss curve and the pretrained and fine-tuned test
 accuracy. Building is resumable: a task whose model and JSON exist is skipped.
@@ -313,6 +313,8 @@ def build_zoo(
         from safetensors.torch import save_file
 
         save_file({"head": head.cpu().contiguous()}, str(tmp / "head.safetensors"))
+        # The test split travels with the checkpoint, so evaluating merges needs no data sources.
+        (tmp / "test.json").write_text(json.dumps([[t, y] for t, y in task.test]) + "\n")
         (tmp / "finetune.json").write_text(json.dumps(info, indent=1) + "\n")
         shutil.rmtree(task_dir, ignore_errors=True)
         tmp.rename(task_dir)

@@ -79,6 +79,12 @@ def opcm_project(
     return projected.mT if transposed else projected
 
 
+def _squared_norm(tensor: torch.Tensor) -> float:
+    """Σ x² in float64 without a temporary of the tensor's size."""
+    flat = tensor.reshape(-1)
+    return float(torch.dot(flat, flat))
+
+
 @dataclass(frozen=True)
 class OPCMConfig(MethodConfig):
     alpha: float = param(
@@ -132,24 +138,24 @@ class OPCM(ContinualMethod):
         task_vector: torch.Tensor,
         scalars: Scalars,
     ) -> TensorUpdate:
+        removed_sq = 0.0
         if step == 1:
             new_sum = self.stored(task_vector)
-            removed_sq = 0.0
-        else:
+        elif info.projected:
+            cfg = self.config
             running_sum = state["sum"].to(COMPUTE_DTYPE)
-            addition = task_vector
-            if info.projected:
-                cfg = self.config
-                addition = opcm_project(
-                    running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
-                )
-            removed_sq = float((task_vector - addition).square().sum())
+            addition = opcm_project(
+                running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
+            )
+            removed_sq = _squared_norm(task_vector - addition)
             new_sum = self.stored(running_sum + addition)
+        else:
+            new_sum = self.stored(state["sum"].to(COMPUTE_DTYPE) + task_vector)
         return TensorUpdate(
             state={"sum": new_sum},
             partials={
-                "task_norm_sq": float(task_vector.square().sum()),
-                "sum_norm_sq": float(new_sum.to(COMPUTE_DTYPE).square().sum()),
+                "task_norm_sq": _squared_norm(task_vector),
+                "sum_norm_sq": _squared_norm(new_sum.to(COMPUTE_DTYPE)),
                 "removed_norm_sq": removed_sq,
             },
         )
