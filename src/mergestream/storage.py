@@ -92,7 +92,8 @@ class MemoryStorage:
         return json.loads(json.dumps(self.manifest))
 
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
-        return self.generations[generation][state_name][tensor_name]
+        # A copy, as a disk read gives: methods may update what they read in place.
+        return self.generations[generation][state_name][tensor_name].clone()
 
     def begin(
         self,

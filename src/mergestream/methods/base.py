@@ -140,7 +140,9 @@ class ContinualMethod(ABC):
         """Fold one tensor of the `step`-th model (1-based) into the state.
 
         `state` is empty at step 1; `task_vector` is float64; `scalars` holds the scalars before
-        this step plus whatever `prepare_step` returned.
+        this step plus whatever `prepare_step` returned. `state` and `task_vector` are private
+        copies that nothing reads afterwards, so the method may update them in place (large
+        tensors then need no second full-size buffer).
         """
 
     @abstractmethod

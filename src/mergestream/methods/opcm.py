@@ -47,8 +47,27 @@ def opcm_project(
         τ' = τ − S · V_r Σ_r⁻¹ R V_rᵀ,   R_ij = P_ij on the zeroed entries, else 0,
     where P_ij = v_iᵀ (Sᵀτ) v_j / σ_i. Only the n×n Gram-side quantities are formed (n the
     smaller dimension). Directions with σ_i = 0 carry no inner product with S, so their diagonal
-    entries are left alone; with S = 0 nothing is removed.
+    entries are left alone; with S = 0 nothing is removed. Returns a new tensor.
     """
+    projected = task_vector.clone()
+    project_in_place(running_sum, projected, alpha, zero_diagonal, decomposition)
+    return projected
+
+
+# Rows of S·Z formed at once while subtracting the removed part: bounds the temporary to about
+# 64 MB of float64 whatever the matrix size.
+_BLOCK_ELEMENTS = 8 << 20
+
+
+def project_in_place(
+    running_sum: torch.Tensor,
+    task_vector: torch.Tensor,
+    alpha: float,
+    zero_diagonal: bool = True,
+    decomposition: Decomposition = "gram",
+) -> float:
+    """`opcm_project` that overwrites `task_vector` with τ' and returns ‖τ − τ'‖² (the squared
+    norm of what the projection removed). Peak extra memory: n×n matrices and one row block."""
     if running_sum.shape != task_vector.shape or running_sum.ndim != 2:
         raise ValueError(
             f"opcm_project needs two matrices of one shape, got {tuple(running_sum.shape)} "
@@ -63,7 +82,7 @@ def opcm_project(
     k = min(split_index(decomposed.sigma, alpha), decomposed.rank)
     r = decomposed.rank if zero_diagonal else k
     if r == 0:
-        return task_vector.clone()
+        return 0.0
 
     v = decomposed.v[:, :r]
     inv_sigma_sq = decomposed.sigma[:r].reciprocal().square()
@@ -75,8 +94,14 @@ def opcm_project(
         [v[:, :k] @ (block * inv_sigma_sq[:k, None]), v[:, k:] * (diagonal * inv_sigma_sq[k:])],
         dim=1,
     )
-    projected = tau - s @ (weights @ v.mT)
-    return projected.mT if transposed else projected
+    z = weights @ v.mT
+    removed_sq = 0.0
+    rows = max(1, _BLOCK_ELEMENTS // max(1, s.shape[1]))
+    for start in range(0, s.shape[0], rows):
+        removed = s[start : start + rows] @ z
+        removed_sq += float(torch.dot(removed.reshape(-1), removed.reshape(-1)))
+        tau[start : start + rows] -= removed
+    return removed_sq
 
 
 def _squared_norm(tensor: torch.Tensor) -> float:
@@ -138,23 +163,24 @@ class OPCM(ContinualMethod):
         task_vector: torch.Tensor,
         scalars: Scalars,
     ) -> TensorUpdate:
+        # In place throughout (the engine hands over private copies): a large tensor costs its
+        # float64 sum and task vector, not a chain of full-size temporaries.
+        task_norm_sq = _squared_norm(task_vector)
         removed_sq = 0.0
         if step == 1:
             new_sum = self.stored(task_vector)
-        elif info.projected:
-            cfg = self.config
-            running_sum = state["sum"].to(COMPUTE_DTYPE)
-            addition = opcm_project(
-                running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
-            )
-            removed_sq = _squared_norm(task_vector - addition)
-            new_sum = self.stored(running_sum + addition)
         else:
-            new_sum = self.stored(state["sum"].to(COMPUTE_DTYPE) + task_vector)
+            running_sum = state["sum"].to(COMPUTE_DTYPE)
+            if info.projected:
+                cfg = self.config
+                removed_sq = project_in_place(
+                    running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
+                )
+            new_sum = self.stored(running_sum.add_(task_vector))
         return TensorUpdate(
             state={"sum": new_sum},
             partials={
-                "task_norm_sq": _squared_norm(task_vector),
+                "task_norm_sq": task_norm_sq,
                 "sum_norm_sq": _squared_norm(new_sum.to(COMPUTE_DTYPE)),
                 "removed_norm_sq": removed_sq,
             },
