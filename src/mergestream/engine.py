@@ -21,6 +21,7 @@ from .classify import LinearRule
 from .errors import CheckpointError
 from .io.checkpoint import TensorSource, tensor_location
 from .io.mapping import mismatch_hint
+from .io.safetensors_stream import dtype_name
 from .methods.base import (
     COMPUTE_DTYPE,
     STATE_DTYPE,
@@ -83,14 +84,10 @@ def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
         if not other.dtype.is_floating_point:
             raise CheckpointError(
                 f"{tensor_location(checkpoint, name)}: tensor {name!r} has dtype "
-                f"{_dtype_name(other.dtype)}, which cannot be cast to the base's "
-                f"{_dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
+                f"{dtype_name(other.dtype)}, which cannot be cast to the base's "
+                f"{dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
                 "carry no task vector)"
             )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def load_task_vector(
