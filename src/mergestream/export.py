@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .engine import add_chunked
 from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
@@ -104,8 +105,7 @@ def merged_tensors(
             continue
         # The task vector first: the base tensor is read only once the method's temporaries
         # are gone, so it does not add to the peak.
-        merged = task_vector(info).to(COMPUTE_DTYPE)
-        merged.add_(base.get(name).to(merged.device))
+        merged = add_chunked(task_vector(info).to(COMPUTE_DTYPE), base.get(name))
         tensor = merged.to(dtype or info.dtype)
         del merged
         yield name, tensor
