@@ -402,3 +402,18 @@ def test_plan_refuses_what_add_would_refuse(models, tmp_path, capsys):
     assert "--strip-prefix model." in capsys.readouterr().err
     assert main(["plan", str(state), str(prefixed), "--strip-prefix", "model."]) == 0
     assert "strip_prefix=model." in capsys.readouterr().out
+
+
+def test_non_contiguous_tensors_in_memory(models):
+    base, ckpts = models
+    expected = MergeState.in_memory(base)
+    for c in ckpts:
+        expected.add(c)
+
+    def strided(tensors):  # same values, transposed memory layout
+        return {k: v.T.contiguous().T if v.ndim == 2 else v for k, v in tensors.items()}
+
+    state = MergeState.in_memory(strided(base))
+    for c in ckpts:
+        state.add(strided(c))
+    assert_same(state.state_dict(), expected.state_dict())

@@ -23,6 +23,7 @@ from .classify import LinearRule
 from .errors import CheckpointError, ConfigError
 from .io.checkpoint import TensorSource, tensor_location
 from .io.mapping import mismatch_hint
+from .io.safetensors_stream import dtype_name
 from .methods.base import (
     COMPUTE_DTYPE,
     ContinualMethod,
@@ -84,14 +85,10 @@ def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
         if not other.dtype.is_floating_point:
             raise CheckpointError(
                 f"{tensor_location(checkpoint, name)}: tensor {name!r} has dtype "
-                f"{_dtype_name(other.dtype)}, which cannot be cast to the base's "
-                f"{_dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
+                f"{dtype_name(other.dtype)}, which cannot be cast to the base's "
+                f"{dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
                 "carry no task vector)"
             )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def load_task_vector(
@@ -99,22 +96,42 @@ def load_task_vector(
 ) -> torch.Tensor:
     """incoming - base for one tensor, float64 on `device`; refuses NaN/Inf in the input.
 
-    Computed in place in one float64 buffer (the base tensor is converted on the fly), so a
-    tensor costs one float64 copy plus the two inputs in their stored dtypes.
+    The result is the only float64 buffer of the tensor's size: the base is subtracted from the
+    incoming tensor in place, chunk by chunk (see `add_chunked`).
     """
-    incoming = checkpoint.get(info.name).to(device=device, dtype=COMPUTE_DTYPE, copy=True)
-    finite = torch.isfinite(incoming)
-    if not bool(finite.all()):
-        nan = int(torch.isnan(incoming).sum())
-        inf = incoming.numel() - int(finite.sum()) - nan
-        first = int((~finite).reshape(-1).nonzero()[0])
-        raise CheckpointError(
-            f"{tensor_location(checkpoint, info.name)}: tensor {info.name!r} contains "
-            f"{nan} NaN and {inf} infinite values (first at flat index {first}); "
-            "a checkpoint with non-finite weights cannot be merged"
-        )
-    del finite
-    return incoming.sub_(base.get(info.name).to(device))
+    incoming = checkpoint.get(info.name).to(
+        device=device, dtype=COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
+    )
+    flat = incoming.view(-1)
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        if not bool(torch.isfinite(flat[start : start + CHUNK_ELEMENTS]).all()):
+            nan = int(torch.isnan(flat).sum())
+            inf = int(torch.isinf(flat).sum())
+            first = int((~torch.isfinite(flat)).nonzero()[0])
+            raise CheckpointError(
+                f"{tensor_location(checkpoint, info.name)}: tensor {info.name!r} contains "
+                f"{nan} NaN and {inf} infinite values (first at flat index {first}); "
+                "a checkpoint with non-finite weights cannot be merged"
+            )
+    return add_chunked(incoming, base.get(info.name).to(device), alpha=-1)
+
+
+CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64
+
+
+def add_chunked(target: torch.Tensor, other: torch.Tensor, alpha: float = 1) -> torch.Tensor:
+    """`target += alpha * other` in place, where `other` may have a narrower dtype.
+
+    On CPU, an in-place op whose operands differ in dtype first converts the whole other operand
+    to the result's dtype, a temporary as large as the target; chunks keep that temporary small.
+    """
+    if not target.is_contiguous():
+        return target.add_(other.to(target.device), alpha=alpha)
+    flat_target, flat_other = target.view(-1), other.to(target.device).reshape(-1)
+    for start in range(0, flat_target.numel(), CHUNK_ELEMENTS):
+        chunk = slice(start, start + CHUNK_ELEMENTS)
+        flat_target[chunk].add_(flat_other[chunk], alpha=alpha)
+    return target
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .engine import add_chunked
 from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 from .progress import NoProgress, Progress
+from .storage import fsync_dir
 
 # Files of an HF model directory that are weights (not copied next to the merged weights).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
@@ -103,8 +105,7 @@ def merged_tensors(
             continue
         # The task vector first: the base tensor is read only once the method's temporaries
         # are gone, so it does not add to the peak.
-        merged = task_vector(info).to(COMPUTE_DTYPE)
-        merged.add_(base.get(name).to(merged.device))
+        merged = add_chunked(task_vector(info).to(COMPUTE_DTYPE), base.get(name))
         tensor = merged.to(dtype or info.dtype)
         del merged
         yield name, tensor
@@ -223,14 +224,6 @@ def _install(
         if item != index:
             item.unlink(missing_ok=True)
     fsync_dir(out)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_model_files(base_dir: Path | None, out_dir: Path) -> list[str]:

@@ -25,7 +25,9 @@ import torch
 
 from .io.checkpoint import TensorSource
 from .io.mapping import MappedSource
+from .io.safetensors_stream import dtype_name
 from .methods.base import TensorInfo
+from .progress import format_size
 
 # (float64 buffers, state-dtype buffers) of one tensor alive at once while it is merged
 FIRST_STEP_BUFFERS = (3, 1)
@@ -33,10 +35,6 @@ LATER_STEP_BUFFERS = (4, 2)
 PROJECTED_BUFFERS = (5, 2)
 GRAM_BUFFERS = 4  # k x k float64 matrices of the projection
 EXPORT_BUFFERS = (2, 1)  # the state read, in float64, and the task vector
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def current_rss() -> int:
@@ -112,9 +110,9 @@ def plan_add(
         counts[role] += 1
     dtypes: dict[str, int] = {}
     for info in infos:
-        name = str(source.spec(info.name).dtype).removeprefix("torch.")
+        name = dtype_name(source.spec(info.name).dtype)
         dtypes[name] = dtypes.get(name, 0) + 1
-    state_size = _element_size(state_dtype) * len(state_names)
+    state_size = state_dtype.itemsize * len(state_names)
     peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
     for info in infos:
@@ -130,8 +128,8 @@ def plan_add(
     warnings = []
     if disk_free is not None and disk_free < disk_needed:
         warnings.append(
-            f"the state's file system has {_gb(disk_free)} free, the new generation needs "
-            f"{_gb(disk_needed)}"
+            f"the state's file system has {format_size(disk_free)} free, the new generation needs "
+            f"{format_size(disk_needed)}"
         )
     files = source.files()
     size = sum(p.stat().st_size for p in files)
@@ -164,14 +162,6 @@ def plan_add(
     )
 
 
-def _gb(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if nbytes < 1000:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.2f} GB"
-
-
 def format_plan(plan: Plan) -> str:
     t = plan.tensors
     lines = [
@@ -180,7 +170,7 @@ def format_plan(plan: Plan) -> str:
         f"{t['copied']} copied from the base",
         "  incoming: "
         + ", ".join(f"{n} {dtype}" for dtype, n in sorted(plan.incoming_dtypes.items()))
-        + f" ({_gb(plan.checkpoint_bytes)} on disk)",
+        + f" ({format_size(plan.checkpoint_bytes)} on disk)",
     ]
     if plan.mapping:
         lines.append(
@@ -188,13 +178,15 @@ def format_plan(plan: Plan) -> str:
             + ", ".join(f"{k}={v}" for k, v in plan.mapping.items())
             + f" ({plan.taken_from_base} tensors taken from the base, {plan.ignored} ignored)"
         )
+    size = format_size
+    free = plan.disk_free_bytes
     lines += [
-        f"  memory:   about {_gb(plan.peak_memory_bytes)} at peak ({_gb(plan.runtime_bytes)} "
-        f"runtime + the working set of {plan.largest_tensor!r})",
-        f"  disk:     {_gb(plan.disk_needed_bytes)} for the new state generation"
-        + (f" ({_gb(plan.disk_free_bytes)} free)" if plan.disk_free_bytes is not None else "")
-        + f"; an export takes {_gb(plan.export_bytes)}",
-        f"  export:   about {_gb(plan.export_peak_memory_bytes)} of memory at peak",
+        f"  memory:   about {size(plan.peak_memory_bytes)} at peak "
+        f"({size(plan.runtime_bytes)} runtime + the working set of {plan.largest_tensor!r})",
+        f"  disk:     {size(plan.disk_needed_bytes)} for the new state generation"
+        + (f" ({size(free)} free)" if free is not None else "")
+        + f"; an export takes {size(plan.export_bytes)}",
+        f"  export:   about {size(plan.export_peak_memory_bytes)} of memory at peak",
     ]
     lines += [f"  warning:  {w}" for w in plan.warnings]
     return "\n".join(lines)

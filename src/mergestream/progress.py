@@ -26,7 +26,8 @@ class NoProgress:
         pass
 
 
-def _size(nbytes: float) -> str:
+def format_size(nbytes: float) -> str:
+    """ "1.5 GB" (decimal units, as disks and downloads count)."""
     for unit in ("B", "KB", "MB", "GB"):
         if nbytes < 1000:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -74,7 +75,7 @@ class TerminalProgress:
         bar = "#" * filled + "-" * (width - filled)
         self.stream.write(
             f"\r{self._label} [{bar}] {self._items}/{self._total_items} tensors "
-            f"{_size(self._bytes / elapsed)}/s {elapsed:.1f}s"
+            f"{format_size(self._bytes / elapsed)}/s {elapsed:.1f}s"
         )
         self.stream.flush()
 

@@ -25,19 +25,19 @@ from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
     copy_model_files,
-    fsync_dir,
     merged_tensors,
     write_model,
 )
 from .hashing import content_hash, file_stamps
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
 from .io.mapping import MappedSource, NameMapping, apply_mapping
+from .io.safetensors_stream import dtype_name
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
 from .progress import Progress
-from .storage import DiskStorage, MemoryStorage, Storage
+from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir
 
 FORMAT = "mergestream-state"
 FORMAT_VERSION = 1
@@ -482,7 +482,7 @@ class MergeState:
                 progress,
             )
             copied = copy_model_files(self._base_dir, out)
-            dtypes = {str(dtype or i.dtype).removeprefix("torch.") for i in self._infos}
+            dtypes = {dtype_name(dtype or i.dtype) for i in self._infos}
             card = render_model_card(self._manifest, files, "/".join(sorted(dtypes)), copied)
             (out / "README.md").write_text(card)
             fsync_dir(out)

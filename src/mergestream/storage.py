@@ -133,7 +133,8 @@ def _writing(directory: Path) -> Iterator[None]:
         ) from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed, removed files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -177,8 +178,8 @@ class _DiskWriter:
         with _writing(self.directory):
             for writer in self.writers.values():
                 writer.close()
-            _fsync_dir(self.directory)
-            _fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
+            fsync_dir(self.directory)
+            fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -284,4 +285,4 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)

@@ -53,6 +53,11 @@ for _name, _code in (
         CODE_DTYPES[_code] = getattr(torch, _name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16 (for messages and listings)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """What a tensor is, without its data."""
@@ -158,10 +163,6 @@ class StreamingSafetensorsWriter:
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 class SafetensorsFile:
     """One safetensors file opened for reading: header parsed and checked, data read on demand.
 
@@ -219,8 +220,9 @@ class SafetensorsFile:
         for begin, end, name, spec in entries:
             if end - begin != spec.nbytes:
                 raise self._fail(
-                    f"corrupt header: tensor {name!r} is {_describe(spec)} ({spec.nbytes} bytes) "
-                    f"but its data_offsets span {end - begin} bytes"
+                    f"corrupt header: tensor {name!r} is {dtype_name(spec.dtype)} "
+                    f"{list(spec.shape)} ({spec.nbytes} bytes) but its data_offsets span "
+                    f"{end - begin} bytes"
                 )
             if begin < previous_end:
                 raise self._fail(
@@ -299,10 +301,6 @@ class SafetensorsFile:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _describe(spec: TensorSpec) -> str:
-    return f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
