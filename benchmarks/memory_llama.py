@@ -212,7 +212,7 @@ def run_measured(args: list[str], env: dict[str, str], prelude: str = "") -> dic
     hwm = [line for line in proc.stderr.splitlines() if line.startswith("VMHWM_KB ")]
     return {
         "seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(int(hwm[-1].split()[1]) / 1024, 1),
+        "peak_rss_mib": round(int(hwm[-1].split()[1]) / 1024, 1),
         "output": proc.stdout.strip(),
     }
 
@@ -317,7 +317,7 @@ def main() -> None:
         r = run_measured(argv, env, prelude)
         r.update(kind=kind, step=step)
         results["runs"].append(r)
-        print(f"{kind:7s} step {step:3d}: peak RSS {r['peak_rss_mb']:8.1f} MB in {r['seconds']}s")
+        print(f"{kind:7s} step {step:3d}: peak RSS {r['peak_rss_mib']:8.1f} MiB in {r['seconds']}s")
 
     prelude = IO_FLOOR_METHOD if args.method == "io-floor" else ""
     method = ["--method", "bench-running-sum"] if args.method == "io-floor" else []
@@ -329,10 +329,10 @@ def main() -> None:
         generate("finetuned", ckpt, args.preset, step, args.shard_size)
         print(f"generated checkpoint {step} in {time.perf_counter() - t:.0f}s")
         plan = run_measured(["plan", str(state), str(ckpt), "--json"], env, prelude)
-        estimate = json.loads(plan["output"])[0]["peak_memory_bytes"] / 1e6
-        results["runs"].append({"kind": "plan", "step": step, "estimate_mb": round(estimate)})
+        estimate = json.loads(plan["output"])[0]["peak_memory_bytes"] / 2**20
+        results["runs"].append({"kind": "plan", "step": step, "estimate_mib": round(estimate)})
         record("add", step, ["add", str(state), str(ckpt), "--quiet"])
-        print(f"        (plan estimated {estimate:.0f} MB)")
+        print(f"        (plan estimated {estimate:.0f} MiB)")
         if step in exports:
             out = work / "export"
             shutil.rmtree(out, ignore_errors=True)

@@ -2,7 +2,7 @@
 on one state at once.
 
 The adds run as real processes executing the real command line (`mergestream.cli.main`), killed
-with SIGKILL. To keep dozens of kills fast, they are forked from a helper process that has already
+with SIGKILL. To keep dozens of kills fast, they are forked from a server process that has already
 imported mergestream (an interpreter start costs seconds here, an add of a tiny model
 milliseconds). In the forked process the test makes each phase slow and announces it: progress
 steps sleep (hashing reads small chunks, so it has many), and fsync, rename and directory removal
