@@ -273,7 +273,11 @@ def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202
         for item in items:
             yield fn(item)
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # OpenMP keeps its thread count per thread, so each worker sets its own to one: otherwise
+    # every worker's kernels spread over all cores and the workers oversubscribe them.
+    with ThreadPoolExecutor(
+        max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         window = []
         for item in items:
             window.append(pool.submit(fn, item))

@@ -26,7 +26,7 @@ Decomposition = Literal["gram", "svd"]
 # the square root of the eigenvalue solver's relative accuracy (with margin); for SVD the usual
 # matrix-rank tolerance.
 _EPS64 = torch.finfo(torch.float64).eps
-GRAM_MAX_CONDITION = 1e5
+GRAM_MAX_CONDITION = 1e4
 
 
 @dataclass(frozen=True)
