@@ -21,6 +21,7 @@ from .base import (
     Scalars,
     TensorInfo,
     TensorUpdate,
+    squared_norm,
 )
 from .registry import register_method
 
@@ -53,8 +54,8 @@ class Average(ContinualMethod):
         return TensorUpdate(
             state={"mean": new_mean},
             partials={
-                "task_norm_sq": float(task_vector.square().sum()),
-                "mean_norm_sq": float(new_mean.to(COMPUTE_DTYPE).square().sum()),
+                "task_norm_sq": squared_norm(task_vector),
+                "mean_norm_sq": squared_norm(new_mean.to(COMPUTE_DTYPE)),
             },
         )
 

@@ -35,6 +35,13 @@ STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 Scalars = dict[str, float]
 
 
+def squared_norm(tensor: torch.Tensor) -> float:
+    """Σ x² (the partial sum behind every global norm), without a temporary of the tensor's
+    size: the largest tensors of a model would otherwise briefly cost a second full copy."""
+    flat = tensor.reshape(-1)
+    return float(torch.dot(flat, flat))
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One floating-point tensor of the model, as the method sees it."""

@@ -24,6 +24,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
     param,
+    squared_norm,
 )
 from .registry import register_method
 
@@ -64,8 +65,8 @@ class MagMax(ContinualMethod):
         return TensorUpdate(
             state={"max": new_max},
             partials={
-                "task_norm_sq": float(task_vector.square().sum()),
-                "max_norm_sq": float(new_max.to(COMPUTE_DTYPE).square().sum()),
+                "task_norm_sq": squared_norm(task_vector),
+                "max_norm_sq": squared_norm(new_max.to(COMPUTE_DTYPE)),
                 "replaced": replaced,
                 "entries": float(task_vector.numel()),
             },

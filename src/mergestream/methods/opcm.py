@@ -28,6 +28,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
     param,
+    squared_norm,
 )
 from .registry import register_method
 
@@ -104,12 +105,6 @@ def project_in_place(
     return removed_sq
 
 
-def _squared_norm(tensor: torch.Tensor) -> float:
-    """Σ x² in float64 without a temporary of the tensor's size."""
-    flat = tensor.reshape(-1)
-    return float(torch.dot(flat, flat))
-
-
 @dataclass(frozen=True)
 class OPCMConfig(MethodConfig):
     alpha: float = param(
@@ -165,7 +160,7 @@ class OPCM(ContinualMethod):
     ) -> TensorUpdate:
         # In place throughout (the engine hands over private copies): a large tensor costs its
         # float64 sum and task vector, not a chain of full-size temporaries.
-        task_norm_sq = _squared_norm(task_vector)
+        task_norm_sq = squared_norm(task_vector)
         removed_sq = 0.0
         if step == 1:
             new_sum = self.stored(task_vector)
@@ -181,7 +176,7 @@ class OPCM(ContinualMethod):
             state={"sum": new_sum},
             partials={
                 "task_norm_sq": task_norm_sq,
-                "sum_norm_sq": _squared_norm(new_sum.to(COMPUTE_DTYPE)),
+                "sum_norm_sq": squared_norm(new_sum.to(COMPUTE_DTYPE)),
                 "removed_norm_sq": removed_sq,
             },
         )

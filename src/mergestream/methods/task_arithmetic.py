@@ -24,6 +24,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
     param,
+    squared_norm,
 )
 from .registry import register_method
 
@@ -62,8 +63,8 @@ class TaskArithmetic(ContinualMethod):
         return TensorUpdate(
             state={"sum": new_sum},
             partials={
-                "task_norm_sq": float(task_vector.square().sum()),
-                "sum_norm_sq": float(new_sum.to(COMPUTE_DTYPE).square().sum()),
+                "task_norm_sq": squared_norm(task_vector),
+                "sum_norm_sq": squared_norm(new_sum.to(COMPUTE_DTYPE)),
             },
         )
 

@@ -73,6 +73,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
     param,
+    squared_norm,
 )
 from .registry import register_method
 
@@ -468,7 +469,7 @@ class Ties(ContinualMethod):
         scalars: Scalars,
     ) -> TensorUpdate:
         cfg = self.config
-        partials = {"task_norm_sq": float(task_vector.square().sum())}
+        partials = {"task_norm_sq": squared_norm(task_vector)}
         if step == 1:
             new_merged = self.stored(cfg.scaling_factor * task_vector)
         else:
@@ -487,7 +488,7 @@ class Ties(ContinualMethod):
             new_merged = self.stored(merged.to(COMPUTE_DTYPE) + cfg.scaling_factor * combined)
             partials.update({k: float(v) for k, v in counts.items()})
             partials["entries"] = float(task_vector.numel())
-        partials["merged_norm_sq"] = float(new_merged.to(COMPUTE_DTYPE).square().sum())
+        partials["merged_norm_sq"] = squared_norm(new_merged.to(COMPUTE_DTYPE))
         return TensorUpdate(state={"merged": new_merged}, partials=partials)
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
