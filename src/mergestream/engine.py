@@ -6,11 +6,18 @@ the method's pure `update`, hands the new state to a writer and accumulates the 
 sums. Only a few tensors are alive at any time. Validation that needs no tensor data (names,
 shapes, dtypes) runs before anything is computed; problems found during the pass (NaN/Inf)
 raise before the caller commits, so a failed step never changes stored state.
+
+Tensors of at least `STREAM_MIN_ELEMENTS` entries (embeddings, output heads) are not held
+whole: the method folds them by blocks of rows read from the files and written straight into
+the new state (`ContinualMethod.update_rows`), one such tensor at a time with every core. The
+peak memory of a step is then set by the block size and the smaller tensors in flight, not by
+the largest tensor of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +42,14 @@ from .progress import NoProgress, Progress
 
 StateReader = Callable[[TensorInfo], Mapping[str, torch.Tensor]]
 StateWriter = Callable[[TensorInfo, Mapping[str, torch.Tensor]], None]
+StateRowReader = Callable[[TensorInfo, int, int], Mapping[str, torch.Tensor]]
+StateRowWriter = Callable[[TensorInfo, int, Mapping[str, torch.Tensor]], None]
+
+# Tensors this large (4 Mi entries, 32 MiB in float64) are folded by row blocks of about
+# ROW_BLOCK_ELEMENTS entries. Smaller tensors are processed whole and in parallel. Both sizes
+# are fixed, so a step's result does not depend on the machine.
+STREAM_MIN_ELEMENTS = 1 << 22
+ROW_BLOCK_ELEMENTS = 1 << 22
 
 
 def tensor_infos(base: TensorSource, rule: LinearRule) -> list[TensorInfo]:
@@ -102,18 +117,48 @@ def load_task_vector(
     incoming = checkpoint.get(info.name).to(
         device=device, dtype=COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
     )
+    _check_finite(incoming, checkpoint, info.name)
+    return add_chunked(incoming, base.get(info.name).to(device), alpha=-1)
+
+
+def load_task_rows(
+    info: TensorInfo,
+    base: TensorSource,
+    checkpoint: TensorSource,
+    start: int,
+    stop: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Rows `start:stop` of `load_task_vector`'s result, reading only those rows."""
+    incoming = checkpoint.get_rows(info.name, start, stop).to(
+        device=device, dtype=COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
+    )
+    _check_finite(incoming, checkpoint, info.name, rows=(start, stop), row_numel=_row_numel(info))
+    return incoming.sub_(base.get_rows(info.name, start, stop).to(device))
+
+
+def _check_finite(
+    incoming: torch.Tensor,
+    checkpoint: TensorSource,
+    name: str,
+    rows: tuple[int, int] | None = None,
+    row_numel: int = 0,
+) -> None:
+    """Refuse NaN/Inf, naming the file, the tensor and the first bad entry's flat index.
+    `rows` says which rows of the tensor `incoming` holds, when it is not the whole tensor."""
     flat = incoming.view(-1)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         if not bool(torch.isfinite(flat[start : start + CHUNK_ELEMENTS]).all()):
             nan = int(torch.isnan(flat).sum())
             inf = int(torch.isinf(flat).sum())
-            first = int((~torch.isfinite(flat)).nonzero()[0])
+            offset = rows[0] * row_numel if rows else 0
+            first = offset + int((~torch.isfinite(flat)).nonzero()[0])
+            where = f" in rows {rows[0]}:{rows[1]}" if rows else ""
             raise CheckpointError(
-                f"{tensor_location(checkpoint, info.name)}: tensor {info.name!r} contains "
-                f"{nan} NaN and {inf} infinite values (first at flat index {first}); "
+                f"{tensor_location(checkpoint, name)}: tensor {name!r} contains "
+                f"{nan} NaN and {inf} infinite values{where} (first at flat index {first}); "
                 "a checkpoint with non-finite weights cannot be merged"
             )
-    return add_chunked(incoming, base.get(info.name).to(device), alpha=-1)
 
 
 CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64
@@ -153,6 +198,8 @@ def run_step(
     read_state: StateReader,
     write_state: StateWriter,
     *,
+    read_state_rows: StateRowReader | None = None,
+    write_state_rows: StateRowWriter | None = None,
     device: torch.device | str = "cpu",
     workers: int | None = None,
     progress: Progress | None = None,
@@ -160,7 +207,9 @@ def run_step(
     """Fold `checkpoint` into the state as step `step` (1-based); returns the new scalars.
 
     `read_state(info)` gives the previous state tensors of one tensor ({} at step 1);
-    `write_state(info, tensors)` receives the new ones, in storage order.
+    `write_state(info, tensors)` receives the new ones, in storage order. With
+    `read_state_rows` / `write_state_rows` (the same by row ranges), large tensors are
+    streamed by row blocks instead of held whole (see the module docstring).
 
     `workers` tensors are processed at once (default: one per CPU core, or 1 on a GPU). With
     more than one worker each kernel runs single-threaded: a decomposition of one matrix
@@ -173,17 +222,32 @@ def run_step(
         workers = default_workers(device)
     progress = progress or NoProgress()
     check_compatible(base, checkpoint)
+    can_stream = read_state_rows is not None and write_state_rows is not None
 
     def on_device(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in state.items()}
 
+    def streamed(info: TensorInfo) -> _StreamedTensor | None:
+        if not (can_stream and is_streamed(info) and method.streams_rows(info)):
+            return None
+        assert read_state_rows is not None and write_state_rows is not None
+        return _StreamedTensor(
+            info, method, base, checkpoint, read_state_rows, write_state_rows, device
+        )
+
     def pass_over_tensors() -> Iterator[StepTensor]:
         for info in infos:
-            yield StepTensor(
-                info,
-                on_device(read_state(info)),
-                load_task_vector(info, base, checkpoint, device),
-            )
+            rows = streamed(info)
+            if rows is None:
+                yield StepTensor(
+                    info,
+                    on_device(read_state(info)),
+                    load_task_vector(info, base, checkpoint, device),
+                )
+                continue
+            for start, stop in rows.blocks:
+                block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
+                yield StepTensor(block, rows.state_rows(start, stop), rows.task_rows(start, stop))
 
     step_scalars = dict(scalars)
     step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
@@ -192,23 +256,29 @@ def run_step(
         task_vector = load_task_vector(info, base, checkpoint, device)
         update = method.update(info, step, on_device(read_state(info)), task_vector, step_scalars)
         for key, tensor in update.state.items():
-            if tensor.dtype != method.state_dtype or tuple(tensor.shape) != info.shape:
-                raise RuntimeError(
-                    f"{method.name}: state {key!r} of {info.name!r} must be {method.state_dtype} "
-                    f"{list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}"
-                )
+            _check_state(method, info, key, tensor, info.shape)
         return update
 
     partials: Scalars = {}
+
+    def accumulate(more: Scalars) -> None:
+        for key, value in more.items():
+            partials[key] = partials.get(key, 0.0) + value
+
     total_bytes = sum(_nbytes(i) for i in infos)
     progress.start(f"step {step}", len(infos), total_bytes)
     try:
-        with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
-            for info, update in zip(infos, _ordered_map(process, infos, workers), strict=True):
-                write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
-                for key, value in update.partials.items():
-                    partials[key] = partials.get(key, 0.0) + value
-                progress.advance(1, _nbytes(info))
+        for segment, rows in _segments(infos, streamed):
+            if rows is not None:  # one large tensor, alone, with every core
+                accumulate(method.update_rows(rows.info, step, rows, step_scalars))
+                progress.advance(1, _nbytes(rows.info))
+                continue
+            with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
+                results = _ordered_map(process, segment, workers)
+                for info, update in zip(segment, results, strict=True):
+                    write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
+                    accumulate(update.partials)
+                    progress.advance(1, _nbytes(info))
     finally:
         progress.finish()
     new_scalars = method.finish_step(step, scalars, partials)
@@ -219,6 +289,91 @@ def run_step(
         tensors=len(infos),
         projected=sum(i.projected for i in infos),
     )
+
+
+def is_streamed(info: TensorInfo) -> bool:
+    """Whether a tensor is large enough to be folded by row blocks (if its method can)."""
+    return len(info.shape) >= 1 and _numel(info.shape) >= STREAM_MIN_ELEMENTS
+
+
+def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about ROW_BLOCK_ELEMENTS entries covering a tensor."""
+    per_block = max(1, ROW_BLOCK_ELEMENTS // max(1, _numel(shape[1:])))
+    return [(s, min(s + per_block, shape[0])) for s in range(0, shape[0], per_block)]
+
+
+class _StreamedTensor:
+    """A tensor of the step reachable by row blocks (`methods.base.RowBlocks`)."""
+
+    def __init__(
+        self,
+        info: TensorInfo,
+        method: ContinualMethod,
+        base: TensorSource,
+        checkpoint: TensorSource,
+        read_rows: StateRowReader,
+        write_rows: StateRowWriter,
+        device: torch.device,
+    ):
+        self.info = info
+        self.blocks = row_blocks(info.shape)
+        self._method = method
+        self._base = base
+        self._checkpoint = checkpoint
+        self._read_rows = read_rows
+        self._write_rows = write_rows
+        self._device = device
+
+    def task_rows(self, start: int, stop: int) -> torch.Tensor:
+        return load_task_rows(self.info, self._base, self._checkpoint, start, stop, self._device)
+
+    def state_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        rows = self._read_rows(self.info, start, stop)
+        return {k: v.to(self._device) for k, v in rows.items()}
+
+    def write_rows(self, start: int, state: Mapping[str, torch.Tensor]) -> None:
+        for key, tensor in state.items():
+            rows = tensor.shape[0] if tensor.dim() else 0
+            if start + rows > self.info.shape[0]:
+                raise RuntimeError(
+                    f"{self._method.name}: rows {start}:{start + rows} of state {key!r} of "
+                    f"{self.info.name!r} are outside its {self.info.shape[0]} rows"
+                )
+            _check_state(self._method, self.info, key, tensor, (rows, *self.info.shape[1:]))
+        self._write_rows(self.info, start, {k: v.to("cpu") for k, v in state.items()})
+
+
+def _check_state(
+    method: ContinualMethod,
+    info: TensorInfo,
+    key: str,
+    tensor: torch.Tensor,
+    shape: tuple[int, ...],
+) -> None:
+    if tensor.dtype != method.state_dtype or tuple(tensor.shape) != tuple(shape):
+        raise RuntimeError(
+            f"{method.name}: state {key!r} of {info.name!r} must be {method.state_dtype} "
+            f"{list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
+        )
+
+
+def _segments(
+    infos: list[TensorInfo], streamed: Callable[[TensorInfo], _StreamedTensor | None]
+) -> Iterator[tuple[list[TensorInfo], _StreamedTensor | None]]:
+    """Storage order cut into runs of whole tensors (processed in parallel) and single
+    streamed tensors (processed alone), so partial sums still add up in storage order."""
+    run: list[TensorInfo] = []
+    for info in infos:
+        rows = streamed(info)
+        if rows is None:
+            run.append(info)
+            continue
+        if run:
+            yield run, None
+            run = []
+        yield [info], rows
+    if run:
+        yield run, None
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -258,11 +413,19 @@ def _single_threaded_kernels(enabled: bool) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _nbytes(info: TensorInfo) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     numel = 1
-    for d in info.shape:
+    for d in shape:
         numel *= d
-    return numel * torch.empty((), dtype=info.dtype).element_size()
+    return numel
+
+
+def _row_numel(info: TensorInfo) -> int:
+    return _numel(info.shape[1:])
+
+
+def _nbytes(info: TensorInfo) -> int:
+    return _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
 
 
 def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202

@@ -15,6 +15,7 @@ Singular values below a tolerance relative to σ_1 are treated as exact zeros (n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,19 +45,52 @@ def right_singular(s: torch.Tensor, method: Decomposition = "gram") -> RightSing
     if m < n:
         raise ValueError(f"right_singular expects a tall matrix, got {m}x{n}")
     if method == "gram":
-        eigenvalues, v = torch.linalg.eigh(s.mT @ s)
-        eigenvalues, v = eigenvalues.flip(0), v.flip(1)
-        sigma = eigenvalues.clamp_min(0).sqrt()
-        if n and bool(sigma[-1] * GRAM_MAX_CONDITION < sigma[0]):
-            return right_singular(s, "svd")  # ill-conditioned: the Gram route is not accurate
-        rtol = 0.0  # well-conditioned: every singular value is resolved
-    elif method == "svd":
+        decomposed = right_singular_from_gram(s.mT @ s)
+        # None: ill-conditioned, the Gram route is not accurate enough; take the SVD.
+        return decomposed if decomposed is not None else right_singular(s, "svd")
+    if method == "svd":
         _, sigma, vh = torch.linalg.svd(s, full_matrices=False)
-        v = vh.mT
-        rtol = max(m, n) * _EPS64
-    else:
-        raise ValueError(f"unknown decomposition {method!r}")
-    top = sigma[0] if n else s.new_zeros(())
+        return _resolved(sigma, vh.mT, rtol=max(m, n) * _EPS64)
+    raise ValueError(f"unknown decomposition {method!r}")
+
+
+def right_singular_from_gram(gram: torch.Tensor) -> RightSingular | None:
+    """σ and V from the Gram matrix SᵀS alone; None when S's condition number exceeds
+    GRAM_MAX_CONDITION (the caller then needs an SVD-grade route)."""
+    n = gram.shape[0]
+    eigenvalues, v = torch.linalg.eigh(gram)
+    eigenvalues, v = eigenvalues.flip(0), v.flip(1)
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    if n and bool(sigma[-1] * GRAM_MAX_CONDITION < sigma[0]):
+        return None
+    return _resolved(sigma, v, rtol=0.0)  # well-conditioned: every singular value is resolved
+
+
+def right_singular_from_r(r: torch.Tensor, rows: int) -> RightSingular:
+    """σ and V of a tall matrix with `rows` rows from the R factor of its QR decomposition
+    (S = QR has S's singular values and right singular vectors), as accurate as an SVD of S."""
+    _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
+    return _resolved(sigma, vh.mT, rtol=max(rows, r.shape[1]) * _EPS64)
+
+
+def r_factor(blocks: Iterable[torch.Tensor], n: int) -> torch.Tensor:
+    """The n x n R factor of the QR decomposition of the row blocks stacked (a tall-skinny QR:
+    each block is folded into the R so far, so only one block and R are ever in memory).
+    Householder QR is backward stable, so R carries errors of about eps·‖S‖, like an SVD."""
+    r: torch.Tensor | None = None
+    for block in blocks:
+        stacked = block if r is None else torch.cat([r, block])
+        r = torch.linalg.qr(stacked, mode="r").R
+    if r is None:
+        raise ValueError("r_factor needs at least one block")
+    if r.shape[0] < n:  # fewer rows than columns so far: pad R to square with zero rows
+        r = torch.cat([r, r.new_zeros(n - r.shape[0], n)])
+    return r
+
+
+def _resolved(sigma: torch.Tensor, v: torch.Tensor, rtol: float) -> RightSingular:
+    """Singular values below rtol·σ_1 become exact zeros (null or unresolved directions)."""
+    top = sigma[0] if sigma.numel() else sigma.new_zeros(())
     resolved = sigma > rtol * top
     rank = int(resolved.sum())
     sigma = torch.where(resolved, sigma, torch.zeros_like(sigma))

@@ -302,6 +302,9 @@ class MergeState:
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
                 return self.state_tensors(info.name)  # still the previous generation here
 
+            def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
+                return self.state_rows(info.name, start, stop)
+
             writer = self._storage.begin(
                 generation, method.state_names, self._infos, method.state_dtype
             )
@@ -315,6 +318,8 @@ class MergeState:
                     source,
                     read_state,
                     writer.put,
+                    read_state_rows=read_state_rows,
+                    write_state_rows=writer.put_rows,
                     device=device,
                     workers=workers,
                     progress=progress,
@@ -436,6 +441,16 @@ class MergeState:
         if generation is None:
             return {}
         return {s: self._storage.read(generation, s, name) for s in self.method.state_names}
+
+    def state_rows(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows `start:stop` of `state_tensors(name)` (first dimension), reading only those."""
+        generation = self._manifest["generation"]
+        if generation is None:
+            return {}
+        return {
+            s: self._storage.read_rows(generation, s, name, start, stop)
+            for s in self.method.state_names
+        }
 
     def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged - base) in float64 for every floating-point tensor, one at a time."""

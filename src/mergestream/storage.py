@@ -40,6 +40,10 @@ def generation_dir_name(generation: int) -> str:
 class GenerationWriter(Protocol):
     def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None: ...
 
+    def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Rows `start:start + len` of one tensor's state (a tensor streamed by row blocks)."""
+        ...
+
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -49,6 +53,10 @@ class Storage(Protocol):
     def load_manifest(self) -> dict[str, Any]: ...
 
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor: ...
+
+    def read_rows(
+        self, generation: int, state_name: str, tensor_name: str, start: int, stop: int
+    ) -> torch.Tensor: ...
 
     def begin(
         self,
@@ -74,6 +82,14 @@ class _MemoryWriter:
         for state_name, tensor in tensors.items():
             self.target.setdefault(state_name, {})[info.name] = tensor.clone()
 
+    def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        for state_name, rows in tensors.items():
+            by_name = self.target.setdefault(state_name, {})
+            full = by_name.get(info.name)
+            if full is None:
+                full = by_name[info.name] = torch.empty(info.shape, dtype=rows.dtype)
+            full[start : start + rows.shape[0]].copy_(rows)
+
     def close(self) -> None:
         pass
 
@@ -94,6 +110,11 @@ class MemoryStorage:
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
         # A copy, as a disk read gives: methods may update what they read in place.
         return self.generations[generation][state_name][tensor_name].clone()
+
+    def read_rows(
+        self, generation: int, state_name: str, tensor_name: str, start: int, stop: int
+    ) -> torch.Tensor:
+        return self.generations[generation][state_name][tensor_name][start:stop].clone()
 
     def begin(
         self,
@@ -174,6 +195,16 @@ class _DiskWriter:
             for state_name, tensor in tensors.items():
                 self.writers[state_name].write(info.name, tensor)
 
+    def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        if set(tensors) != set(self.writers):
+            raise RuntimeError(
+                f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
+                f"got {sorted(tensors)}"
+            )
+        with _writing(self.directory):
+            for state_name, rows in tensors.items():
+                self.writers[state_name].write_rows(info.name, start, rows)
+
     def close(self) -> None:
         with _writing(self.directory):
             for writer in self.writers.values():
@@ -206,6 +237,16 @@ class DiskStorage:
             raise StateError(f"{manifest_path}: unreadable manifest ({err})") from err
 
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
+        return self._read(generation, state_name, tensor_name, None)
+
+    def read_rows(
+        self, generation: int, state_name: str, tensor_name: str, start: int, stop: int
+    ) -> torch.Tensor:
+        return self._read(generation, state_name, tensor_name, (start, stop))
+
+    def _read(
+        self, generation: int, state_name: str, tensor_name: str, rows: tuple[int, int] | None
+    ) -> torch.Tensor:
         key = (generation, state_name)
         handle = self._handles.get(key)
         if handle is None:
@@ -218,7 +259,9 @@ class DiskStorage:
         if tensor_name not in handle:
             raise StateError(f"{handle.path}: state {state_name!r} has no tensor {tensor_name!r}")
         try:
-            return handle.read(tensor_name)
+            if rows is None:
+                return handle.read(tensor_name)
+            return handle.read_rows(tensor_name, *rows)
         except CheckpointError as err:
             raise StateError(f"state tensors unreadable: {err}") from None
 

@@ -49,6 +49,10 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (first dimension), reading no more than those."""
+        ...
+
     def files(self) -> list[Path]:
         """The files that hold the tensors (empty for in-memory sources)."""
         ...
@@ -72,6 +76,9 @@ class MemorySource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name].detach()[start:stop]
 
     def files(self) -> list[Path]:
         return []
@@ -133,6 +140,9 @@ class SafetensorsSource(_ShardedSource):
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].read(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._handles[self._where[name]].read_rows(name, start, stop)
+
     def close(self) -> None:
         for handle in self._handles:
             handle.close()
@@ -157,7 +167,12 @@ class TorchSource(_ShardedSource):
                 self._register(index, name, TensorSpec(tensor.dtype, tuple(tensor.shape)))
 
     def get(self, name: str) -> torch.Tensor:
-        mapped = self._dicts[self._where[name]][name]
+        return self._copy_out(name, self._dicts[self._where[name]][name])
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._copy_out(name, self._dicts[self._where[name]][name][start:stop])
+
+    def _copy_out(self, name: str, mapped: torch.Tensor) -> torch.Tensor:
         try:
             tensor = torch.empty(mapped.shape, dtype=mapped.dtype).copy_(mapped)
         except RuntimeError as err:  # e.g. the file shrank after it was mapped

@@ -118,6 +118,11 @@ class MappedSource:
             return self._base.get(name)
         return self._source.get(self._original[name])
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self._filled:
+            return self._base.get_rows(name, start, stop)
+        return self._source.get_rows(self._original[name], start, stop)
+
     def files(self) -> list[Path]:
         return self._source.files()
 

@@ -110,6 +110,7 @@ class StreamingSafetensorsWriter:
         encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
         self._data_start = 8 + len(encoded)
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}  # tensors written by row blocks so far
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
@@ -124,10 +125,36 @@ class StreamingSafetensorsWriter:
                 f"tensor {name!r}: declared {spec.dtype} {list(spec.shape)}, "
                 f"got {tensor.dtype} {list(tensor.shape)}"
             )
+        self._write_at(offset, tensor)
+        self._written.add(name)
+
+    def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write rows `start:start + len(tensor)` of a declared tensor (along its first
+        dimension). The tensor counts as written once every row has been."""
+        if name not in self._slots:
+            raise KeyError(f"tensor {name!r} was not declared for {self.path}")
+        offset, spec = self._slots[name]
+        rows = spec.shape[0] if spec.shape else 0
+        if (
+            tensor.dtype != spec.dtype
+            or tuple(tensor.shape[1:]) != spec.shape[1:]
+            or not 0 <= start <= start + tensor.shape[0] <= rows
+        ):
+            raise ValueError(
+                f"tensor {name!r}: declared {spec.dtype} {list(spec.shape)}, got rows "
+                f"{start}:{start + (tensor.shape[0] if tensor.ndim else 0)} of "
+                f"{tensor.dtype} {list(tensor.shape)}"
+            )
+        self._write_at(offset + start * (spec.nbytes // rows if rows else 0), tensor)
+        done = self._rows_written.get(name, 0) + tensor.shape[0]
+        self._rows_written[name] = done
+        if done == rows:
+            self._written.add(name)
+
+    def _write_at(self, offset: int, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.seek(self._data_start + offset)
         self._file.write(memoryview(data))
-        self._written.add(name)
 
     def close(self) -> None:
         if self._file.closed:
@@ -287,6 +314,30 @@ class SafetensorsFile:
                 "was opened?)"
             ) from None
         return buffer.view(spec.dtype).reshape(spec.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (along its first dimension), in new memory; a 0-D
+        tensor has no rows."""
+        if self._fd is None:
+            raise self._fail("read after close")
+        begin, spec = self._entries[name]
+        if not spec.shape:
+            raise ValueError(f"tensor {name!r} is 0-D and has no rows")
+        rows = spec.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows {start}:{stop} are outside tensor {name!r}'s {rows} rows")
+        row_bytes = spec.nbytes // rows if rows else 0
+        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        try:
+            _pread_into(self._fd, buffer, self._data_start + begin + start * row_bytes)
+        except OSError as err:
+            raise self._fail(f"cannot read tensor {name!r} ({err.strerror or err})") from None
+        except EOFError:
+            raise self._fail(
+                f"truncated: the file ended while reading tensor {name!r} (it shrank after it "
+                "was opened?)"
+            ) from None
+        return buffer.view(spec.dtype).reshape(stop - start, *spec.shape[1:])
 
     def close(self) -> None:
         if self._fd is not None:

@@ -9,6 +9,9 @@ A method is a pure per-tensor rule plus a tiny state schema:
 - `task_vector`: merged minus base for one tensor, from its state and the scalars.
 - `prepare_step` (optional): extra read-only passes over the model before the update pass, for
   rules that need a global quantity first (e.g. a whole-model magnitude threshold).
+- `update_rows` (optional): the same fold for a tensor too large to hold whole, reading and
+  writing it by blocks of rows. The default suits every elementwise rule; a rule that needs the
+  whole tensor at once says so in `streams_rows`, or overrides `update_rows` (OPCM does).
 
 The engine owns all I/O, ordering, validation and atomic commits; methods never touch files.
 """
@@ -21,7 +24,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
 
 import torch
 
@@ -59,6 +62,26 @@ class StepTensor:
     info: TensorInfo
     state: Mapping[str, torch.Tensor]
     task_vector: torch.Tensor  # float64, incoming minus base
+
+
+class RowBlocks(Protocol):
+    """One tensor of a step, reachable by blocks of rows (its first dimension): the engine hands
+    this to `update_rows` for tensors too large to hold whole in float64."""
+
+    info: TensorInfo
+    blocks: list[tuple[int, int]]  # (start, stop) row ranges covering the tensor, in order
+
+    def task_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of the incoming task vector, float64, a private copy."""
+        ...
+
+    def state_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows of the previous state tensors ({} at step 1), private copies."""
+        ...
+
+    def write_rows(self, start: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Store rows of the new state tensors (every row exactly once, any order)."""
+        ...
 
 
 @dataclass
@@ -151,6 +174,30 @@ class ContinualMethod(ABC):
         copies that nothing reads afterwards, so the method may update them in place (large
         tensors then need no second full-size buffer).
         """
+
+    def streams_rows(self, info: TensorInfo) -> bool:
+        """Whether `update_rows` can fold this tensor block by block. True for the default
+        (elementwise) `update_rows`; a rule that needs whole-tensor quantities returns False."""
+        return True
+
+    def update_rows(
+        self, info: TensorInfo, step: int, rows: RowBlocks, scalars: Scalars
+    ) -> Scalars:
+        """`update` for a tensor streamed by row blocks; returns the tensor's partial sums.
+
+        The default applies `update` to every block on its own, which is exact for elementwise
+        rules (the partial sums are sums over entries, so they add up over blocks).
+        """
+        partials: Scalars = {}
+        for start, stop in rows.blocks:
+            block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
+            update = self.update(
+                block, step, rows.state_rows(start, stop), rows.task_rows(start, stop), scalars
+            )
+            rows.write_rows(start, update.state)
+            for key, value in update.partials.items():
+                partials[key] = partials.get(key, 0.0) + value
+        return partials
 
     @abstractmethod
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:

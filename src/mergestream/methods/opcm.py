@@ -12,18 +12,27 @@ adds all other tensors unprojected, and recomputes λ from scratch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..classify import LinearRule
-from ..linalg import Decomposition, right_singular, split_index
+from ..linalg import (
+    Decomposition,
+    RightSingular,
+    r_factor,
+    right_singular,
+    right_singular_from_gram,
+    right_singular_from_r,
+    split_index,
+)
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
     MethodConfig,
+    RowBlocks,
     Scalars,
     TensorInfo,
     TensorUpdate,
@@ -79,15 +88,30 @@ def project_in_place(
     s = running_sum.mT if transposed else running_sum
     tau = task_vector.mT if transposed else task_vector
 
-    decomposed = right_singular(s, decomposition)
+    z = removal_matrix(right_singular(s, decomposition), s.mT @ tau, alpha, zero_diagonal)
+    if z is None:
+        return 0.0
+    removed_sq = 0.0
+    rows = max(1, _BLOCK_ELEMENTS // max(1, s.shape[1]))
+    for start in range(0, s.shape[0], rows):
+        removed = s[start : start + rows] @ z
+        removed_sq += squared_norm(removed)
+        tau[start : start + rows] -= removed
+    return removed_sq
+
+
+def removal_matrix(
+    decomposed: RightSingular, cross: torch.Tensor, alpha: float, zero_diagonal: bool
+) -> torch.Tensor | None:
+    """Z = V_r Σ_r⁻¹ R V_rᵀ (n x n), so that the projection removes S·Z from τ (tall
+    orientation); `cross` is Sᵀτ. None when nothing is removed."""
     k = min(split_index(decomposed.sigma, alpha), decomposed.rank)
     r = decomposed.rank if zero_diagonal else k
     if r == 0:
-        return 0.0
-
+        return None
     v = decomposed.v[:, :r]
     inv_sigma_sq = decomposed.sigma[:r].reciprocal().square()
-    hv = (s.mT @ tau) @ v  # column j: (Sᵀτ) v_j
+    hv = cross @ v  # column j: (Sᵀτ) v_j
     block = v[:, :k].mT @ hv[:, :k]  # v_iᵀ Sᵀτ v_j for i, j < k
     diagonal = (v[:, k:] * hv[:, k:]).sum(0)  # v_iᵀ Sᵀτ v_i for k <= i < r
     # W = V_r Σ_r⁻¹ R, column by column: the block part, then the diagonal part.
@@ -95,14 +119,58 @@ def project_in_place(
         [v[:, :k] @ (block * inv_sigma_sq[:k, None]), v[:, k:] * (diagonal * inv_sigma_sq[k:])],
         dim=1,
     )
-    z = weights @ v.mT
-    removed_sq = 0.0
-    rows = max(1, _BLOCK_ELEMENTS // max(1, s.shape[1]))
-    for start in range(0, s.shape[0], rows):
-        removed = s[start : start + rows] @ z
-        removed_sq += float(torch.dot(removed.reshape(-1), removed.reshape(-1)))
-        tau[start : start + rows] -= removed
-    return removed_sq
+    return weights @ v.mT
+
+
+def fold_projected_rows(
+    rows: RowBlocks,
+    alpha: float,
+    zero_diagonal: bool,
+    decomposition: Decomposition,
+    stored: Callable[[torch.Tensor], torch.Tensor],
+) -> Scalars:
+    """OPCM's update of a tall (or square) linear weight read and written by row blocks:
+    S_new = S + τ − S·Z, with the same Z as `project_in_place`, and the step's partial sums.
+
+    Pass 1 accumulates the n x n matrices SᵀS and Sᵀτ block by block; pass 2 reads the blocks
+    again and writes the new sum. Only a block of S and τ and a few n x n matrices are held.
+    An ill-conditioned S (or `decomposition="svd"`) takes its singular vectors from the R
+    factor of a tall-skinny QR, one more pass, with the accuracy of an SVD.
+    """
+    n = rows.info.shape[1]
+    gram = torch.zeros(n, n, dtype=COMPUTE_DTYPE)
+    cross = torch.zeros(n, n, dtype=COMPUTE_DTYPE)
+    task_norm_sq = 0.0
+    for start, stop in rows.blocks:
+        s_block = rows.state_rows(start, stop)["sum"].to(COMPUTE_DTYPE)
+        gram, cross = gram.to(s_block.device), cross.to(s_block.device)
+        tau_block = rows.task_rows(start, stop)
+        task_norm_sq += squared_norm(tau_block)
+        gram.addmm_(s_block.mT, s_block)
+        cross.addmm_(s_block.mT, tau_block)
+    decomposed = right_singular_from_gram(gram) if decomposition == "gram" else None
+    if decomposed is None:
+        r = r_factor((rows.state_rows(a, b)["sum"].to(COMPUTE_DTYPE) for a, b in rows.blocks), n)
+        decomposed = right_singular_from_r(r, rows.info.shape[0])
+    z = removal_matrix(decomposed, cross, alpha, zero_diagonal)
+    del gram, cross
+    removed_sq = sum_norm_sq = 0.0
+    for start, stop in rows.blocks:
+        s_block = rows.state_rows(start, stop)["sum"].to(COMPUTE_DTYPE)
+        tau_block = rows.task_rows(start, stop)
+        if z is not None:
+            removed = s_block @ z
+            removed_sq += squared_norm(removed)
+            tau_block -= removed
+            del removed
+        new_block = stored(s_block.add_(tau_block))
+        sum_norm_sq += squared_norm(new_block.to(COMPUTE_DTYPE))
+        rows.write_rows(start, {"sum": new_block})
+    return {
+        "task_norm_sq": task_norm_sq,
+        "sum_norm_sq": sum_norm_sq,
+        "removed_norm_sq": removed_sq,
+    }
 
 
 @dataclass(frozen=True)
@@ -179,6 +247,21 @@ class OPCM(ContinualMethod):
                 "sum_norm_sq": squared_norm(new_sum.to(COMPUTE_DTYPE)),
                 "removed_norm_sq": removed_sq,
             },
+        )
+
+    def streams_rows(self, info: TensorInfo) -> bool:
+        # A projected weight streams in its tall orientation only: its rows are then the long
+        # side, and SᵀS and Sᵀτ add up over row blocks. Wide ones are held whole.
+        return not info.projected or info.shape[0] >= info.shape[1]
+
+    def update_rows(
+        self, info: TensorInfo, step: int, rows: RowBlocks, scalars: Scalars
+    ) -> Scalars:
+        if step == 1 or not info.projected:
+            return super().update_rows(info, step, rows, scalars)  # elementwise: S + τ
+        cfg = self.config
+        return fold_projected_rows(
+            rows, cfg.alpha, cfg.zero_diagonal, cfg.decomposition, self.stored
         )
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:

@@ -460,6 +460,10 @@ class Ties(ContinualMethod):
         t_m, t_tau, majority, _ = global_ties_selection(pairs, self.config.threshold)
         return {_THRESHOLD_M: t_m, _THRESHOLD_TAU: t_tau, _MAJORITY: majority}
 
+    def streams_rows(self, info: TensorInfo) -> bool:
+        # scope=tensor trims by each tensor's own top-k: it needs the whole tensor at once.
+        return self.config.scope == "model"
+
     def update(
         self,
         info: TensorInfo,
