@@ -5,35 +5,36 @@ tensors by what the method will do with them, and estimates peak memory and disk
 tensor data, hashes nothing and writes nothing.
 
 Memory estimate: the process as it is now (interpreter, torch, open headers) plus the largest
-per-tensor working set of the step. For a tensor of n elements that is a number of float64
-buffers of n elements and of buffers in the state's dtype, counted from OPCM's update and
-checked against `benchmarks/memory_llama.py`: at the first step the task vector and the new
-state's norm (a float64 copy and its square) beside the new state; at later steps also the old
-state, read and in float64; for projected 2-D tensors also the projected task vector and a few
-k x k matrices (k = min(m, n)). Methods with leaner updates need less.
+working set of the step. Tensors below the engine's streaming limit are merged whole, several at
+once (one per worker plus one read ahead), each holding its float64 task vector and its state
+(as read, in float64, and the new one) and, for a projected weight, a few k x k matrices (k the
+smaller side) and one row block. Larger tensors are streamed alone by row blocks: a few blocks
+of about `engine.ROW_BLOCK_ELEMENTS` entries, plus the n x n matrices of a projected weight.
+The constants were checked against `benchmarks/memory_llama.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import engine
 from .io.checkpoint import TensorSource
 from .io.mapping import MappedSource
 from .io.safetensors_stream import dtype_name
 from .methods.base import TensorInfo
 from .progress import format_size
 
-# (float64 buffers, state-dtype buffers) of one tensor alive at once while it is merged
-FIRST_STEP_BUFFERS = (3, 1)
-LATER_STEP_BUFFERS = (4, 2)
-PROJECTED_BUFFERS = (5, 2)
-GRAM_BUFFERS = 4  # k x k float64 matrices of the projection
+# n x n float64 matrices alive while a weight is projected (Gram, Sᵀτ, eigenvectors, the
+# solver's workspace, the removal matrix)
+GRAM_BUFFERS = 6
 EXPORT_BUFFERS = (2, 1)  # the state read, in float64, and the task vector
 
 
@@ -74,15 +75,29 @@ class Plan:
 
 
 def working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
-    """Bytes alive at once while one tensor is merged (see the module docstring)."""
+    """Bytes alive at once while one tensor is merged whole (see the module docstring)."""
     n = math.prod(info.shape)
-    projected = info.projected and len(info.shape) == 2 and not first_step
-    f64, states = (
-        FIRST_STEP_BUFFERS if first_step else PROJECTED_BUFFERS if projected else LATER_STEP_BUFFERS
-    )
-    total = n * (8 * f64 + state_size * states)
-    if projected:
-        total += GRAM_BUFFERS * 8 * min(info.shape) ** 2
+    total = 8 * n  # the float64 task vector
+    if state_size != 8:
+        total += state_size * n  # the new state, a rounded copy
+    if not first_step:
+        total += state_size * n + (8 * n if state_size != 8 else 0)  # the old state, in float64
+        if info.projected and len(info.shape) == 2:
+            total += GRAM_BUFFERS * 8 * min(info.shape) ** 2
+            total += 8 * min(n, 8 << 20)  # one row block of S·Z
+    return total
+
+
+def streamed_working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
+    """Bytes alive at once while one tensor is streamed by row blocks."""
+    row = math.prod(info.shape[1:])
+    block = max(1, engine.ROW_BLOCK_ELEMENTS // max(1, row)) * row
+    # Per entry as a whole tensor (no projection), twice: a block being read while the previous
+    # one's buffers are still being freed.
+    per_entry = working_set(dataclasses.replace(info, projected=False), state_size, first_step)
+    total = 2 * per_entry * block // max(1, math.prod(info.shape))
+    if info.projected and len(info.shape) == 2 and not first_step:
+        total += 8 * block + GRAM_BUFFERS * 8 * info.shape[1] ** 2  # S·Z rows, n x n matrices
     return total
 
 
@@ -101,6 +116,8 @@ def plan_add(
     source: TensorSource,
     state_names: tuple[str, ...],
     state_dtype: torch.dtype,
+    streams_rows: Callable[[TensorInfo], bool],
+    workers: int,
     ledger: list[dict[str, Any]],
     checkpoint_path: str,
 ) -> Plan:
@@ -115,12 +132,21 @@ def plan_add(
     state_size = state_dtype.itemsize * len(state_names)
     peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
+    whole: list[tuple[int, str]] = []
     for info in infos:
         generation_bytes += math.prod(info.shape) * state_size
-        need = working_set(info, state_size, first_step=step == 0)
-        if need > peak:
-            peak_tensor, peak = info.name, need
+        if engine.is_streamed(info) and streams_rows(info):
+            need = streamed_working_set(info, state_size, first_step=step == 0)
+            if need > peak:
+                peak_tensor, peak = info.name, need
+        else:
+            whole.append((working_set(info, state_size, first_step=step == 0), info.name))
         export_peak = max(export_peak, export_working_set(info, state_size))
+    # Whole tensors run `workers` at a time with one more read ahead: count the largest ones.
+    whole.sort(reverse=True)
+    in_flight = sum(need for need, _ in whole[: workers + 1])
+    if whole and in_flight > peak:
+        peak_tensor, peak = whole[0][1], in_flight
     runtime = current_rss()
     # While the step runs, the previous generation and the new one are both on disk.
     disk_needed = generation_bytes

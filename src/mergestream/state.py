@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .engine import StepStats, check_compatible, run_step, tensor_infos
+from .engine import StepStats, check_compatible, default_workers, run_step, tensor_infos
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -376,6 +376,8 @@ class MergeState:
                 source=source,
                 state_names=self.method.state_names,
                 state_dtype=self.method.state_dtype,
+                streams_rows=self.method.streams_rows,
+                workers=default_workers(torch.device("cpu")),
                 ledger=self.ledger,
                 checkpoint_path=_describe(checkpoint, raw),
             )
