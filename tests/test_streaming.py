@@ -264,3 +264,30 @@ def test_stream_limit_is_inclusive() -> None:
     limit = engine.STREAM_MIN_ELEMENTS
     assert engine.is_streamed(TensorInfo("e", (limit // 1024, 1024), torch.bfloat16, False))
     assert not engine.is_streamed(TensorInfo("e", (limit - 1,), torch.bfloat16, False))
+
+
+@pytest.mark.parametrize("method", ["opcm", "task_arithmetic", "average"])
+def test_streamed_export_writes_the_same_weights(
+    monkeypatch, tiny_stream, tmp_path, method
+) -> None:
+    base_dir, models = tiny_stream
+    state = MergeState.create(tmp_path / "state", base_dir, method)
+    for model in models[:3]:
+        state.add(model)
+    state.export(tmp_path / "whole")
+    _stream_small(monkeypatch)
+    read_whole = MergeState._task_vector
+
+    def refuse_streamed(self, info):  # noqa: ANN001, ANN202
+        assert not engine.is_streamed(info), f"{info.name} was computed whole"
+        return read_whole(self, info)
+
+    monkeypatch.setattr(MergeState, "_task_vector", refuse_streamed)
+    MergeState.open(tmp_path / "state").export(tmp_path / "streamed", max_shard_size="8KB")
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    streamed = {}
+    for shard in sorted((tmp_path / "streamed").glob("model-*.safetensors")):
+        streamed.update(load_file(str(shard)))
+    assert streamed.keys() == whole.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(streamed[name], tensor), name

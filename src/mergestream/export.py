@@ -2,7 +2,9 @@
 
 `write_model` lays the merged model out the way `save_pretrained` does: one `model.safetensors`,
 or shards `model-00001-of-00003.safetensors` with a `model.safetensors.index.json` once the model
-exceeds `max_shard_size`. Tensors are computed and written one at a time. Every file is written
+exceeds `max_shard_size`. Tensors are computed and written one at a time, and tensors past the
+engine's streaming limit by row blocks (a method's task vector is elementwise in its state, so
+rows of the state give rows of the task vector). Every file is written
 under a temporary name and renamed into place only when all shards are complete, so a crash never
 leaves a half-written file under a name a loader reads.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import add_chunked
+from .engine import add_chunked, is_streamed, row_blocks
 from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
@@ -34,6 +36,7 @@ PARTIAL = ".partial"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
+TaskVectorRowsFn = Callable[[TensorInfo, int, int], torch.Tensor]
 
 _UNITS = {
     "": 1,
@@ -99,16 +102,22 @@ def merged_tensors(
     needs to compute its task vector.
     """
     for name in base.names():
-        info = infos.get(name)
-        if info is None:
-            yield name, base.get(name)
-            continue
-        # The task vector first: the base tensor is read only once the method's temporaries
-        # are gone, so it does not add to the peak.
-        merged = add_chunked(task_vector(info).to(COMPUTE_DTYPE), base.get(name))
-        tensor = merged.to(dtype or info.dtype)
-        del merged
-        yield name, tensor
+        yield name, _merged_tensor(base, name, infos.get(name), task_vector, dtype)
+
+
+def _merged_tensor(
+    base: TensorSource,
+    name: str,
+    info: TensorInfo | None,
+    task_vector: TaskVectorFn,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    if info is None:
+        return base.get(name)
+    # The task vector first: the base tensor is read only once the method's temporaries are
+    # gone, so it does not add to the peak.
+    merged = add_chunked(task_vector(info).to(COMPUTE_DTYPE), base.get(name))
+    return merged.to(dtype or info.dtype)
 
 
 def output_specs(
@@ -153,8 +162,11 @@ def write_model(
     metadata: Mapping[str, str],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: Progress | None = None,
+    task_vector_rows: TaskVectorRowsFn | None = None,
 ) -> list[str]:
-    """Stream the merged model into `out` as HF-style safetensors; returns the weight files."""
+    """Stream the merged model into `out` as HF-style safetensors; returns the weight files.
+    With `task_vector_rows` (rows `start:stop` of `task_vector(info)`), large tensors are
+    written by row blocks instead of computed whole."""
     progress = progress or NoProgress()
     check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,9 +183,16 @@ def write_model(
             writers.append(
                 StreamingSafetensorsWriter(path, [(n, spec_of[n]) for n in members], metadata)
             )
-        for name, tensor in merged_tensors(base, infos, task_vector, dtype):
-            writers[shard_of[name]].write(name, tensor)
-            progress.advance(1, tensor.numel() * tensor.element_size())
+        for name in base.names():
+            info, writer = infos.get(name), writers[shard_of[name]]
+            if info is not None and task_vector_rows is not None and is_streamed(info):
+                for start, stop in row_blocks(info.shape):
+                    rows = task_vector_rows(info, start, stop).to(COMPUTE_DTYPE)
+                    rows.add_(base.get_rows(name, start, stop))
+                    writer.write_rows(name, start, rows.to(dtype or info.dtype))
+            else:
+                writer.write(name, _merged_tensor(base, name, info, task_vector, dtype))
+            progress.advance(1, spec_of[name].nbytes)
         for writer in writers:
             writer.close()
     except BaseException:

@@ -11,6 +11,7 @@ numerics are identical (state tensors are stored as float32 either way).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 from collections.abc import Iterator, Mapping
@@ -437,6 +438,12 @@ class MergeState:
         state = {s: self._storage.read(generation, s, info.name) for s in self.method.state_names}
         return self.method.task_vector(info, state, self.scalars)
 
+    def _task_vector_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
+        if self._manifest["generation"] is None:
+            return torch.zeros(block.shape, dtype=COMPUTE_DTYPE)
+        return self.method.task_vector(block, self.state_rows(info.name, start, stop), self.scalars)
+
     def state_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0."""
         generation = self._manifest["generation"]
@@ -497,6 +504,7 @@ class MergeState:
                 provenance_metadata(self._manifest),
                 max_shard_size,
                 progress,
+                task_vector_rows=self._task_vector_rows,
             )
             copied = copy_model_files(self._base_dir, out)
             dtypes = {dtype_name(dtype or i.dtype) for i in self._infos}

@@ -207,7 +207,8 @@ class ContinualMethod(ABC):
     def task_vector(
         self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
     ) -> torch.Tensor:
-        """Merged minus base for one tensor, float64."""
+        """Merged minus base for one tensor, float64. Must be elementwise in the state (export
+        calls it on blocks of rows of large tensors, with `info.shape` the block's shape)."""
 
 
 # ---------------------------------------------------------------------------------------------
