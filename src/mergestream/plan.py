@@ -5,12 +5,12 @@ tensors by what the method will do with them, and estimates peak memory and disk
 tensor data, hashes nothing and writes nothing.
 
 Memory estimate: the process as it is now (interpreter, torch, open headers) plus the largest
-working set of the step. Tensors below the engine's streaming limit are merged whole, several at
-once (one per worker plus one read ahead), each holding its float64 task vector and its state
-(as read, in float64, and the new one) and, for a projected weight, a few k x k matrices (k the
-smaller side) and one row block. Larger tensors are streamed alone by row blocks: a few blocks
-of about `engine.ROW_BLOCK_ELEMENTS` entries, plus the n x n matrices of a projected weight.
-The constants were checked against `benchmarks/memory_llama.py`.
+working set of the step. Tensors below the engine's streaming limit are merged whole, several
+consecutive ones at once (one per worker plus one read ahead), each holding its float64 task
+vector and its state (as read, in float64, and the new one) and, for a projected weight, a few
+k x k matrices (k the smaller side) and one row block. Larger tensors are streamed alone by row
+blocks: a few blocks of about `engine.ROW_BLOCK_ELEMENTS` entries, plus the n x n matrices of a
+projected weight. The constants were checked against `benchmarks/memory_llama.py`.
 """
 
 from __future__ import annotations
@@ -102,8 +102,13 @@ def streamed_working_set(info: TensorInfo, state_size: int, first_step: bool) ->
 
 
 def export_working_set(info: TensorInfo, state_size: int) -> int:
+    """Bytes alive at once while export computes one tensor (a row block of a large one)."""
     f64, states = EXPORT_BUFFERS
-    return math.prod(info.shape) * (8 * f64 + state_size * states)
+    n = math.prod(info.shape)
+    if engine.is_streamed(info):
+        n = min(n, max(1, engine.ROW_BLOCK_ELEMENTS // max(1, math.prod(info.shape[1:]))))
+        n *= max(1, math.prod(info.shape[1:]))
+    return n * (8 * f64 + state_size * states)
 
 
 def plan_add(
@@ -132,21 +137,21 @@ def plan_add(
     state_size = state_dtype.itemsize * len(state_names)
     peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
-    whole: list[tuple[int, str]] = []
+    # Whole tensors between two streamed ones run `workers` at a time with one more read
+    # ahead: the peak of such a run is its largest sum over that many consecutive tensors.
+    window: list[tuple[int, str]] = []
     for info in infos:
         generation_bytes += math.prod(info.shape) * state_size
-        if engine.is_streamed(info) and streams_rows(info):
-            need = streamed_working_set(info, state_size, first_step=step == 0)
-            if need > peak:
-                peak_tensor, peak = info.name, need
-        else:
-            whole.append((working_set(info, state_size, first_step=step == 0), info.name))
         export_peak = max(export_peak, export_working_set(info, state_size))
-    # Whole tensors run `workers` at a time with one more read ahead: count the largest ones.
-    whole.sort(reverse=True)
-    in_flight = sum(need for need, _ in whole[: workers + 1])
-    if whole and in_flight > peak:
-        peak_tensor, peak = whole[0][1], in_flight
+        if engine.is_streamed(info) and streams_rows(info):
+            window = []  # the engine finishes the run before it streams a tensor
+            need, name = streamed_working_set(info, state_size, first_step=step == 0), info.name
+        else:
+            window = [*window, (working_set(info, state_size, first_step=step == 0), info.name)]
+            window = window[-(workers + 1) :]
+            need, name = sum(n for n, _ in window), max(window)[1]
+        if need > peak:
+            peak_tensor, peak = name, need
     runtime = current_rss()
     # While the step runs, the previous generation and the new one are both on disk.
     disk_needed = generation_bytes
