@@ -86,6 +86,8 @@ PRESETS = {
     # The same widths and vocabulary with 4 layers: identical largest tensors, so the same
     # per-tensor working set, at a fifth of the time per step (for long streams).
     "tinyllama-4l": dict(layers=4, hidden=2048, intermediate=5632, kv=256, vocab=32000),
+    # One layer: still the same largest tensors; for 20-model runs of the flat-memory check.
+    "tinyllama-1l": dict(layers=1, hidden=2048, intermediate=5632, kv=256, vocab=32000),
     # Seconds, for checking the script itself.
     "toy": dict(layers=2, hidden=64, intermediate=160, kv=32, vocab=500),
 }
