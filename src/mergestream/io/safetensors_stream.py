@@ -300,36 +300,29 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in newly allocated memory that the caller owns."""
-        if self._fd is None:
-            raise self._fail("read after close")
-        begin, spec = self._entries[name]
-        buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
-        try:
-            _pread_into(self._fd, buffer, self._data_start + begin)
-        except OSError as err:
-            raise self._fail(f"cannot read tensor {name!r} ({err.strerror or err})") from None
-        except EOFError:
-            raise self._fail(
-                f"truncated: the file ended while reading tensor {name!r} (it shrank after it "
-                "was opened?)"
-            ) from None
-        return buffer.view(spec.dtype).reshape(spec.shape)
+        spec = self._entries[name][1]
+        return self._read_bytes(name, 0, spec.nbytes).view(spec.dtype).reshape(spec.shape)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of a tensor (along its first dimension), in new memory; a 0-D
         tensor has no rows."""
-        if self._fd is None:
-            raise self._fail("read after close")
-        begin, spec = self._entries[name]
+        spec = self._entries[name][1]
         if not spec.shape:
             raise ValueError(f"tensor {name!r} is 0-D and has no rows")
         rows = spec.shape[0]
         if not 0 <= start <= stop <= rows:
             raise ValueError(f"rows {start}:{stop} are outside tensor {name!r}'s {rows} rows")
         row_bytes = spec.nbytes // rows if rows else 0
-        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        data = self._read_bytes(name, start * row_bytes, (stop - start) * row_bytes)
+        return data.view(spec.dtype).reshape(stop - start, *spec.shape[1:])
+
+    def _read_bytes(self, name: str, offset: int, size: int) -> torch.Tensor:
+        """`size` bytes of tensor `name`'s data from `offset` on, as a new uint8 tensor."""
+        if self._fd is None:
+            raise self._fail("read after close")
+        buffer = torch.empty(size, dtype=torch.uint8)
         try:
-            _pread_into(self._fd, buffer, self._data_start + begin + start * row_bytes)
+            _pread_into(self._fd, buffer, self._data_start + self._entries[name][0] + offset)
         except OSError as err:
             raise self._fail(f"cannot read tensor {name!r} ({err.strerror or err})") from None
         except EOFError:
@@ -337,7 +330,7 @@ class SafetensorsFile:
                 f"truncated: the file ended while reading tensor {name!r} (it shrank after it "
                 "was opened?)"
             ) from None
-        return buffer.view(spec.dtype).reshape(stop - start, *spec.shape[1:])
+        return buffer
 
     def close(self) -> None:
         if self._fd is not None:
