@@ -273,6 +273,13 @@ def machine() -> dict:
     }
 
 
+def least_squares_slope(xs: list[float], ys: list[float]) -> float:
+    """Slope of the least-squares line through (xs, ys)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--generate":
         _generate_main(*sys.argv[2:])
@@ -341,6 +348,14 @@ def main() -> None:
             record("export", step, ["export", str(state), str(out), "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(ckpt, ignore_errors=True)
+    later = [r for r in results["runs"] if r.get("kind") == "add" and r["step"] >= 2]
+    if len(later) >= 2:
+        steps = [r["step"] for r in later]
+        results["slopes_over_later_adds"] = {
+            "seconds_per_step": least_squares_slope(steps, [r["seconds"] for r in later]),
+            "peak_rss_mib_per_step": least_squares_slope(steps, [r["peak_rss_mib"] for r in later]),
+        }
+        print("slopes over adds 2..N:", json.dumps(results["slopes_over_later_adds"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
