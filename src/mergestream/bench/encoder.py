@@ -63,7 +63,11 @@ def load_encoder(
     checkpoint. Nothing is ever downloaded.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Loading a local folder needs no progress bar, and the pooler is left out on purpose.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     path = Path(path) if path is not None else default_model_path()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if num_layers is not None:
