@@ -11,10 +11,13 @@ number covers everything the process ever held, mapped file pages included. (`wa
 exec, so it would report the larger of the two.) Checkpoints are generated in separate processes.
 
     python benchmarks/memory_llama.py                      # 1.1B, 3 models, exports after 1 and 3
-    python benchmarks/memory_llama.py --preset tinyllama-4l --models 20 --export-after 2,20
+    python benchmarks/memory_llama.py --preset tinyllama-1l --models 20 --export-after 2,20
+
+With two or more later steps it also reports the least-squares slope of the step time and of the
+peak over steps 2..N (flat memory: a slope near 0 MiB per step).
 
 Disk: the base and one fine-tuned checkpoint (2.2 GB each in bf16 for 1.1B) plus two generations
-of the float32 state while a step runs (4.4 GB each), and the export (2.2 GB).
+of OPCM's float64 state while a step runs (8.8 GB each), and the export (2.2 GB).
 """
 
 from __future__ import annotations
