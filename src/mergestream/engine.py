@@ -17,7 +17,6 @@ the largest tensor of the model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -246,8 +245,11 @@ def run_step(
                 )
                 continue
             for start, stop in rows.blocks:
-                block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
-                yield StepTensor(block, rows.state_rows(start, stop), rows.task_rows(start, stop))
+                yield StepTensor(
+                    info.rows(start, stop),
+                    rows.state_rows(start, stop),
+                    rows.task_rows(start, stop),
+                )
 
     step_scalars = dict(scalars)
     step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))

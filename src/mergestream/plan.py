@@ -88,26 +88,28 @@ def working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
     return total
 
 
+def _first_block(info: TensorInfo) -> TensorInfo:
+    """The largest row block the engine cuts a streamed tensor into (its first)."""
+    start, stop = engine.row_blocks(info.shape)[0]
+    return info.rows(start, stop)
+
+
 def streamed_working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
     """Bytes alive at once while one tensor is streamed by row blocks."""
-    row = math.prod(info.shape[1:])
-    block = max(1, engine.ROW_BLOCK_ELEMENTS // max(1, row)) * row
-    # Per entry as a whole tensor (no projection), twice: a block being read while the previous
-    # one's buffers are still being freed.
-    per_entry = working_set(dataclasses.replace(info, projected=False), state_size, first_step)
-    total = 2 * per_entry * block // max(1, math.prod(info.shape))
+    block = _first_block(info)
+    # A block held as a whole tensor (no projection), twice: a block being read while the
+    # previous one's buffers are still being freed.
+    total = 2 * working_set(dataclasses.replace(block, projected=False), state_size, first_step)
     if info.projected and len(info.shape) == 2 and not first_step:
-        total += 8 * block + GRAM_BUFFERS * 8 * info.shape[1] ** 2  # S·Z rows, n x n matrices
+        rows_z = 8 * math.prod(block.shape)  # a block of S·Z
+        total += rows_z + GRAM_BUFFERS * 8 * info.shape[1] ** 2  # and the n x n matrices
     return total
 
 
 def export_working_set(info: TensorInfo, state_size: int) -> int:
     """Bytes alive at once while export computes one tensor (a row block of a large one)."""
     f64, states = EXPORT_BUFFERS
-    n = math.prod(info.shape)
-    if engine.is_streamed(info):
-        n = min(n, max(1, engine.ROW_BLOCK_ELEMENTS // max(1, math.prod(info.shape[1:]))))
-        n *= max(1, math.prod(info.shape[1:]))
+    n = math.prod(_first_block(info).shape if engine.is_streamed(info) else info.shape)
     return n * (8 * f64 + state_size * states)
 
 

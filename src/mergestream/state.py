@@ -11,7 +11,6 @@ numerics are identical (state tensors are stored as float32 either way).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
 from collections.abc import Iterator, Mapping
@@ -439,7 +438,7 @@ class MergeState:
         return self.method.task_vector(info, state, self.scalars)
 
     def _task_vector_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
+        block = info.rows(start, stop)
         if self._manifest["generation"] is None:
             return torch.zeros(block.shape, dtype=COMPUTE_DTYPE)
         return self.method.task_vector(block, self.state_rows(info.name, start, stop), self.scalars)

@@ -54,6 +54,10 @@ class TensorInfo:
     dtype: torch.dtype  # the base checkpoint's dtype
     projected: bool  # a 2-D linear-layer weight (see classify.py)
 
+    def rows(self, start: int, stop: int) -> TensorInfo:
+        """The same tensor cut to rows `start:stop` (a block of a streamed tensor)."""
+        return dataclasses.replace(self, shape=(stop - start, *self.shape[1:]))
+
 
 @dataclass(frozen=True)
 class StepTensor:
@@ -190,9 +194,12 @@ class ContinualMethod(ABC):
         """
         partials: Scalars = {}
         for start, stop in rows.blocks:
-            block = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]))
             update = self.update(
-                block, step, rows.state_rows(start, stop), rows.task_rows(start, stop), scalars
+                info.rows(start, stop),
+                step,
+                rows.state_rows(start, stop),
+                rows.task_rows(start, stop),
+                scalars,
             )
             rows.write_rows(start, update.state)
             for key, value in update.partials.items():
