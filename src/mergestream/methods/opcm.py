@@ -138,16 +138,17 @@ def fold_projected_rows(
     factor of a tall-skinny QR, one more pass, with the accuracy of an SVD.
     """
     n = rows.info.shape[1]
-    gram = torch.zeros(n, n, dtype=COMPUTE_DTYPE)
-    cross = torch.zeros(n, n, dtype=COMPUTE_DTYPE)
+    gram = cross = None
     task_norm_sq = 0.0
     for start, stop in rows.blocks:
         s_block = rows.state_rows(start, stop)["sum"].to(COMPUTE_DTYPE)
-        gram, cross = gram.to(s_block.device), cross.to(s_block.device)
+        if gram is None:  # on the device the blocks come on
+            gram, cross = s_block.new_zeros(n, n), s_block.new_zeros(n, n)
         tau_block = rows.task_rows(start, stop)
         task_norm_sq += squared_norm(tau_block)
         gram.addmm_(s_block.mT, s_block)
         cross.addmm_(s_block.mT, tau_block)
+    assert gram is not None and cross is not None, "a streamed tensor has at least one block"
     decomposed = right_singular_from_gram(gram) if decomposition == "gram" else None
     if decomposed is None:
         r = r_factor((rows.state_rows(a, b)["sum"].to(COMPUTE_DTYPE) for a, b in rows.blocks), n)
