@@ -131,3 +131,19 @@ def test_disk_state_and_cli_on_gpu(tiny_stream, tmp_path) -> None:
     expected = dict(on_cpu.task_vectors())
     for name, tv in on_gpu.task_vectors():
         assert _relative(tv, expected[name]) <= 1e-9, name
+
+
+def test_gpu_streams_give_the_same_state_as_one_stream(tiny_stream, tmp_path) -> None:
+    # Several workers run tensors on streams of their own; the state must not depend on it.
+    base_dir, models = tiny_stream
+    states = {}
+    for workers in (1, 4):
+        state = MergeState.create(tmp_path / f"w{workers}", base_dir, "opcm")
+        for model in models[:3]:
+            state.add(model, device=DEVICE, workers=workers)
+        states[workers] = state
+    for key, value in states[1].scalars.items():
+        assert states[4].scalars[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    expected = dict(states[1].task_vectors())
+    for name, tv in states[4].task_vectors():
+        assert _relative(tv, expected[name]) <= 1e-12, name
