@@ -173,7 +173,12 @@ def worker_mergestream(p: dict) -> dict:
     for i, model in enumerate(p["models"], start=1):
         reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = state.add(model, allow_duplicate=p["allow_duplicate"], device=p["device"])
+        stats = state.add(
+            model,
+            allow_duplicate=p["allow_duplicate"],
+            device=p["device"],
+            workers=p.get("workers"),
+        )
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         steps.append(
             {
@@ -201,6 +206,7 @@ def worker_mergestream(p: dict) -> dict:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": p["device"],
+        "workers": p.get("workers"),
         "method": status["method"],
         "state_dtype": str(state.method.state_dtype).replace("torch.", ""),
         "tensors": status["tensors"],
@@ -539,7 +545,7 @@ def context_lines(results: dict) -> list[str]:
         f"Measured {results['date']} on {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, "
         f"Python {m['python']}; torch {ms['torch_version']}, {ms['threads']} threads; "
         f"mergestream {ms['mergestream_version']} ({results.get('revision') or 'unknown revision'}"
-        f"), device {ms['device']}.",
+        f"), device {ms['device']}" + (f", {ms['workers']} workers." if ms.get("workers") else "."),
     ]
     ref = results.get("reference")
     if ref:
@@ -711,6 +717,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the zoo")
     parser.add_argument("--device", default="cpu", help="mergestream's device (cpu, cuda)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="mergestream's tensors in parallel (default: its own; on a GPU, streams)",
+    )
+    parser.add_argument(
         "--reference-device", default=None, help="FusionBench's device (default: --device)"
     )
     parser.add_argument(
@@ -825,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         "alpha": args.alpha,
         "device": args.device,
         "threads": args.threads,
+        "workers": args.workers,
         "allow_duplicate": scale,
         "export_model": not scale,
     }

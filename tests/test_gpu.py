@@ -3,6 +3,9 @@ row blocks, the tall-skinny-QR route included. Skipped where torch sees no GPU."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import memory_stream
@@ -147,3 +150,20 @@ def test_gpu_streams_give_the_same_state_as_one_stream(tiny_stream, tmp_path) ->
     expected = dict(states[1].task_vectors())
     for name, tv in states[4].task_vectors():
         assert _relative(tv, expected[name]) <= 1e-12, name
+
+
+def test_first_decomposition_of_a_process_may_come_from_gpu_workers(tiny_stream, tmp_path) -> None:
+    # torch loads its CUDA linear algebra lazily; worker threads making the first call together
+    # used to fail ("lazy wrapper should be called at most once"). A fresh process, so that no
+    # earlier test has loaded it already.
+    base_dir, models = tiny_stream
+    script = (
+        "import sys; from mergestream import MergeState\n"
+        "state = MergeState.create(sys.argv[1], sys.argv[2], 'opcm')\n"
+        "for model in sys.argv[3:]:\n"
+        f"    state.add(model, device={DEVICE!r}, workers=4)\n"
+    )
+    args = [str(tmp_path / "state"), str(base_dir), *map(str, models[:2])]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert MergeState.open(tmp_path / "state").step == 2

@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="tensors processed in parallel (default: one per CPU core, at most 8; on a GPU, one "
-        "CUDA stream each)",
+        help="tensors processed in parallel (default: one per CPU core, at most 8; 1 on a GPU, "
+        "where each worker gets a CUDA stream of its own)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_mapping_arguments(p)

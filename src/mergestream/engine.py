@@ -212,11 +212,11 @@ def run_step(
     `read_state_rows` / `write_state_rows` (the same by row ranges), large tensors are
     streamed by row blocks instead of held whole (see the module docstring).
 
-    `workers` tensors are processed at once (default: one per CPU core, at most 8; on a CUDA
-    GPU each worker has a stream of its own). With more than one worker on the CPU each kernel
-    runs single-threaded: a decomposition of one matrix
-    scales poorly over threads, while independent tensors scale almost perfectly, and the
-    results do not depend on how many workers ran.
+    `workers` tensors are processed at once (default: one per CPU core, at most 8, or one on a
+    GPU, where each worker gets a CUDA stream of its own). With more than one worker on the CPU
+    each kernel runs single-threaded: a decomposition of one matrix scales poorly over threads,
+    while independent tensors scale almost perfectly. The results do not depend on how many
+    workers ran.
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -283,6 +283,8 @@ def run_step(
                 accumulate(method.update_rows(rows.info, step, rows, step_scalars))
                 progress.advance(1, _nbytes(rows.info))
                 continue
+            if workers > 1 and device.type == "cuda":
+                _warm_cuda_linalg(device)
             with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
                 results = _ordered_map(process, segment, workers)
                 for info, update in zip(segment, results, strict=True):
@@ -400,19 +402,38 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def default_workers(device: torch.device) -> int:
-    """One worker per available CPU core, at most 8, on the CPU and on a CUDA GPU; 1 elsewhere.
+    """One worker per available CPU core (at most 8) on the CPU; one elsewhere.
 
-    On a CUDA GPU each worker has its own stream. A decomposition of one weight there is bound
-    by its kernel launches and host-side steps, not by the chip, so independent tensors on
-    separate streams overlap: 12 float64 thin SVDs of 3072 x 768 took 82 ms each one after
-    another on an H100, and 29 ms each from 4 threads with a stream apiece (19 ms from 12)."""
-    if device.type not in ("cpu", "cuda"):
+    On a CUDA GPU more workers (`workers=N`) each run on a stream of their own. A
+    decomposition of one weight there is bound by its kernel launches and host-side steps, not
+    by the chip, so independent tensors on separate streams overlap: 12 float64 thin SVDs of
+    3072 x 768 took 82 ms each one after another on an H100, 29 ms each from 4 threads with a
+    stream apiece and 19 ms from 12. It stays opt-in until a whole step is measured that way."""
+    if device.type != "cpu":
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, 8))
+
+
+_WARMED_CUDA_LINALG: set[int] = set()
+
+
+def _warm_cuda_linalg(device: torch.device) -> None:
+    """Run each decomposition once on this thread before worker threads use them: torch loads
+    its CUDA linear-algebra library lazily at the first call, and two threads making that first
+    call together fail with "lazy wrapper should be called at most once" (pytorch#90613)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _WARMED_CUDA_LINALG:
+        return
+    probe = torch.eye(2, dtype=COMPUTE_DTYPE, device=device)
+    torch.linalg.eigh(probe)
+    torch.linalg.svd(probe, full_matrices=False)
+    torch.linalg.qr(probe)
+    torch.cuda.synchronize(device)
+    _WARMED_CUDA_LINALG.add(index)
 
 
 _THREAD_STREAMS = threading.local()
