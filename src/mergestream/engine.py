@@ -257,8 +257,10 @@ def run_step(
     step_scalars = dict(scalars)
     step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
 
+    own_streams = workers > 1 and device.type == "cuda"
+
     def process(info: TensorInfo) -> TensorUpdate:
-        with _worker_stream(device):
+        with _worker_stream(device) if own_streams else contextlib.nullcontext():
             task_vector = load_task_vector(info, base, checkpoint, device)
             state = on_device(read_state(info))
             update = method.update(info, step, state, task_vector, step_scalars)
@@ -283,7 +285,7 @@ def run_step(
                 accumulate(method.update_rows(rows.info, step, rows, step_scalars))
                 progress.advance(1, _nbytes(rows.info))
                 continue
-            if workers > 1 and device.type == "cuda":
+            if own_streams:
                 _warm_cuda_linalg(device)
             with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
                 results = _ordered_map(process, segment, workers)
