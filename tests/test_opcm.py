@@ -95,7 +95,7 @@ def test_engine_matches_reference(alpha: float, zero_diagonal: bool, models: int
     assert torch.equal(merged["embeddings.position_ids"], base["embeddings.position_ids"])
 
 
-@pytest.mark.parametrize("decomposition", ["gram", "svd"])
+@pytest.mark.parametrize("decomposition", ["gram", "svd", "approx-gram"])
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6), (40, 13), (13, 40)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("zero_diagonal", [True, False])
@@ -136,7 +136,7 @@ def test_rank_deficient_running_sum_keeps_null_directions() -> None:
         2, 8, generator=g, dtype=torch.float64
     )
     tau = torch.randn(12, 8, generator=g, dtype=torch.float64)
-    for decomposition in ("gram", "svd"):
+    for decomposition in ("gram", "svd", "approx-gram"):
         assert right_singular(s, decomposition).rank == 2
         projected = opcm_project(s, tau, 0.5, True, decomposition)
         assert torch.isfinite(projected).all()
@@ -145,6 +145,27 @@ def test_rank_deficient_running_sum_keeps_null_directions() -> None:
     assert torch.equal(
         opcm_project(torch.zeros(4, 3, dtype=torch.float64), tau[:4, :3], 0.5), tau[:4, :3]
     )
+
+
+def test_approx_gram_trades_accuracy_only_where_the_sum_is_ill_conditioned() -> None:
+    g = torch.Generator().manual_seed(11)
+    m, n = 60, 12
+    q1, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    tau = torch.randn(m, n, generator=g, dtype=torch.float64) * 0.1
+
+    well = q1 @ torch.diag(torch.logspace(0, -2, n, dtype=torch.float64)) @ q2.T  # κ = 100
+    assert torch.equal(
+        opcm_project(well, tau, 0.5, True, "approx-gram"),
+        opcm_project(well, tau, 0.5, True, "gram"),
+    )
+
+    ill = q1 @ torch.diag(torch.logspace(0, -7, n, dtype=torch.float64)) @ q2.T  # κ = 1e7
+    exact = opcm_project(ill, tau, 0.5, True, "svd")
+    assert relative_error(opcm_project(ill, tau, 0.5, True, "gram"), exact) <= 1e-10
+    # The Gram route squares κ: its error here is about 4e-5, far above the exact routes'.
+    error = relative_error(opcm_project(ill, tau, 0.5, True, "approx-gram"), exact)
+    assert 1e-8 < error < 1e-3
 
 
 @pytest.mark.parametrize("zero_diagonal", [True, False])

@@ -32,6 +32,7 @@ METHODS = [
     ("opcm", {}),
     ("opcm", {"zero_diagonal": False, "alpha": 0.3}),
     ("opcm", {"decomposition": "svd"}),
+    ("opcm", {"decomposition": "approx-gram"}),
     ("opcm", {"state_dtype": "float32"}),
     ("task_arithmetic", {"scaling_factor": 0.3}),
     ("ties", {"scaling_factor": 0.3, "threshold": 20}),

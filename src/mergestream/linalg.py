@@ -10,18 +10,22 @@ Squaring S squares its condition number κ: in float64 the Gram route's singular
 errors of about eps·κ² where an SVD's carry eps·κ. So `gram` checks κ from its own eigenvalues and
 redoes the (rare) matrices with κ > GRAM_MAX_CONDITION by SVD, keeping errors below ~1e-8
 relative either way. The `svd` decomposition always takes the thin SVD (about twice the cost).
-Singular values below a tolerance relative to σ_1 are treated as exact zeros (null space of S).
+`approx-gram` (opt-in, approximate) trusts the Gram route at any κ: singular values below
+sqrt(n·eps)·σ_1, which the Gram matrix cannot resolve, become zeros, and the vectors of the
+small ones carry errors up to eps·κ². Singular values below a tolerance relative to σ_1 are
+treated as exact zeros (null space of S).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-Decomposition = Literal["gram", "svd"]
+Decomposition = Literal["gram", "svd", "approx-gram"]
 
 # Relative size below which a singular value counts as zero, per decomposition. For Gram it is
 # the square root of the eigenvalue solver's relative accuracy (with margin); for SVD the usual
@@ -48,20 +52,30 @@ def right_singular(s: torch.Tensor, method: Decomposition = "gram") -> RightSing
         decomposed = right_singular_from_gram(s.mT @ s)
         # None: ill-conditioned, the Gram route is not accurate enough; take the SVD.
         return decomposed if decomposed is not None else right_singular(s, "svd")
+    if method == "approx-gram":
+        approximate = right_singular_from_gram(s.mT @ s, max_condition=None)
+        assert approximate is not None  # no condition check: always decomposed
+        return approximate
     if method == "svd":
         _, sigma, vh = torch.linalg.svd(s, full_matrices=False)
         return _resolved(sigma, vh.mT, rtol=max(m, n) * _EPS64)
     raise ValueError(f"unknown decomposition {method!r}")
 
 
-def right_singular_from_gram(gram: torch.Tensor) -> RightSingular | None:
+def right_singular_from_gram(
+    gram: torch.Tensor, max_condition: float | None = GRAM_MAX_CONDITION
+) -> RightSingular | None:
     """σ and V from the Gram matrix SᵀS alone; None when S's condition number exceeds
-    GRAM_MAX_CONDITION (the caller then needs an SVD-grade route)."""
+    `max_condition` (the caller then needs an SVD-grade route). With `max_condition=None`
+    every S is decomposed this way (approximate when ill-conditioned; see the module)."""
     n = gram.shape[0]
     eigenvalues, v = torch.linalg.eigh(gram)
     eigenvalues, v = eigenvalues.flip(0), v.flip(1)
     sigma = eigenvalues.clamp_min(0).sqrt()
-    if n and bool(sigma[-1] * GRAM_MAX_CONDITION < sigma[0]):
+    if max_condition is None:
+        # eigh resolves eigenvalues down to about n·eps·λ_1, so σ down to sqrt(n·eps)·σ_1.
+        return _resolved(sigma, v, rtol=math.sqrt(max(n, 1) * _EPS64))
+    if n and bool(sigma[-1] * max_condition < sigma[0]):
         return None
     return _resolved(sigma, v, rtol=0.0)  # well-conditioned: every singular value is resolved
 

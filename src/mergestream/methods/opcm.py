@@ -149,7 +149,11 @@ def fold_projected_rows(
         gram.addmm_(s_block.mT, s_block)
         cross.addmm_(s_block.mT, tau_block)
     assert gram is not None and cross is not None, "a streamed tensor has at least one block"
-    decomposed = right_singular_from_gram(gram) if decomposition == "gram" else None
+    decomposed = None
+    if decomposition == "gram":
+        decomposed = right_singular_from_gram(gram)
+    elif decomposition == "approx-gram":
+        decomposed = right_singular_from_gram(gram, max_condition=None)
     if decomposed is None:
         r = r_factor((rows.state_rows(a, b)["sum"].to(COMPUTE_DTYPE) for a, b in rows.blocks), n)
         decomposed = right_singular_from_r(r, rows.info.shape[0])
@@ -184,8 +188,11 @@ class OPCMConfig(MethodConfig):
         "also remove the diagonal coefficients (current reference; exactly orthogonal to the "
         "running sum). false = the variant that produced the paper's tables",
     )
-    decomposition: Literal["gram", "svd"] = param(
-        "gram", "gram: eigh of the float64 Gram matrix (fast); svd: thin SVD (resolves tinier σ)"
+    decomposition: Literal["gram", "svd", "approx-gram"] = param(
+        "gram",
+        "gram: eigh of the float64 Gram matrix, SVD-grade route where ill-conditioned (exact); "
+        "svd: thin SVD always; approx-gram: Gram route at any condition number (faster, "
+        "approximate: see BENCHMARKS.md for its measured cost)",
     )
     project_include: str | None = param(
         None, "regex: also project 2-D tensors whose name matches (beyond the linear-weight rule)"
