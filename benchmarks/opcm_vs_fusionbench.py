@@ -167,7 +167,10 @@ def worker_mergestream(p: dict) -> dict:
     shutil.rmtree(export_dir, ignore_errors=True)
     reset_peak_rss()
     t0 = time.perf_counter()
-    state = MergeState.create(state_dir, p["base"], method="opcm", alpha=p["alpha"])
+    params = {"alpha": p["alpha"]}
+    if p.get("decomposition"):
+        params["decomposition"] = p["decomposition"]
+    state = MergeState.create(state_dir, p["base"], method="opcm", **params)
     setup = {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
     steps = []
     for i, model in enumerate(p["models"], start=1):
@@ -207,6 +210,7 @@ def worker_mergestream(p: dict) -> dict:
         "threads": torch.get_num_threads(),
         "device": p["device"],
         "workers": p.get("workers"),
+        "decomposition": state.method.config.decomposition,
         "method": status["method"],
         "state_dtype": str(state.method.state_dtype).replace("torch.", ""),
         "tensors": status["tensors"],
@@ -560,7 +564,8 @@ def context_lines(results: dict) -> list[str]:
         f"{zoo['tensors']} tensors, {zoo['linear_weights']} projected linear weights), "
         f"{zoo['models']} synthetic task models (‖τ‖/‖θ0‖ "
         f"{min(zoo['rel_norms']):.3f}–{max(zoo['rel_norms']):.3f}), alpha "
-        f"{results['alpha']}; mergestream state dtype {ms['state_dtype']}."
+        f"{results['alpha']}; mergestream state dtype {ms['state_dtype']}, decomposition "
+        f"{ms.get('decomposition', 'gram')}."
     )
     lines.append(f"Command: `{results['command']}`")
     return lines
@@ -723,6 +728,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mergestream's tensors in parallel (default: its own; on a GPU, streams)",
     )
     parser.add_argument(
+        "--decomposition",
+        choices=["gram", "svd", "approx-gram"],
+        default=None,
+        help="mergestream's OPCM decomposition (default: its own, gram)",
+    )
+    parser.add_argument(
         "--reference-device", default=None, help="FusionBench's device (default: --device)"
     )
     parser.add_argument(
@@ -838,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "threads": args.threads,
         "workers": args.workers,
+        "decomposition": args.decomposition,
         "allow_duplicate": scale,
         "export_model": not scale,
     }

@@ -3,8 +3,10 @@ the zoo with every method over task orders through the engine, evaluate, write t
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,21 @@ def test_bench_command(tiny_zoo: Path, tmp_path: Path, capsys) -> None:
     assert "| average |" in printed and (out / "results.json").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["tasks"] == list(FT.TINY_TASKS[:2])
+
+
+def test_approx_decomposition_script_on_the_tiny_zoo(tiny_zoo: Path, tmp_path: Path) -> None:
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        approx = importlib.import_module("opcm_approx")
+    finally:
+        sys.path.remove(str(benchmarks))
+    out = tmp_path / "approx.json"
+    assert approx.main(["--zoo", str(tiny_zoo), "--orders", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    exact, fast = (report["summary"][spec.label] for spec in (approx.EXACT, approx.APPROX))
+    paired = report["paired_acc_difference"]
+    assert len(paired["per_order"]) == 2
+    assert paired["mean"] == pytest.approx(fast["acc_mean"] - exact["acc_mean"], abs=1e-12)
+    differences = report["task_vectors_first_order"]
+    assert 0.0 <= differences["global_relative"] <= differences["max_relative"] < 1e-2
