@@ -65,7 +65,7 @@ def test_methods_lists_parameters(capsys):
     out = capsys.readouterr().out
     assert "opcm:" in out
     assert "alpha (float, default 0.5)" in out
-    assert "decomposition (gram|svd, default 'gram')" in out
+    assert "decomposition (gram|svd|approx-gram, default 'gram')" in out
 
 
 def test_console_script_runs_as_a_module(tiny_stream, tmp_path):
