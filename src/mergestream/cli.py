@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .allocator import return_freed_memory_to_os
 from .errors import ConfigError, MergestreamError
 from .export import DEFAULT_MAX_SHARD_SIZE
 from .io.mapping import EXTRA_POLICIES, MISSING_POLICIES
@@ -318,6 +319,8 @@ def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Freed tensors go straight back to the system, so peaks follow the live tensors.
+    return_freed_memory_to_os()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
