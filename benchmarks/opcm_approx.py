@@ -24,14 +24,8 @@ import sys
 from pathlib import Path
 
 from mergestream import MergeState
-from mergestream.bench.protocol import mean_std, task_orders
-from mergestream.bench.run import (
-    MethodSpec,
-    Zoo,
-    load_zoo,
-    machine_description,
-    run_benchmark,
-)
+from mergestream.bench.protocol import mean_std
+from mergestream.bench.run import MethodSpec, machine_description, run_benchmark
 from mergestream.bench.tasks import cache_root
 
 EXACT = MethodSpec("OPCM (alpha=0.5), exact gram", "opcm", {"alpha": 0.5})
@@ -40,14 +34,14 @@ APPROX = MethodSpec(
 )
 
 
-def task_vector_differences(zoo: Zoo, order: list[str]) -> dict[str, float]:
+def task_vector_differences(zoo_root: Path, order: list[str]) -> dict[str, float]:
     """Relative difference of approx-gram's merged task vectors against the exact ones, after
     merging `order`: the largest over tensors and the global one."""
     states = {}
     for spec in (EXACT, APPROX):
-        state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
+        state = MergeState.in_memory(zoo_root / "pretrained", spec.method, **spec.params)
         for task in order:
-            state.add(zoo.root / task, allow_duplicate=True)
+            state.add(zoo_root / task, allow_duplicate=True)
         states[spec.label] = dict(state.task_vectors())
     exact, approx = states[EXACT.label], states[APPROX.label]
     worst, worst_name, diff_sq, norm_sq = 0.0, "", 0.0, 0.0
@@ -94,17 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     paired = [
         b["acc"] - a["acc"] for a, b in zip(runs[EXACT.label], runs[APPROX.label], strict=True)
     ]
-    zoo = load_zoo(zoo_root, tasks)
-    first_order = task_orders(zoo.tasks, 1, seed=args.seed)[0]
-    differences = task_vector_differences(zoo, first_order)
-    summary = {
-        label: {
-            "acc_mean": mean_std([r["acc"] for r in label_runs])[0],
-            "acc_std": mean_std([r["acc"] for r in label_runs])[1],
+    # The order the benchmark merged first, as it recorded it (the zoo is not loaded again).
+    differences = task_vector_differences(zoo_root, runs[EXACT.label][0]["order"])
+    summary = {}
+    for label, label_runs in runs.items():
+        acc_mean, acc_std = mean_std([r["acc"] for r in label_runs])
+        summary[label] = {
+            "acc_mean": acc_mean,
+            "acc_std": acc_std,
             "merge_seconds": sum(r["merge_seconds"] for r in label_runs),
         }
-        for label, label_runs in runs.items()
-    }
     paired_mean, paired_std = mean_std(paired)
     report = {
         "machine": machine_description(),

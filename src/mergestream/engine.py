@@ -277,6 +277,8 @@ def run_step(
         for key, value in more.items():
             partials[key] = partials.get(key, 0.0) + value
 
+    if own_streams:
+        _warm_cuda_linalg(device)
     total_bytes = sum(_nbytes(i) for i in infos)
     progress.start(f"step {step}", len(infos), total_bytes)
     try:
@@ -285,8 +287,6 @@ def run_step(
                 accumulate(method.update_rows(rows.info, step, rows, step_scalars))
                 progress.advance(1, _nbytes(rows.info))
                 continue
-            if own_streams:
-                _warm_cuda_linalg(device)
             with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
                 results = _ordered_map(process, segment, workers)
                 for info, update in zip(segment, results, strict=True):
@@ -423,11 +423,15 @@ def default_workers(device: torch.device) -> int:
 _WARMED_CUDA_LINALG: set[int] = set()
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _warm_cuda_linalg(device: torch.device) -> None:
     """Run each decomposition once on this thread before worker threads use them: torch loads
     its CUDA linear-algebra library lazily at the first call, and two threads making that first
     call together fail with "lazy wrapper should be called at most once" (pytorch#90613)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     if index in _WARMED_CUDA_LINALG:
         return
     probe = torch.eye(2, dtype=COMPUTE_DTYPE, device=device)
@@ -443,15 +447,12 @@ _THREAD_STREAMS = threading.local()
 
 @contextlib.contextmanager
 def _worker_stream(device: torch.device) -> Iterator[None]:
-    """On a CUDA device, run the block on this thread's own stream and wait for it at the end;
-    elsewhere do nothing. Streams are kept per thread, so a worker reuses its stream."""
-    if device.type != "cuda":
-        yield
-        return
+    """Run the block on this thread's own stream of the CUDA `device` and wait for it at the
+    end. Streams are kept per thread, so a worker reuses its stream."""
     streams = getattr(_THREAD_STREAMS, "by_device", None)
     if streams is None:
         streams = _THREAD_STREAMS.by_device = {}
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     stream = streams.get(index)
     if stream is None:
         stream = streams[index] = torch.cuda.Stream(device=index)
