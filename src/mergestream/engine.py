@@ -17,6 +17,7 @@ the largest tensor of the model.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -138,6 +139,19 @@ def load_task_rows(
     return incoming.sub_(base.get_rows(info.name, start, stop).to(device))
 
 
+def check_all_finite(source: TensorSource, infos: list[TensorInfo], role: str) -> None:
+    """Refuse a source with NaN/Inf in any floating-point tensor (`role` says what it is, e.g.
+    "the base"), reading one tensor, or one row block of a large tensor, at a time."""
+    for info in infos:
+        blocks = row_blocks(info.shape) if is_streamed(info) else [None]
+        for block in blocks:
+            data = source.get(info.name) if block is None else source.get_rows(info.name, *block)
+            try:
+                _check_finite(data, source, info.name, rows=block, row_numel=_row_numel(info))
+            except CheckpointError as err:
+                raise CheckpointError(f"{role}: {err}") from None
+
+
 def _check_finite(
     incoming: torch.Tensor,
     checkpoint: TensorSource,
@@ -147,7 +161,7 @@ def _check_finite(
 ) -> None:
     """Refuse NaN/Inf, naming the file, the tensor and the first bad entry's flat index.
     `rows` says which rows of the tensor `incoming` holds, when it is not the whole tensor."""
-    flat = incoming.view(-1)
+    flat = incoming.reshape(-1)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         if not bool(torch.isfinite(flat[start : start + CHUNK_ELEMENTS]).all()):
             nan = int(torch.isnan(flat).sum())
@@ -256,6 +270,7 @@ def run_step(
 
     step_scalars = dict(scalars)
     step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
+    _check_scalars_finite(method, checkpoint, step, step_scalars, "its preparation pass")
 
     own_streams = workers > 1 and device.type == "cuda"
 
@@ -266,6 +281,8 @@ def run_step(
             update = method.update(info, step, state, task_vector, step_scalars)
             for key, tensor in update.state.items():
                 _check_state(method, info, key, tensor, info.shape)
+                _check_result_finite(checkpoint, info, f"state {key!r}", tensor, task_vector)
+            _check_partials_finite(checkpoint, info, update.partials, task_vector)
             # Back to the host inside the worker's stream, so the caller never touches device
             # memory that another stream is still writing.
             on_host = {k: v.to("cpu") for k, v in update.state.items()}
@@ -284,7 +301,9 @@ def run_step(
     try:
         for segment, rows in _segments(infos, streamed):
             if rows is not None:  # one large tensor, alone, with every core
-                accumulate(method.update_rows(rows.info, step, rows, step_scalars))
+                more = method.update_rows(rows.info, step, rows, step_scalars)
+                _check_partials_finite(checkpoint, rows.info, more, None)
+                accumulate(more)
                 progress.advance(1, _nbytes(rows.info))
                 continue
             with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
@@ -296,6 +315,7 @@ def run_step(
     finally:
         progress.finish()
     new_scalars = method.finish_step(step, scalars, partials)
+    _check_scalars_finite(method, checkpoint, step, new_scalars, "the step")
     return StepStats(
         step=step,
         scalars=new_scalars,
@@ -354,6 +374,9 @@ class _StreamedTensor:
                     f"{self.info.name!r} are outside its {self.info.shape[0]} rows"
                 )
             _check_state(self._method, self.info, key, tensor, (rows, *self.info.shape[1:]))
+            _check_result_finite(
+                self._checkpoint, self.info, f"state {key!r} (rows {start}:{start + rows})", tensor
+            )
         self._write_rows(self.info, start, {k: v.to("cpu") for k, v in state.items()})
 
 
@@ -369,6 +392,67 @@ def _check_state(
             f"{method.name}: state {key!r} of {info.name!r} must be {method.state_dtype} "
             f"{list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
         )
+
+
+def _check_result_finite(
+    checkpoint: TensorSource,
+    info: TensorInfo,
+    what: str,
+    tensor: torch.Tensor,
+    task_vector: torch.Tensor | None = None,
+) -> None:
+    """Refuse a step whose new state is not finite although its inputs were (values so large
+    that the arithmetic, or the state's precision, overflows): nothing is committed."""
+    if _all_finite(tensor):
+        return
+    raise CheckpointError(
+        f"{tensor_location(checkpoint, info.name)}: merging tensor {info.name!r} gives a "
+        f"non-finite {what} in {dtype_name(tensor.dtype)}{_largest(task_vector)}; values this "
+        "large cannot be merged. The state is unchanged"
+    )
+
+
+def _check_partials_finite(
+    checkpoint: TensorSource,
+    info: TensorInfo,
+    partials: Scalars,
+    task_vector: torch.Tensor | None,
+) -> None:
+    """Refuse a tensor whose contribution to the step's global sums (norms) overflows."""
+    for key, value in partials.items():
+        if not math.isfinite(value):
+            raise CheckpointError(
+                f"{tensor_location(checkpoint, info.name)}: tensor {info.name!r} makes the "
+                f"step's {key} {value}{_largest(task_vector)}; values this large cannot be "
+                "merged. The state is unchanged"
+            )
+
+
+def _check_scalars_finite(
+    method: ContinualMethod, checkpoint: TensorSource, step: int, scalars: Scalars, what: str
+) -> None:
+    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+    if bad:
+        raise CheckpointError(
+            f"{checkpoint.description}: {method.name} step {step}: {what} gives non-finite "
+            f"scalars {bad}; the checkpoint's values are too large to merge. The state is "
+            "unchanged"
+        )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[start : start + CHUNK_ELEMENTS]).all())
+        for start in range(0, flat.numel(), CHUNK_ELEMENTS)
+    )
+
+
+def _largest(task_vector: torch.Tensor | None) -> str:
+    if task_vector is None or task_vector.numel() == 0:
+        return ""
+    largest = float(task_vector.abs().max())
+    return f" (its task vector's largest magnitude is {largest:.3g})"
 
 
 def _segments(

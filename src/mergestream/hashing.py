@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -94,3 +96,45 @@ def file_stamps(files: list[Path]) -> list[dict[str, object]]:
         st = path.stat()
         stamps.append({"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return stamps
+
+
+def header_fingerprint(files: list[Path]) -> str | None:
+    """SHA-256 of what describes the files' contents without reading their data: a safetensors
+    file's header, a zip-format PyTorch file's central directory (names, sizes and the CRC-32
+    of every record, so it changes with the data too). Cheap enough for every `add`, and it
+    notices a base rewritten in place with the same size and modification time. None for
+    sources without files."""
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        try:
+            digest.update(_describing_bytes(path))
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    return digest.hexdigest()
+
+
+def _describing_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if zipfile.is_zipfile(f):
+            f.seek(0)
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    return repr(
+                        [
+                            (i.filename, i.CRC, i.file_size, i.header_offset)
+                            for i in archive.infolist()
+                        ]
+                    ).encode()
+            except (zipfile.BadZipFile, ValueError):
+                pass
+        size = os.fstat(f.fileno()).st_size
+        if len(prefix) == 8:
+            header_len = struct.unpack("<Q", prefix)[0]
+            if 8 + header_len <= size and header_len <= 100 << 20:
+                f.seek(8)
+                return prefix + f.read(header_len)
+        return str(size).encode()

@@ -5,7 +5,8 @@
     state.export("merged/")            # base + merged task vector as an HF model directory
 
 The same object works in memory (`MergeState.in_memory`) for the one-call `merge()` API; the
-numerics are identical (state tensors are stored as float32 either way).
+numerics are identical. State tensors are stored in the method's state precision (float64 for
+OPCM, float32 for the baselines, unless `state_dtype` says otherwise).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .engine import StepStats, check_compatible, default_workers, run_step, tensor_infos
+from .engine import (
+    StepStats,
+    check_all_finite,
+    check_compatible,
+    default_workers,
+    run_step,
+    tensor_infos,
+)
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -28,40 +37,17 @@ from .export import (
     merged_tensors,
     write_model,
 )
-from .hashing import content_hash, file_stamps
+from .hashing import content_hash, file_stamps, header_fingerprint
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
+from .manifest import FORMAT, FORMAT_VERSION, check_format, state_status, summary
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
 from .progress import Progress
 from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir
-
-FORMAT = "mergestream-state"
-FORMAT_VERSION = 1
-
-
-REQUIRED_KEYS = ("method", "base", "step", "generation", "scalars", "ledger")
-
-
-def check_format(manifest: Any, where: object) -> None:
-    """Refuse a manifest this version cannot read, before anything relies on its contents."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StateError(f"{where}: not a mergestream state manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise StateError(
-            f"{where}: state format version {version} was written by mergestream "
-            f"{manifest.get('mergestream_version', '?')}; this mergestream ({__version__}) reads "
-            f"version {FORMAT_VERSION} only"
-            + ("; upgrade mergestream to use this state" if newer else "")
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise StateError(f"{where}: the state manifest lacks {missing[0]!r}; it is damaged")
 
 
 def _now() -> str:
@@ -87,6 +73,7 @@ class MergeState:
             self._manifest["method"]["name"], **self._manifest["method"]["params"]
         )
         self.method.state_dtype = STATE_DTYPES[self._manifest["state_dtype"]]
+        self._use_generation()
         self._base = base
         self._base_dir = base_dir
         self._infos = tensor_infos(base, self.method.config.linear_rule())
@@ -115,13 +102,22 @@ class MergeState:
         base_source = open_checkpoint(base)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StateError(f"{path}: exists and is not an empty directory")
-        path.mkdir(parents=True, exist_ok=True)
         base_path = Path(base).resolve()
         manifest = cls._new_manifest(
             resolved_method, base_source, str(base_path), state_dtype, progress
         )
+        created = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
         storage = DiskStorage(path)
-        storage.commit(manifest)
+        try:
+            storage.commit(manifest)
+            # The new directories' entries, so a crash cannot make the new state vanish.
+            for directory in (path, *path.parents)[: len(created) + 1]:
+                fsync_dir(directory)
+        except BaseException:
+            for directory in created:  # innermost first: nothing half-made is left behind
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         return cls(storage, base_source, config_dir(base_path))
 
     @classmethod
@@ -149,6 +145,9 @@ class MergeState:
         """A state that lives in memory only (nothing is written to disk)."""
         resolved_method = _resolve_method(method, params)
         base_source = open_checkpoint(base)
+        check_all_finite(
+            base_source, tensor_infos(base_source, resolved_method.config.linear_rule()), "the base"
+        )
         storage = MemoryStorage()
         storage.commit(
             cls._new_manifest(
@@ -167,8 +166,12 @@ class MergeState:
         *,
         hash_base: bool = True,
     ) -> dict[str, Any]:
-        """A step-0 manifest. An in-memory state skips hashing the base: it holds the base
-        open for its whole life, so there is no later run to compare it with."""
+        """A step-0 manifest, after checking the base (finite values, like any checkpoint). An
+        in-memory state skips hashing the base: it holds the base open for its whole life, so
+        there is no later run to compare it with."""
+        infos = tensor_infos(base, method.config.linear_rule())
+        if hash_base:
+            check_all_finite(base, infos, "the base")
         if state_dtype is None:
             state_dtype = next(
                 k for k, v in STATE_DTYPES.items() if v == method.default_state_dtype
@@ -187,8 +190,10 @@ class MergeState:
             "base": {
                 "path": base_description,
                 "sha256": content_hash(base, progress) if hash_base else None,
+                "headers_sha256": header_fingerprint(base.files()),
                 "files": file_stamps(base.files()),
             },
+            "tensors": _roles(base, infos),
             "step": 0,
             "generation": None,
             "scalars": method.initial_scalars(),
@@ -223,22 +228,14 @@ class MergeState:
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def status(self) -> dict[str, Any]:
-        """Everything `mergestream status` shows, as plain data."""
-        roles = {"projected": 0, "added": 0, "copied": 0}
-        for name in self._base.names():
-            info = self._info_by_name.get(name)
-            roles["copied" if info is None else "projected" if info.projected else "added"] += 1
-        return {
-            "method": self._manifest["method"],
-            "base": self._manifest["base"]["path"],
-            "step": self.step,
-            "scalars": self.scalars,
-            "tensors": roles,
-            "ledger": self.ledger,
-            "created": self._manifest["created"],
-            "mergestream_version": self._manifest["mergestream_version"],
-        }
+    def status(self, verify: bool = False) -> dict[str, Any]:
+        """Everything `mergestream status` shows, as plain data (see `state_status`)."""
+        info = state_status(self._path, self._manifest, verify) if self._path else {}
+        info.setdefault("tensors", _roles(self._base, self._infos))
+        if self._path is None:
+            info.update(summary(self._manifest))
+            info["health"] = {"ok": True, "problems": [], "verified": False}
+        return info
 
     def classification(self) -> dict[str, str]:
         """Tensor name -> "projected" | "added" | "copied" under the state's method config."""
@@ -262,6 +259,7 @@ class MergeState:
         device: torch.device | str = "cpu",
         workers: int | None = None,
         progress: Progress | None = None,
+        verify_base: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -269,12 +267,13 @@ class MergeState:
         mapped onto them with `strip_prefix` / `add_prefix` (renaming), `missing="base"` (absent
         tensors are unchanged from the base) and `extra="ignore"` (tensors the base lacks are
         left out); the ledger records the mapping. Anything wrong with the checkpoint raises
-        before the state changes.
+        before the state changes. The base is checked against its recorded fingerprint (file
+        headers); `verify_base` hashes its whole content as well.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
-            base_stamps = self._check_base_unchanged()
+            base_stamps = self._check_base_unchanged(verify=verify_base)
             raw, source = self._open_input(checkpoint, mapping)
             cleanup.callback(raw.close)
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
@@ -325,12 +324,16 @@ class MergeState:
                     progress=progress,
                 )
                 writer.close()
+                parts = writer.parts()
             except BaseException:
                 writer.abort()
                 raise
             manifest = json.loads(json.dumps(self._manifest))
+            manifest["format_version"] = FORMAT_VERSION
+            manifest["mergestream_version"] = __version__
             manifest["step"] = step
             manifest["generation"] = generation
+            manifest["parts"] = parts
             manifest["scalars"] = stats.scalars
             manifest["updated"] = _now()
             if base_stamps is not None:
@@ -388,6 +391,14 @@ class MergeState:
         """Read the manifest again (another process may have added since this object opened)."""
         self._manifest = self._storage.load_manifest()
         check_format(self._manifest, self._where)
+        self._use_generation()
+
+    def _use_generation(self) -> None:
+        generation = self._manifest["generation"]
+        if generation is not None:
+            self._storage.use_parts(
+                generation, self.method.state_names, self._manifest.get("parts")
+            )
 
     def _open_input(
         self, checkpoint: CheckpointLike, mapping: NameMapping
@@ -403,21 +414,30 @@ class MergeState:
             raise
         return raw, source
 
-    def _check_base_unchanged(self) -> list[dict[str, object]] | None:
-        """Refuse to go on if the base's content changed since the state was created. Returns
-        the base files' current stamps when they differ from the recorded ones but the content
-        is the same (e.g. the files were copied), so the next commit can record them."""
+    def _check_base_unchanged(self, verify: bool = False) -> list[dict[str, object]] | None:
+        """Refuse to go on if the base's content changed since the state was created.
+
+        Every call compares the base files' headers (safetensors headers, zip directories) with
+        the fingerprint recorded at init; when they, or the files' sizes and modification
+        times, differ, or `verify` asks for it, the full content hash decides. Returns the base
+        files' current stamps when they differ from the recorded ones but the content is the
+        same (e.g. the files were copied), so the next commit can record them."""
         recorded = self._manifest["base"]
         files = self._base.files()
         if not files:
             return None
         try:
             stamps = file_stamps(files)
-        except OSError as err:
+            headers = header_fingerprint(files)
+        except (OSError, CheckpointError) as err:
             raise StateError(
                 f"the base at {recorded['path']} cannot be read any more ({err})"
             ) from None
-        if stamps == recorded["files"] or recorded["sha256"] is None:
+        recorded_headers = recorded.get("headers_sha256")
+        same_headers = recorded_headers is None or headers == recorded_headers
+        if recorded["sha256"] is None or (
+            stamps == recorded["files"] and same_headers and not verify
+        ):
             return None
         if content_hash(self._base) != recorded["sha256"]:
             raise StateError(
@@ -426,7 +446,7 @@ class MergeState:
                 "merging into or exporting from a different base would be wrong. Restore the "
                 "original base files, or start a new state for the new base"
             )
-        return stamps
+        return None if stamps == recorded["files"] else stamps
 
     # ----------------------------------------------------------------------------- results
 
@@ -520,6 +540,17 @@ class MergeState:
                 raise MergestreamError(f"{out}: cannot export into the state directory")
         if self._base_dir is not None and target == self._base_dir.resolve():
             raise MergestreamError(f"{out}: cannot export into the base model's directory")
+
+
+def _roles(base: TensorSource, infos: list[TensorInfo]) -> dict[str, int]:
+    """How many base tensors are projected, added or copied (recorded at init, so `status`
+    can show it without opening the base)."""
+    by_name = {i.name: i for i in infos}
+    roles = {"projected": 0, "added": 0, "copied": 0}
+    for name in base.names():
+        info = by_name.get(name)
+        roles["copied" if info is None else "projected" if info.projected else "added"] += 1
+    return roles
 
 
 def _describe(checkpoint: CheckpointLike, source: TensorSource) -> str:

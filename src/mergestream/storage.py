@@ -1,14 +1,21 @@
 """Where a merge state's tensors live between steps: a directory on disk, or memory.
 
 Disk layout of a state directory:
-    manifest.json          method, params, base, step, scalars, ledger, current generation
-    gen-000003/sum.safetensors   one file per state tensor kind (float32, the base's names)
+    manifest.json          method, params, base, step, scalars, ledger, current generation and
+                           its parts: every file of the generation with its size, the SHA-256 of
+                           its header and the CRC-32 of each tensor
+    gen-000003/sum.safetensors   part files of the generation (the local engine writes one per
+                           state tensor kind, in the base's names)
     lock                   held (flock) by a running add; shared by readers
 
 A step writes generation g+1 beside g, fsyncs it, then replaces manifest.json by an atomic rename
 (fsync'd before and after). A crash at any instant therefore leaves the old manifest pointing at
 intact old tensors, or the new manifest pointing at complete new ones. Stale generations are
 removed after the rename, and leftovers of an interrupted step are removed by the next one.
+
+Readers go through the manifest's parts only, so a generation may be made of any number of part
+files, each holding some tensors of one state kind (written by several processes, say); each
+read is checked against the recorded checksums.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import fcntl
 import json
 import os
 import shutil
+import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,14 +36,11 @@ import torch
 
 from .errors import CheckpointError, StateError
 from .io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
+from .manifest import check_part_header, generation_dir_name
 from .methods.base import TensorInfo
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
-
-
-def generation_dir_name(generation: int) -> str:
-    return f"gen-{generation:06d}"
 
 
 class GenerationWriter(Protocol):
@@ -45,6 +51,10 @@ class GenerationWriter(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def parts(self) -> list[dict[str, Any]]:
+        """The files written and their checksums, for the manifest (after `close`)."""
+        ...
 
     def abort(self) -> None: ...
 
@@ -65,6 +75,12 @@ class Storage(Protocol):
         infos: list[TensorInfo],
         dtype: torch.dtype,
     ) -> GenerationWriter: ...
+
+    def use_parts(
+        self, generation: int, state_names: tuple[str, ...], parts: list[dict[str, Any]] | None
+    ) -> None:
+        """Which files hold `generation` (the manifest's `parts`; None for a format-1 state)."""
+        ...
 
     def commit(self, manifest: dict[str, Any]) -> None: ...
 
@@ -92,6 +108,9 @@ class _MemoryWriter:
 
     def close(self) -> None:
         pass
+
+    def parts(self) -> list[dict[str, Any]]:
+        return []
 
     def abort(self) -> None:
         self.target.clear()
@@ -126,6 +145,11 @@ class MemoryStorage:
         self.generations[generation] = {}
         return _MemoryWriter(self.generations[generation])
 
+    def use_parts(
+        self, generation: int, state_names: tuple[str, ...], parts: list[dict[str, Any]] | None
+    ) -> None:
+        pass
+
     def commit(self, manifest: dict[str, Any]) -> None:
         self.manifest = json.loads(json.dumps(manifest))
         current = manifest.get("generation")
@@ -142,16 +166,45 @@ class MemoryStorage:
 
 
 @contextlib.contextmanager
-def _writing(directory: Path) -> Iterator[None]:
+def _writing(directory: Path, needed: int | None = None) -> Iterator[None]:
     """Turn an OS error while writing a new generation (a full disk, a quota, permissions) into
     a plain error that says the committed state is not affected."""
     try:
         yield
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StateError(
+                no_space_message(directory, "the state", needed)
+                + "; the state is unchanged since its last completed step"
+            ) from None
         raise StateError(
             f"{directory}: cannot write the new state ({err.strerror or err}); the state is "
             "unchanged since its last completed step"
         ) from None
+
+
+def no_space_message(path: Path, what: str, needed: int | None) -> str:
+    """ "no space left on DEVICE while writing WHAT: N bytes needed, M free" for a path."""
+    device, free = _device_and_free(path)
+    need = f"{needed} bytes needed, " if needed is not None else ""
+    return f"no space left on {device} while writing {what}: {need}{free} free"
+
+
+def _device_and_free(path: Path) -> tuple[str, str]:
+    """The mount point holding `path` (its nearest existing ancestor) and its free bytes."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    mount = existing.resolve()
+    with contextlib.suppress(OSError):
+        dev = mount.stat().st_dev
+        while mount != mount.parent and mount.parent.stat().st_dev == dev:
+            mount = mount.parent
+    try:
+        free = str(shutil.disk_usage(existing).free)
+    except OSError:
+        free = "an unknown number of bytes"
+    return str(mount), free
 
 
 def fsync_dir(path: Path) -> None:
@@ -163,24 +216,40 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's data durable (for files written by other code, e.g. copies)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _DiskWriter:
+    """Writes one generation: a part file per state kind (the local engine's layout). The parts
+    and their checksums go into the manifest at commit (`parts`)."""
+
     def __init__(
         self,
+        storage_path: Path,
         directory: Path,
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
     ):
+        self.storage_path = storage_path
         self.directory = directory
         specs = [(i.name, TensorSpec(dtype, i.shape)) for i in infos]
+        self.needed = len(state_names) * sum(spec.nbytes for _, spec in specs)
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
-            for state_name in state_names:
-                self.writers[state_name] = StreamingSafetensorsWriter(
-                    directory / f"{state_name}.safetensors",
-                    specs,
-                    metadata={"format": "mergestream-state", "state": state_name},
-                )
+            with _writing(self.directory, self.needed):
+                for state_name in state_names:
+                    self.writers[state_name] = StreamingSafetensorsWriter(
+                        directory / f"{state_name}.safetensors",
+                        specs,
+                        metadata={"format": "mergestream-state", "state": state_name},
+                    )
         except BaseException:
             self.abort()
             raise
@@ -191,7 +260,7 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        with _writing(self.directory):
+        with _writing(self.directory, self.needed):
             for state_name, tensor in tensors.items():
                 self.writers[state_name].write(info.name, tensor)
 
@@ -201,16 +270,27 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        with _writing(self.directory):
+        with _writing(self.directory, self.needed):
             for state_name, rows in tensors.items():
                 self.writers[state_name].write_rows(info.name, start, rows)
 
     def close(self) -> None:
-        with _writing(self.directory):
+        with _writing(self.directory, self.needed):
             for writer in self.writers.values():
                 writer.close()
             fsync_dir(self.directory)
             fsync_dir(self.directory.parent)  # the new directory's entry, before the manifest
+
+    def parts(self) -> list[dict[str, Any]]:
+        """The manifest's record of the files written (see `DiskStorage.commit`)."""
+        return [
+            {
+                "file": f"{self.directory.name}/{writer.path.name}",
+                "state": state_name,
+                **writer.checksums(),
+            }
+            for state_name, writer in self.writers.items()
+        ]
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -218,12 +298,31 @@ class _DiskWriter:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class _RowChain:
+    """A CRC-32 being chained over row blocks of one tensor read in row order."""
+
+    __slots__ = ("crc", "next_row")
+
+    def __init__(self) -> None:
+        self.crc = 0
+        self.next_row = 0
+
+
 class DiskStorage:
-    """A state directory (see the module docstring for the layout and the commit protocol)."""
+    """A state directory (see the module docstring for the layout and the commit protocol).
+
+    Reads are verified against the checksums the manifest records for the generation: the
+    header of each part file when it is opened, and every tensor's CRC-32 as it is read (a
+    tensor read by row blocks, in order, is checked when its last block arrives). A mismatch is
+    a `StateError` naming the file and tensor, raised before anything is committed.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._handles: dict[tuple[int, str], SafetensorsFile] = {}
+        self._handles: dict[str, SafetensorsFile] = {}
+        self._parts: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+        self._chains: dict[tuple[str, str], _RowChain] = {}
+        self._guard = threading.Lock()  # worker threads read state tensors concurrently
 
     def load_manifest(self) -> dict[str, Any]:
         manifest_path = self.path / MANIFEST
@@ -233,8 +332,25 @@ class DiskStorage:
             )
         try:
             return json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise StateError(f"{manifest_path}: unreadable manifest ({err})") from err
+
+    def use_parts(
+        self, generation: int, state_names: tuple[str, ...], parts: list[dict[str, Any]] | None
+    ) -> None:
+        """Tell the storage which files make up `generation` (from its manifest). A state of
+        format 1 records no parts: its layout is one file per state kind, without checksums."""
+        if parts is None:
+            parts = [
+                {"file": f"{generation_dir_name(generation)}/{s}.safetensors", "state": s}
+                for s in state_names
+            ]
+        by_state: dict[str, dict[str, dict[str, Any]]] = {}
+        for part in parts:
+            by_state.setdefault(part["state"], {})[part["file"]] = part
+        with self._guard:
+            for state_name, files in by_state.items():
+                self._parts[(generation, state_name)] = files
 
     def read(self, generation: int, state_name: str, tensor_name: str) -> torch.Tensor:
         return self._read(generation, state_name, tensor_name, None)
@@ -244,31 +360,107 @@ class DiskStorage:
     ) -> torch.Tensor:
         return self._read(generation, state_name, tensor_name, (start, stop))
 
-    def _read(
-        self, generation: int, state_name: str, tensor_name: str, rows: tuple[int, int] | None
-    ) -> torch.Tensor:
-        key = (generation, state_name)
-        handle = self._handles.get(key)
-        if handle is None:
-            path = self.path / generation_dir_name(generation) / f"{state_name}.safetensors"
+    def _locate(
+        self, generation: int, state_name: str, tensor_name: str
+    ) -> tuple[SafetensorsFile, dict[str, Any]]:
+        """The open part file holding a tensor of the state, and its manifest record."""
+        files = self._parts.get((generation, state_name))
+        if files is None:
+            raise StateError(
+                f"{self.path}: generation {generation} has no files for state {state_name!r}"
+            )
+        for relative, part in files.items():
+            crcs = part.get("crc32")
+            if crcs is not None and tensor_name not in crcs:
+                continue
+            handle = self._open_part(relative, part)
+            if tensor_name in handle:
+                return handle, part
+        raise StateError(
+            f"{self.path}: state {state_name!r} of generation {generation} has no tensor "
+            f"{tensor_name!r}; the state is damaged"
+        )
+
+    def _open_part(self, relative: str, part: dict[str, Any]) -> SafetensorsFile:
+        with self._guard:
+            handle = self._handles.get(relative)
+            if handle is not None:
+                return handle
+            path = self.path / relative
+            if not path.exists():
+                raise StateError(
+                    f"{path}: this file of the state's current generation is missing; the "
+                    "state is damaged (restore the file, or start a new state)"
+                )
             try:
                 handle = SafetensorsFile(path)
             except CheckpointError as err:
                 raise StateError(f"state tensors unreadable: {err}") from None
-            self._handles[key] = handle
-        if tensor_name not in handle:
-            raise StateError(f"{handle.path}: state {state_name!r} has no tensor {tensor_name!r}")
+            problem = check_part_header(path, part)
+            if problem is not None:
+                handle.close()
+                raise StateError(f"{path}: {problem}; the state is damaged")
+            self._handles[relative] = handle
+            return handle
+
+    def _read(
+        self, generation: int, state_name: str, tensor_name: str, rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        handle, part = self._locate(generation, state_name, tensor_name)
         try:
             if rows is None:
-                return handle.read(tensor_name)
-            return handle.read_rows(tensor_name, *rows)
+                tensor = handle.read(tensor_name)
+            else:
+                tensor = handle.read_rows(tensor_name, *rows)
         except CheckpointError as err:
             raise StateError(f"state tensors unreadable: {err}") from None
+        expected = (part.get("crc32") or {}).get(tensor_name)
+        if expected is not None:
+            self._verify(handle, tensor_name, tensor, rows, expected)
+        return tensor
+
+    def _verify(
+        self,
+        handle: SafetensorsFile,
+        tensor_name: str,
+        tensor: torch.Tensor,
+        rows: tuple[int, int] | None,
+        expected: str,
+    ) -> None:
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if rows is None:
+            crc = zlib.crc32(data)
+        else:
+            key = (str(handle.path), tensor_name)
+            with self._guard:
+                chain = self._chains.get(key)
+                if rows[0] == 0:
+                    chain = self._chains[key] = _RowChain()
+                if chain is None or chain.next_row != rows[0]:
+                    # Out of order: this pass cannot check the tensor (a later in-order pass
+                    # will); the engine and export read blocks in order.
+                    self._chains.pop(key, None)
+                    return
+                chain.crc = zlib.crc32(data, chain.crc)
+                chain.next_row = rows[1]
+                if chain.next_row < handle.spec(tensor_name).shape[0]:
+                    return
+                crc = chain.crc
+                del self._chains[key]
+        if f"{crc:08x}" != expected:
+            raise StateError(
+                f"{handle.path}: tensor {tensor_name!r} does not match the checksum recorded "
+                f"when it was written (CRC-32 {crc:08x}, recorded {expected}); the file was "
+                "damaged on disk. Nothing was changed; restore the state from a backup or "
+                "start a new one"
+            )
 
     def _close_handles(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        with self._guard:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
+            self._chains.clear()
 
     def begin(
         self,
@@ -282,15 +474,18 @@ class DiskStorage:
             if directory.exists():
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
-            return _DiskWriter(directory, state_names, infos, dtype)
+        return _DiskWriter(self.path, directory, state_names, infos, dtype)
 
     def commit(self, manifest: dict[str, Any]) -> None:
         # The lock file exists from the first commit on, so later commands never add files to a
         # state that they leave unchanged.
-        os.close(os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
-        write_json_atomic(self.path / MANIFEST, manifest)
+        with _writing(self.path):
+            os.close(os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
+            write_json_atomic(self.path / MANIFEST, manifest)
         self._close_handles()
         current = manifest.get("generation")
+        if current is not None and manifest.get("parts") is not None:
+            self.use_parts(current, (), manifest["parts"])
         keep = generation_dir_name(current) if current is not None else None
         for item in self.path.glob("gen-*"):
             if item.name != keep:
@@ -299,10 +494,22 @@ class DiskStorage:
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
         lock_path = self.path / LOCK
-        if not exclusive and lock_path.exists():
-            fd = os.open(lock_path, os.O_RDONLY)  # readers need no write access to the state
-        else:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not exclusive and lock_path.exists():
+                fd = os.open(lock_path, os.O_RDONLY)  # readers need no write access
+            else:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            what = "change" if exclusive else "read"
+            raise StateError(
+                f"{lock_path}: cannot open the state's lock file to {what} the state "
+                f"({err.strerror or err}); "
+                + (
+                    "adding to a state needs write access to its directory"
+                    if exclusive
+                    else "check the state directory's permissions"
+                )
+            ) from None
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -313,19 +520,27 @@ class DiskStorage:
                         f"{'using' if exclusive else 'adding to'} this state; "
                         "wait for it to finish and try again"
                     ) from None
-                raise
+                raise StateError(
+                    f"{lock_path}: cannot lock the state ({err.strerror or err})"
+                ) from None
             yield
         finally:
             os.close(fd)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace `path` with JSON `data` so that readers see the old or the new file, never a mix."""
+    """Replace `path` with JSON `data` so that readers see the old or the new file, never a mix.
+    On failure (a full disk) the temporary file is removed and the old file is untouched."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)

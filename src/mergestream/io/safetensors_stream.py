@@ -15,10 +15,14 @@ still referenced.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..manifest import file_crc32
 
 # safetensors dtype codes; the same table the format's reference implementation uses.
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -77,9 +82,14 @@ class TensorSpec:
 class StreamingSafetensorsWriter:
     """Write a safetensors file whose tensors arrive one at a time, in any order.
 
-    Use as a context manager; `close()` checks that every declared tensor was written, flushes
-    and fsyncs. A writer that is not closed cleanly leaves a partial file behind, which callers
-    treat as garbage (it is never renamed into place).
+    Use as a context manager; `close()` checks that every declared tensor was written, then
+    fsyncs. The file's full size is allocated when it is created (`posix_fallocate`), so a disk
+    too small for it fails at once, before any tensor is computed. A writer that is not closed
+    cleanly leaves a partial file behind, which callers treat as garbage (it is never renamed
+    into place); `abort()` never raises, so cleanup after a failed write always runs.
+
+    While writing, the writer keeps a CRC-32 of every tensor's bytes and a SHA-256 of the header
+    (`checksums()`), so a reader can later verify what it reads at no extra pass over the data.
     """
 
     def __init__(
@@ -108,13 +118,23 @@ class StreamingSafetensorsWriter:
             offset += spec.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
-        self._data_start = 8 + len(encoded)
+        prefix = struct.pack("<Q", len(encoded)) + encoded
+        self._data_start = len(prefix)
+        self.size = self._data_start + offset
+        self.header_sha256 = hashlib.sha256(prefix).hexdigest()
         self._written: set[str] = set()
         self._rows_written: dict[str, int] = {}  # tensors written by row blocks so far
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
-        self._file.truncate(self._data_start + offset)
+        # CRC-32 per tensor; for row blocks, chained while blocks arrive in row order
+        self._crc: dict[str, int] = {}
+        self._crc_next_row: dict[str, int] = {}
+        self._crc_unordered: set[str] = set()
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _allocate(self._fd, self.size)
+            _pwrite_all(self._fd, prefix, 0)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:
@@ -125,7 +145,7 @@ class StreamingSafetensorsWriter:
                 f"tensor {name!r}: declared {spec.dtype} {list(spec.shape)}, "
                 f"got {tensor.dtype} {list(tensor.shape)}"
             )
-        self._write_at(offset, tensor)
+        self._crc[name] = self._write_at(offset, tensor, 0)
         self._written.add(name)
 
     def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
@@ -145,19 +165,34 @@ class StreamingSafetensorsWriter:
                 f"{start}:{start + (tensor.shape[0] if tensor.ndim else 0)} of "
                 f"{tensor.dtype} {list(tensor.shape)}"
             )
-        self._write_at(offset + start * (spec.nbytes // rows if rows else 0), tensor)
+        in_order = name not in self._crc_unordered and self._crc_next_row.get(name, 0) == start
+        crc = self._write_at(
+            offset + start * (spec.nbytes // rows if rows else 0),
+            tensor,
+            self._crc.get(name, 0) if in_order else None,
+        )
+        if in_order:
+            self._crc[name] = crc
+            self._crc_next_row[name] = start + tensor.shape[0]
+        else:  # recomputed from the file at close
+            self._crc_unordered.add(name)
         done = self._rows_written.get(name, 0) + tensor.shape[0]
         self._rows_written[name] = done
         if done == rows:
             self._written.add(name)
 
-    def _write_at(self, offset: int, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.seek(self._data_start + offset)
-        self._file.write(memoryview(data))
+    def _write_at(self, offset: int, tensor: torch.Tensor, crc: int | None) -> int:
+        """Write the tensor's bytes at `offset` of the data; returns CRC-32 chained on `crc`."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: write after close")
+        data = memoryview(
+            tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        )
+        _pwrite_all(self._fd, data, self._data_start + offset)
+        return zlib.crc32(data, crc) if crc is not None else 0
 
     def close(self) -> None:
-        if self._file.closed:
+        if self._fd is None:
             return
         missing = [n for n in self._slots if n not in self._written]
         try:
@@ -166,15 +201,39 @@ class StreamingSafetensorsWriter:
                     f"{self.path}: {len(missing)} declared tensors were never written "
                     f"(first: {missing[0]!r})"
                 )
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
+            for name in sorted(self._crc_unordered):
+                self._crc[name] = self._crc_from_file(name)
+            os.fsync(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = None
+
+    def _crc_from_file(self, name: str) -> int:
+        assert self._fd is not None
+        offset, spec = self._slots[name]
+        with open(self.path, "rb") as f:  # the write descriptor is write-only
+            return file_crc32(f.fileno(), self._data_start + offset, spec.nbytes)
+
+    def checksums(self) -> dict[str, object]:
+        """What a reader checks the closed file against: its size, the SHA-256 of its header,
+        and the CRC-32 of every tensor's bytes (hex), in data order."""
+        if self._fd is not None or len(self._written) != len(self._slots):
+            raise RuntimeError(f"{self.path}: checksums are known once the file is closed")
+        return {
+            "bytes": self.size,
+            "header_sha256": self.header_sha256,
+            "crc32": {name: f"{self._crc[name]:08x}" for name in self._slots},
+        }
 
     def abort(self) -> None:
-        """Close without the completeness check (the file is garbage afterwards)."""
-        if not self._file.closed:
-            self._file.close()
+        """Close without the completeness check (the file is garbage afterwards). Never raises:
+        nothing is buffered, so closing cannot fail on a full disk."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         return self
@@ -184,6 +243,28 @@ class StreamingSafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve `size` bytes for the file (a full disk fails here, not halfway through a step);
+    file systems without allocation support get a sparse file of that size instead."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+    except AttributeError:  # pragma: no cover - platforms without posix_fallocate
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 # The format's reference implementation refuses headers above 100 MB; so does this reader.

@@ -1,0 +1,217 @@
+"""The state's manifest and the integrity of its files, without torch.
+
+What `mergestream status` needs (the manifest's format, the state's health, a full verification
+of the recorded checksums) lives here and imports nothing heavy, so `status` answers at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import StateError
+
+STATE_DTYPE_NAMES = ("float32", "float64")
+
+FORMAT = "mergestream-state"
+# 2: the manifest lists the generation's part files with checksums (`parts`); 1 had one file per
+# state kind and no checksums. Version 1 states are read as they are and written as version 2 by
+# their next step.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# Every field a manifest must have, with its JSON type, so a damaged manifest is named as such
+# instead of failing later with a KeyError.
+REQUIRED_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("method", dict),
+    ("method.name", str),
+    ("method.params", dict),
+    ("state_dtype", str),
+    ("base", dict),
+    ("base.path", str),
+    ("base.files", list),
+    ("step", int),
+    ("generation", (int, type(None))),
+    ("scalars", dict),
+    ("ledger", list),
+    ("created", str),
+)
+
+
+def check_format(manifest: Any, where: object) -> None:
+    """Refuse a manifest this version cannot read, before anything relies on its contents."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StateError(f"{where}: not a mergestream state manifest")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise StateError(
+            f"{where}: state format version {version} was written by mergestream "
+            f"{manifest.get('mergestream_version', '?')}; this mergestream ({__version__}) reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
+            + ("; upgrade mergestream to use this state" if newer else "")
+        )
+    for key, kind in REQUIRED_FIELDS:
+        value: Any = manifest
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            raise StateError(f"{where}: the state manifest lacks {key!r}; it is damaged")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise StateError(
+                f"{where}: the state manifest's {key!r} is {type(value).__name__}, not "
+                f"{_type_names(kind)}; it is damaged"
+            )
+    if manifest["state_dtype"] not in STATE_DTYPE_NAMES:
+        raise StateError(
+            f"{where}: the state manifest's state_dtype {manifest['state_dtype']!r} is not one of "
+            f"{', '.join(STATE_DTYPE_NAMES)}; it is damaged"
+        )
+    parts = manifest.get("parts")
+    if version >= 2 and manifest["generation"] is not None and not isinstance(parts, list):
+        raise StateError(f"{where}: the state manifest lacks 'parts'; it is damaged")
+
+
+_MISSING = object()
+
+
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {dict: "an object", str: "a string", list: "a list", int: "an integer"}
+    return " or ".join(names.get(k, "null") for k in kinds)
+
+
+def generation_dir_name(generation: int) -> str:
+    return f"gen-{generation:06d}"
+
+
+def check_part_header(path: Path, part: Mapping[str, Any]) -> str | None:
+    """What is wrong with a part file's size or header against its manifest record, or None.
+    Records of format 1 (no checksums) pass."""
+    expected_size = part.get("bytes")
+    if expected_size is not None:
+        size = path.stat().st_size
+        if size != expected_size:
+            return f"the file has {size} bytes, {expected_size} were written"
+    expected_header = part.get("header_sha256")
+    if expected_header is not None:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            digest = hashlib.sha256(prefix + f.read(header_len)).hexdigest()
+        if digest != expected_header:
+            return "its header does not match the checksum recorded when it was written"
+    return None
+
+
+def verify_parts(root: Path, parts: list[Mapping[str, Any]]) -> list[str]:
+    """Every problem found by reading each part file whole against its manifest record
+    (missing file, size, header, each tensor's CRC-32); [] when all is intact. Reads the
+    data in chunks: memory stays small whatever the state's size. Needs no torch."""
+    problems = []
+    for part in parts:
+        path = root / part["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        problem = check_part_header(path, part)
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
+            continue
+        crcs = part.get("crc32")
+        if crcs is None:
+            continue
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+            data_start = 8 + header_len
+            for name, expected in crcs.items():
+                entry = header.get(name)
+                if not isinstance(entry, dict):
+                    problems.append(f"{path}: tensor {name!r} is missing from the file")
+                    continue
+                begin, end = entry["data_offsets"]
+                try:
+                    crc = file_crc32(f.fileno(), data_start + begin, end - begin)
+                except EOFError:
+                    problems.append(f"{path}: tensor {name!r} is truncated")
+                    continue
+                if f"{crc:08x}" != expected:
+                    problems.append(
+                        f"{path}: tensor {name!r} does not match its checksum "
+                        f"(CRC-32 {crc:08x}, recorded {expected})"
+                    )
+    return problems
+
+
+def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> dict[str, Any]:
+    """The status of a state directory from its manifest alone (no torch, no base): method,
+    steps, scalars, ledger, and its health: whether every file of the current generation is
+    there with its recorded size and header, and with `verify`, whether every tensor matches
+    its recorded checksum (the whole state is read, in chunks)."""
+    info = summary(manifest)
+    if "tensors" in manifest:
+        info["tensors"] = manifest["tensors"]
+    generation = manifest["generation"]
+    parts = manifest.get("parts")
+    problems: list[str] = []
+    if generation is not None and parts is None:  # format 1: no checksums, one file per kind
+        directory = path / generation_dir_name(generation)
+        parts = [{"file": f"{directory.name}/{p.name}"} for p in directory.glob("*.safetensors")]
+        if not parts:
+            problems.append(f"{directory}: missing (no state files)")
+    for part in parts or []:
+        file = path / part["file"]
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif not verify:
+            problem = check_part_header(file, part)
+            if problem is not None:
+                problems.append(f"{file}: {problem}")
+    if verify and not problems:
+        problems = verify_parts(path, parts or [])
+    info["health"] = {
+        "ok": not problems,
+        "problems": problems,
+        "verified": verify,
+        "checksums": generation is None or manifest.get("parts") is not None,
+    }
+    return info
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": manifest["method"],
+        "base": manifest["base"]["path"],
+        "step": int(manifest["step"]),
+        "scalars": dict(manifest["scalars"]),
+        "ledger": [dict(e) for e in manifest["ledger"]],
+        "created": manifest["created"],
+        "format_version": manifest["format_version"],
+        "mergestream_version": manifest["mergestream_version"],
+    }
+
+
+CRC_CHUNK = 8 << 20
+
+
+def file_crc32(fd: int, offset: int, size: int) -> int:
+    """CRC-32 of `size` bytes of an open file from `offset` on, read in chunks."""
+    crc = 0
+    buffer = bytearray(min(size, CRC_CHUNK))
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[: min(len(view), size - done)]], offset + done)
+        if n == 0:
+            raise EOFError
+        crc = zlib.crc32(view[:n], crc)
+        done += n
+    return crc
