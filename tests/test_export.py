@@ -88,6 +88,7 @@ def test_sharded_export_loads_in_transformers_with_the_same_tensors(bert):
 def test_single_file_export_loads_in_transformers(bert):
     out = bert["state"].export(bert["root"] / "single")
     assert sorted(p.name for p in out.iterdir()) == [
+        ".mergestream-export.json",
         "README.md",
         "config.json",
         "model.safetensors",
@@ -113,6 +114,7 @@ def test_reexport_leaves_no_stale_weights(bert, tmp_path):
         n for n in names if n.endswith(".safetensors")
     ]
     assert not list(out.glob("*.partial"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_model_card_and_metadata_record_provenance(bert):

@@ -4,9 +4,9 @@
 or shards `model-00001-of-00003.safetensors` with a `model.safetensors.index.json` once the model
 exceeds `max_shard_size`. Tensors are computed and written one at a time, and tensors past the
 engine's streaming limit by row blocks (a method's task vector is elementwise in its state, so
-rows of the state give rows of the task vector). Every file is written
-under a temporary name and renamed into place only when all shards are complete, so a crash never
-leaves a half-written file under a name a loader reads.
+rows of the state give rows of the task vector). The files are written into a fresh directory
+that `publish.publish_directory` switches in whole, so a reader of the output never sees a
+half-written file or a mixture of two exports.
 """
 
 from __future__ import annotations
@@ -17,22 +17,21 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .engine import add_chunked, is_streamed, row_blocks
 from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
-from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 from .progress import NoProgress, Progress
-from .storage import fsync_dir
+from .publish import files_under
 
 # Files of an HF model directory that are weights (not copied next to the merged weights).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
 WEIGHT_INDEXES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
-SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-PARTIAL = ".partial"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
@@ -132,25 +131,60 @@ def output_specs(
     return specs
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse a directory holding weights that an export would not replace (the merged model
-    would be ambiguous next to them)."""
-    if not out.exists():
-        return
+MARKER = ".mergestream-export.json"  # what an export wrote, so the next one knows what it owns
+
+
+def read_marker(out: Path) -> dict[str, Any] | None:
+    """The record a previous export left in `out`, or None if `out` is not an export."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != "mergestream-export":
+        return None
+    files = marker.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return marker
+
+
+def plan_output_dir(out: Path, overwrite: bool, written: set[str]) -> list[str]:
+    """Check that an export may replace directory `out`, and return the files of `out` to keep.
+
+    A previous export's own files (its marker lists them) are replaced; every other file of
+    `out` is kept. A non-empty `out` that is not a previous export is refused unless
+    `overwrite`, and even then only the files an export writes are replaced. Weights that the
+    export would not replace are refused (a loader could pick them instead of the merged
+    model)."""
+    if not out.exists() and not out.is_symlink():
+        return []
     if not out.is_dir():
         raise MergestreamError(f"{out}: exists and is not a directory")
-    for item in sorted(out.iterdir()):
-        if not item.is_file() or _is_export_weight(item.name) or item.name.endswith(PARTIAL):
-            continue
-        if item.suffix in WEIGHT_SUFFIXES or item.name in WEIGHT_INDEXES:
+    present = files_under(out)
+    if not present:
+        return []
+    marker = read_marker(out)
+    owned = set(marker["files"]) | {MARKER} if marker is not None else set()
+    foreign = [f for f in present if f not in owned]
+    if marker is None and not overwrite:
+        shown = ", ".join(foreign[:4]) + (
+            f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        )
+        raise MergestreamError(
+            f"{out}: is not empty ({shown}) and was not written by mergestream export; export "
+            "into a new or empty directory, or pass overwrite (--overwrite) to replace only the "
+            "files an export writes there and keep the others"
+        )
+    keep = [f for f in foreign if f not in written]
+    for relative in keep:
+        name = Path(relative).name
+        if "/" not in relative and (Path(name).suffix in WEIGHT_SUFFIXES or name in WEIGHT_INDEXES):
             raise MergestreamError(
-                f"{out}: holds {item.name}, which an export would not replace; a loader could "
-                "pick it instead of the merged weights. Export into an empty or new directory"
+                f"{out}: holds {relative}, which an export would not replace; a loader could "
+                "pick it instead of the merged weights. Move it away, or export into an empty "
+                "or new directory"
             )
-
-
-def _is_export_weight(name: str) -> bool:
-    return name in (SAFETENSORS_FILE, SAFETENSORS_INDEX) or SHARD_NAME.fullmatch(name) is not None
+    return keep
 
 
 def write_model(
@@ -164,24 +198,23 @@ def write_model(
     progress: Progress | None = None,
     task_vector_rows: TaskVectorRowsFn | None = None,
 ) -> list[str]:
-    """Stream the merged model into `out` as HF-style safetensors; returns the weight files.
-    With `task_vector_rows` (rows `start:stop` of `task_vector(info)`), large tensors are
-    written by row blocks instead of computed whole."""
+    """Stream the merged model into the new, empty directory `out` as HF-style safetensors;
+    returns the weight files. With `task_vector_rows` (rows `start:stop` of
+    `task_vector(info)`), large tensors are written by row blocks instead of computed whole.
+    Every written tensor is checked finite in its output dtype (a merged value can overflow a
+    narrower dtype than the merge's float64)."""
     progress = progress or NoProgress()
-    check_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = output_specs(base, infos, dtype)
     spec_of = dict(specs)
     shards = plan_shards(specs, parse_size(max_shard_size))
     names = shard_file_names(len(shards))
     shard_of = {tensor: i for i, members in enumerate(shards) for tensor in members}
-    partials = [out / (name + PARTIAL) for name in names]
     writers: list[StreamingSafetensorsWriter] = []
     progress.start("export", len(specs), sum(s.nbytes for _, s in specs))
     try:
-        for path, members in zip(partials, shards, strict=True):
+        for name, members in zip(names, shards, strict=True):
             writers.append(
-                StreamingSafetensorsWriter(path, [(n, spec_of[n]) for n in members], metadata)
+                StreamingSafetensorsWriter(out / name, [(n, spec_of[n]) for n in members], metadata)
             )
         for name in base.names():
             info, writer = infos.get(name), writers[shard_of[name]]
@@ -189,72 +222,118 @@ def write_model(
                 for start, stop in row_blocks(info.shape):
                     rows = task_vector_rows(info, start, stop).to(COMPUTE_DTYPE)
                     rows.add_(base.get_rows(name, start, stop))
-                    writer.write_rows(name, start, rows.to(dtype or info.dtype))
+                    rows = rows.to(dtype or info.dtype)
+                    _check_output_finite(name, rows, (start, stop))
+                    writer.write_rows(name, start, rows)
             else:
-                writer.write(name, _merged_tensor(base, name, info, task_vector, dtype))
+                merged = _merged_tensor(base, name, info, task_vector, dtype)
+                if info is not None:
+                    _check_output_finite(name, merged, None)
+                writer.write(name, merged)
             progress.advance(1, spec_of[name].nbytes)
         for writer in writers:
             writer.close()
     except BaseException:
         for writer in writers:
             writer.abort()
-        for path in partials:
-            path.unlink(missing_ok=True)
         raise
     finally:
         progress.finish()
-    _install(out, names, partials, spec_of, shards)
-    return names
-
-
-def _install(
-    out: Path,
-    names: list[str],
-    partials: list[Path],
-    spec_of: Mapping[str, TensorSpec],
-    shards: list[list[str]],
-) -> None:
-    """Move complete shards into place and leave no weights of an earlier export behind."""
-    index = out / SAFETENSORS_INDEX
-    stale = [
-        item
-        for item in out.iterdir()
-        if item.is_file() and _is_export_weight(item.name) and item.name not in names
-    ]
-    if len(names) == 1:
-        index.unlink(missing_ok=True)  # first, so no index points at shards being replaced
-    for partial, name in zip(partials, names, strict=True):
-        partial.replace(out / name)
     if len(names) > 1:
-        tmp = out / (SAFETENSORS_INDEX + PARTIAL)
-        content = {
+        index = {
             "metadata": {"total_size": sum(spec.nbytes for spec in spec_of.values())},
             "weight_map": {
                 tensor: names[i] for i, members in enumerate(shards) for tensor in members
             },
         }
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(index)
-    for item in stale:
-        if item != index:
-            item.unlink(missing_ok=True)
-    fsync_dir(out)
+        write_json_file(out / SAFETENSORS_INDEX, index)
+        names = [*names, SAFETENSORS_INDEX]
+    return names
+
+
+def _check_output_finite(name: str, tensor: torch.Tensor, rows: tuple[int, int] | None) -> None:
+    if bool(torch.isfinite(tensor).all()):
+        return
+    where = f" (rows {rows[0]}:{rows[1]})" if rows else ""
+    raise MergestreamError(
+        f"merged tensor {name!r}{where} is not finite in {dtype_name(tensor.dtype)}: its values "
+        "exceed the dtype's range. Export in a wider dtype (--dtype float32)"
+    )
+
+
+def write_json_file(path: Path, content: Any) -> None:
+    """Write JSON to a new file and fsync it."""
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def model_files(base_dir: Path | None) -> list[str]:
+    """The base directory's files that an export copies beside the merged weights, as paths
+    relative to it: config, tokenizer, and every subfolder's non-weight files
+    (sentence-transformers' `1_Pooling/`, `2_Normalize/`, ...). Subfolders that `modules.json`
+    names as sentence-transformers modules are taken whole, weights included (e.g. `2_Dense/`:
+    modules the merge does not touch); other weight files (an `onnx/` export of the base, say)
+    would not match the merged model and are left out. Hidden files and folders are skipped,
+    and so is the base's README.md (the export writes its own model card)."""
+    if base_dir is None:
+        return []
+    modules = _sentence_transformers_modules(base_dir)
+    found = []
+    for directory, dirs, files in os.walk(base_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        relative_dir = Path(directory).relative_to(base_dir)
+        top = relative_dir == Path(".")
+        whole = not top and relative_dir.parts[0] in modules
+        for name in sorted(files):
+            if name.startswith(".") or (top and name == "README.md"):
+                continue
+            is_weight = Path(name).suffix in WEIGHT_SUFFIXES or name in WEIGHT_INDEXES
+            if is_weight and not whole:
+                continue
+            found.append(name if top else str(relative_dir / name))
+    return found
 
 
 def copy_model_files(base_dir: Path | None, out_dir: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of an HF model directory."""
-    if base_dir is None:
-        return []
-    copied = []
-    for item in sorted(base_dir.iterdir()):
-        if not item.is_file() or item.suffix in WEIGHT_SUFFIXES or item.name in WEIGHT_INDEXES:
-            continue
-        if item.name == "README.md":
-            continue  # the export writes its own model card
-        shutil.copy2(item, out_dir / item.name)
-        copied.append(item.name)
+    """Copy `model_files(base_dir)` into `out_dir` (subfolders recreated); returns them."""
+    copied = model_files(base_dir)
+    assert base_dir is not None or not copied
+    for relative in copied:
+        target = out_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base_dir / relative, target)  # type: ignore[operator]
+    if base_dir is not None:  # empty module folders (2_Normalize/) matter to their loader
+        for module in _sentence_transformers_modules(base_dir):
+            if (base_dir / module).is_dir():
+                (out_dir / module).mkdir(parents=True, exist_ok=True)
     return copied
+
+
+def export_weight_names(
+    base: TensorSource,
+    infos: Mapping[str, TensorInfo],
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+) -> list[str]:
+    """The weight files `write_model` will write, known before it runs."""
+    count = len(plan_shards(output_specs(base, infos, dtype), parse_size(max_shard_size)))
+    names = shard_file_names(count)
+    return names + [SAFETENSORS_INDEX] if count > 1 else names
+
+
+def _sentence_transformers_modules(base_dir: Path) -> set[str]:
+    """Top-level folders that the base's `modules.json` lists as modules."""
+    try:
+        modules = json.loads((base_dir / "modules.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return set()
+    if not isinstance(modules, list):
+        return set()
+    return {
+        m["path"].split("/")[0]
+        for m in modules
+        if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"]
+    }

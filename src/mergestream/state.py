@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,8 +35,14 @@ from .engine import (
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
+    MARKER,
     copy_model_files,
+    export_weight_names,
     merged_tensors,
+    model_files,
+    output_specs,
+    plan_output_dir,
+    write_json_file,
     write_model,
 )
 from .hashing import content_hash, file_stamps, header_fingerprint
@@ -47,7 +55,8 @@ from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
 from .progress import Progress
-from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir
+from .publish import publish_directory
+from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir, no_space_message
 
 
 def _now() -> str:
@@ -502,44 +511,89 @@ class MergeState:
         dtype: torch.dtype | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         progress: Progress | None = None,
+        overwrite: bool = False,
+        verify_base: bool = False,
     ) -> Path:
         """Write the merged model to directory `out` as HF-style safetensors (one file, or shards
         of at most `max_shard_size` with an index), the base's config/tokenizer files and a
         model card with provenance, so `transformers.AutoModel.from_pretrained(out)` loads it.
 
-        Floating-point tensors are written in `dtype`, or the base's dtype by default.
+        Floating-point tensors are written in `dtype`, or the base's dtype by default. The
+        export is built beside `out` and switched in whole (`publish.py`): a reader of `out`
+        sees the previous export or the new one, never a mixture. `out` must be new, empty or
+        an earlier export; a directory holding other files is refused unless `overwrite`, and
+        even then only the files an export writes are replaced. Files of `out` that an export
+        does not write are kept.
         """
         out = Path(out)
-        self._check_export_target(out)
         with self._storage.lock(exclusive=False):
             self._reload_manifest()
-            self._check_base_unchanged()
-            files = write_model(
-                out,
-                self._base,
-                self._info_by_name,
-                self._task_vector,
-                dtype,
-                provenance_metadata(self._manifest),
-                max_shard_size,
-                progress,
-                task_vector_rows=self._task_vector_rows,
+            self._check_export_target(out)
+            self._check_base_unchanged(verify=verify_base)
+            weight_names = export_weight_names(
+                self._base, self._info_by_name, dtype, max_shard_size
             )
-            copied = copy_model_files(self._base_dir, out)
-            dtypes = {dtype_name(dtype or i.dtype) for i in self._infos}
-            card = render_model_card(self._manifest, files, "/".join(sorted(dtypes)), copied)
-            (out / "README.md").write_text(card)
-            fsync_dir(out)
+            written = {*weight_names, "README.md", MARKER, *model_files(self._base_dir)}
+            keep = plan_output_dir(out, overwrite, written)
+            needed = sum(s.nbytes for _, s in output_specs(self._base, self._info_by_name, dtype))
+
+            def build(directory: Path) -> None:
+                files = write_model(
+                    directory,
+                    self._base,
+                    self._info_by_name,
+                    self._task_vector,
+                    dtype,
+                    provenance_metadata(self._manifest),
+                    max_shard_size,
+                    progress,
+                    task_vector_rows=self._task_vector_rows,
+                )
+                copied = copy_model_files(self._base_dir, directory)
+                dtypes = {dtype_name(dtype or i.dtype) for i in self._infos}
+                weights = [f for f in files if f.endswith(".safetensors")]
+                card = render_model_card(self._manifest, weights, "/".join(sorted(dtypes)), copied)
+                (directory / "README.md").write_text(card)
+                marker = {
+                    "format": "mergestream-export",
+                    "mergestream_version": __version__,
+                    "state": self._where,
+                    "step": self.step,
+                    "files": sorted({*files, *copied, "README.md"}),
+                }
+                write_json_file(directory / MARKER, marker)
+
+            try:
+                publish_directory(out, build, keep)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise MergestreamError(
+                        no_space_message(out.parent, "the export", needed) + f"; {out} is unchanged"
+                    ) from None
+                raise MergestreamError(
+                    f"{out}: cannot write the export ({err.strerror or err}); {out} is unchanged"
+                ) from None
         return out
 
     def _check_export_target(self, out: Path) -> None:
-        target = out.resolve()
+        """Refuse an `out` whose replacement would touch the state or the base's files."""
+        target = Path(os.path.realpath(out))
+        protected: list[tuple[Path, str]] = []
         if self._path is not None:
-            state_dir = self._path.resolve()
-            if target == state_dir or state_dir in target.parents:
+            protected.append((Path(os.path.realpath(self._path)), "the state directory"))
+        if self._base_dir is not None:
+            protected.append((Path(os.path.realpath(self._base_dir)), "the base model's directory"))
+        for file in self._base.files():
+            protected.append((Path(os.path.realpath(file.parent)), "the base model's directory"))
+            protected.append((Path(os.path.realpath(file)), f"the base's file {file}"))
+        for path, what in protected:
+            if target == path or target in path.parents:
+                raise MergestreamError(
+                    f"{out}: cannot export there: it would replace {what}; choose another "
+                    "output directory"
+                )
+            if path in target.parents and what == "the state directory":
                 raise MergestreamError(f"{out}: cannot export into the state directory")
-        if self._base_dir is not None and target == self._base_dir.resolve():
-            raise MergestreamError(f"{out}: cannot export into the base model's directory")
 
 
 def _roles(base: TensorSource, infos: list[TensorInfo]) -> dict[str, int]:
