@@ -2,13 +2,33 @@
 
 Fold fine-tuned checkpoints into one merged model as they arrive (OPCM and its baselines), with a
 resumable on-disk state and memory that does not grow with the number or size of models.
+
+The names below are imported on first use, so `import mergestream` (and the command line's
+`--help` and `status`) does not load torch until something needs it.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from . import allocator  # noqa: E402  (light: lets users call allocator.* after import)
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError  # noqa: E402
-from .methods import METHODS, OPCM, ContinualMethod, get_method  # noqa: E402
-from .state import MergeState, merge  # noqa: E402
+
+if TYPE_CHECKING:
+    from .methods import METHODS, OPCM, ContinualMethod, get_method
+    from .state import MergeState, merge
+
+_LAZY = {
+    "METHODS": ".methods",
+    "OPCM": ".methods",
+    "ContinualMethod": ".methods",
+    "get_method": ".methods",
+    "MergeState": ".state",
+    "merge": ".state",
+}
 
 __all__ = [
     "METHODS",
@@ -20,6 +40,20 @@ __all__ = [
     "MergestreamError",
     "StateError",
     "__version__",
+    "allocator",
     "get_method",
     "merge",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mergestream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

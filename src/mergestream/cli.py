@@ -1,4 +1,8 @@
-"""The `mergestream` command line: a thin layer over the Python API (one function per command)."""
+"""The `mergestream` command line: a thin layer over the Python API (one function per command).
+
+torch and the library's numeric modules are imported inside the commands that need them, so
+`--help` and `status` answer at once (importing torch takes a second or more).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .allocator import return_freed_memory_to_os
 from .errors import ConfigError, MergestreamError
-from .export import DEFAULT_MAX_SHARD_SIZE
-from .io.mapping import EXTRA_POLICIES, MISSING_POLICIES
-from .methods import METHODS
-from .methods.base import describe_config, parse_param_strings
-from .plan import format_plan
+from .options import (
+    DEFAULT_MAX_SHARD_SIZE,
+    EXPORT_DTYPES,
+    EXTRA_POLICIES,
+    MISSING_POLICIES,
+    STATE_DTYPE_NAMES,
+)
 from .progress import default_progress
-from .state import MergeState
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from .methods.base import parse_param_strings
+    from .state import MergeState
+
     params = parse_param_strings(args.param)
     state = MergeState.create(
         args.state,
@@ -55,6 +59,8 @@ def _mapping(args: argparse.Namespace) -> dict[str, object]:
 def cmd_add(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_plan(args)
+    from .state import MergeState
+
     state = MergeState.open(args.state)
     for checkpoint in args.checkpoints:
         stats = state.add(
@@ -63,6 +69,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             progress=default_progress(args.quiet),
+            verify_base=args.verify_base,
             **_mapping(args),
         )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
@@ -72,6 +79,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan
+    from .state import MergeState
+
     state = MergeState.open(args.state)
     plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
     for offset, plan in enumerate(plans):
@@ -84,46 +94,71 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = MergeState.open(args.state)
-    info = state.status()
+    from .manifest import read_state_status
+
+    info = read_state_status(Path(args.state), verify=args.verify)
     if args.tensors:
-        info["classification"] = state.classification()
+        from .state import MergeState
+
+        info["classification"] = MergeState.open(args.state).classification()
+    health = info["health"]
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 0 if health["ok"] else 1
     method = info["method"]
     params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
     print(f"state:   {args.state}")
     print(f"method:  {method['name']} ({params})")
     print(f"base:    {info['base']}")
-    roles = info["tensors"]
-    print(
-        f"tensors: {roles['projected']} projected, {roles['added']} added, "
-        f"{roles['copied']} copied from the base"
-    )
+    roles = info.get("tensors")
+    if roles is not None:
+        print(
+            f"tensors: {roles['projected']} projected, {roles['added']} added, "
+            f"{roles['copied']} copied from the base"
+        )
     print(f"steps:   {info['step']}")
     for key, value in info["scalars"].items():
         print(f"  {key} = {value:.6g}")
     for entry in info["ledger"]:
         mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
+        notes = "; ".join(entry.get("notes", []))
         print(
             f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
             + (f"  ({mapping})" if mapping else "")
+            + (f"  [{notes}]" if notes else "")
         )
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
-    return 0
+    if health["ok"]:
+        checked = (
+            "every tensor matches its checksum"
+            if health["verified"]
+            else "all files present with their recorded sizes and headers"
+            + ("" if health["checksums"] else " (format 1: no checksums until the next add)")
+        )
+        print(f"health:  ok ({checked})")
+        return 0
+    print(f"health:  DAMAGED ({len(health['problems'])} problems)")
+    for problem in health["problems"]:
+        print(f"  {problem}")
+    return 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .state import MergeState
+
     state = MergeState.open(args.state)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     out = state.export(
         args.out,
         dtype=dtype,
         max_shard_size=args.max_shard_size,
         progress=default_progress(args.quiet),
+        overwrite=args.overwrite,
+        verify_base=args.verify_base,
     )
     if not args.quiet:
         print(f"wrote the merged model after {state.step} steps to {out}")
@@ -131,6 +166,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+    from .methods.base import describe_config
+
     for name in sorted(METHODS):
         cls = METHODS[name]
         print(f"{name}: {cls.summary}")
@@ -184,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="base checkpoint: .safetensors, .bin/.pt, or an HF model directory (sharded or not)",
     )
-    p.add_argument("--method", default="opcm", choices=sorted(METHODS))
+    p.add_argument("--method", default="opcm", help="merge method (see `mergestream methods`)")
     p.add_argument(
         "--param",
         action="append",
@@ -194,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dtype",
-        choices=["float32", "float64"],
+        choices=STATE_DTYPE_NAMES,
         default=None,
         help="precision of the stored state (default: the method's; float64 for opcm)",
     )
@@ -218,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where each worker gets a CUDA stream of its own)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_verify_base_argument(p)
     _add_mapping_arguments(p)
     p.add_argument(
         "--dry-run",
@@ -236,16 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("status", help="show method, params, steps, scalars and ledger")
+    p = sub.add_parser(
+        "status",
+        help="show method, params, steps, scalars, ledger and the state's health "
+        "(exit status 1 if damaged)",
+    )
     p.add_argument("state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tensors", action="store_true", help="list each tensor's role")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read the whole state and check every tensor against its recorded checksum",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write the merged model as safetensors")
     p.add_argument("state")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, help="dtype of floating-point tensors")
     p.add_argument(
         "--max-shard-size",
         default=DEFAULT_MAX_SHARD_SIZE,
@@ -253,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default %(default)s); a bigger "
         "model is split into shards with an index",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a non-empty directory that is not an earlier export: only the files "
+        "an export writes are replaced, every other file is kept",
+    )
+    _add_verify_base_argument(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -289,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _add_verify_base_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify-base",
+        action="store_true",
+        help="hash the base's whole content to check it is unchanged (by default its size, "
+        "modification time and file headers are compared with those recorded at init)",
+    )
 
 
 def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:

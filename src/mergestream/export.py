@@ -26,13 +26,13 @@ from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
 from .methods.base import COMPUTE_DTYPE, TensorInfo
+from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import NoProgress, Progress
 from .publish import files_under
 
 # Files of an HF model directory that are weights (not copied next to the merged weights).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
 WEIGHT_INDEXES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
 TaskVectorRowsFn = Callable[[TensorInfo, int, int], torch.Tensor]

@@ -6,19 +6,24 @@ of the recorded checksums) lives here and imports nothing heavy, so `status` ans
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import StateError
+from .options import STATE_DTYPE_NAMES
 
-STATE_DTYPE_NAMES = ("float32", "float64")
+MANIFEST = "manifest.json"
+LOCK = "lock"
 
 FORMAT = "mergestream-state"
 # 2: the manifest lists the generation's part files with checksums (`parts`); 1 had one file per
@@ -215,3 +220,61 @@ def file_crc32(fd: int, offset: int, size: int) -> int:
         crc = zlib.crc32(view[:n], crc)
         done += n
     return crc
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    """The state's manifest as JSON data (not yet checked: see `check_format`)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise StateError(f"{path}: not a merge state (no {MANIFEST}); create one with init")
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise StateError(f"{manifest_path}: unreadable manifest ({err})") from err
+
+
+@contextlib.contextmanager
+def state_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """flock on the state's lock file: exclusive for a step, shared for readers."""
+    lock_path = path / LOCK
+    try:
+        if not exclusive and lock_path.exists():
+            fd = os.open(lock_path, os.O_RDONLY)  # readers need no write access
+        else:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        what = "change" if exclusive else "read"
+        raise StateError(
+            f"{lock_path}: cannot open the state's lock file to {what} the state "
+            f"({err.strerror or err}); "
+            + (
+                "adding to a state needs write access to its directory"
+                if exclusive
+                else "check the state directory's permissions"
+            )
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StateError(
+                    f"{path}: another mergestream process is "
+                    f"{'using' if exclusive else 'adding to'} this state; "
+                    "wait for it to finish and try again"
+                ) from None
+            raise StateError(
+                f"{lock_path}: cannot lock the state ({err.strerror or err})"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_state_status(path: Path, verify: bool = False) -> dict[str, Any]:
+    """`state_status` of the state directory at `path`, read under a shared lock (so a step
+    that commits meanwhile cannot make its old files look missing)."""
+    with state_lock(path, exclusive=False) if (path / LOCK).exists() else contextlib.nullcontext():
+        manifest = load_manifest(path)
+        check_format(manifest, path)
+        return state_status(path, manifest, verify)

@@ -358,6 +358,9 @@ class MergeState:
             }
             if isinstance(source, MappedSource):
                 entry["mapping"] = source.summary()
+            notes = _dtype_notes(self._infos, source)
+            if notes:
+                entry["notes"] = notes
             manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -594,6 +597,21 @@ class MergeState:
                 )
             if path in target.parents and what == "the state directory":
                 raise MergestreamError(f"{out}: cannot export into the state directory")
+
+
+def _dtype_notes(infos: list[TensorInfo], source: TensorSource) -> list[str]:
+    """Ledger notes for tensors whose dtype differs from the base's. They are accepted: every
+    method computes in float64, and the export writes the base's dtype (or --dtype)."""
+    counts: dict[tuple[str, str], int] = {}
+    for info in infos:
+        incoming = source.spec(info.name).dtype
+        if incoming != info.dtype:
+            key = (dtype_name(incoming), dtype_name(info.dtype))
+            counts[key] = counts.get(key, 0) + 1
+    return [
+        f"{n} {theirs} tensors merged into a {ours} base (computed in float64)"
+        for (theirs, ours), n in sorted(counts.items())
+    ]
 
 
 def _roles(base: TensorSource, infos: list[TensorInfo]) -> dict[str, int]:

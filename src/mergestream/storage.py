@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -36,11 +35,15 @@ import torch
 
 from .errors import CheckpointError, StateError
 from .io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
-from .manifest import check_part_header, generation_dir_name
+from .manifest import (
+    LOCK,
+    MANIFEST,
+    check_part_header,
+    generation_dir_name,
+    load_manifest,
+    state_lock,
+)
 from .methods.base import TensorInfo
-
-MANIFEST = "manifest.json"
-LOCK = "lock"
 
 
 class GenerationWriter(Protocol):
@@ -325,15 +328,7 @@ class DiskStorage:
         self._guard = threading.Lock()  # worker threads read state tensors concurrently
 
     def load_manifest(self) -> dict[str, Any]:
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise StateError(
-                f"{self.path}: not a merge state (no {MANIFEST}); create one with init"
-            )
-        try:
-            return json.loads(manifest_path.read_text())
-        except (OSError, ValueError, RecursionError) as err:
-            raise StateError(f"{manifest_path}: unreadable manifest ({err})") from err
+        return load_manifest(self.path)
 
     def use_parts(
         self, generation: int, state_names: tuple[str, ...], parts: list[dict[str, Any]] | None
@@ -491,41 +486,8 @@ class DiskStorage:
             if item.name != keep:
                 shutil.rmtree(item, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def lock(self, exclusive: bool) -> Iterator[None]:
-        lock_path = self.path / LOCK
-        try:
-            if not exclusive and lock_path.exists():
-                fd = os.open(lock_path, os.O_RDONLY)  # readers need no write access
-            else:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            what = "change" if exclusive else "read"
-            raise StateError(
-                f"{lock_path}: cannot open the state's lock file to {what} the state "
-                f"({err.strerror or err}); "
-                + (
-                    "adding to a state needs write access to its directory"
-                    if exclusive
-                    else "check the state directory's permissions"
-                )
-            ) from None
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise StateError(
-                        f"{self.path}: another mergestream process is "
-                        f"{'using' if exclusive else 'adding to'} this state; "
-                        "wait for it to finish and try again"
-                    ) from None
-                raise StateError(
-                    f"{lock_path}: cannot lock the state ({err.strerror or err})"
-                ) from None
-            yield
-        finally:
-            os.close(fd)
+    def lock(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+        return state_lock(self.path, exclusive)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

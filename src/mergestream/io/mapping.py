@@ -24,11 +24,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..options import EXTRA_POLICIES, MISSING_POLICIES
 from .checkpoint import TensorSource, tensor_location
 from .safetensors_stream import TensorSpec
-
-MISSING_POLICIES = ("error", "base")
-EXTRA_POLICIES = ("error", "ignore")
 
 
 @dataclass(frozen=True)
