@@ -10,6 +10,12 @@ Accepted on disk:
   PyTorch 1.6), or a directory with `pytorch_model.bin` or shards listed by
   `pytorch_model.bin.index.json`. These are opened with `torch.load(mmap=True, weights_only=True)`:
   nothing is unpickled but tensors and containers, and data is read when a tensor is asked for.
+  Each archive's structure is checked first (`torch_zip.py`: record sizes, tensor extents, and a
+  torch recent enough that its weights-only unpickler has no known bypass).
+
+A shard index may only name files inside its own folder (checked lexically, so symlinks in the
+folder may point elsewhere, as the Hugging Face cache's do), and it must say truthfully which
+shard holds each tensor. Messages name files and tensors but never quote bytes of a file.
 """
 
 from __future__ import annotations
