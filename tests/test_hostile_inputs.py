@@ -55,10 +55,23 @@ def state_dict_files() -> dict[str, dict]:
         "half.weight": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
     }
     shared = {"full": weight, "tail_rows": weight[2:], "transposed": weight.t()}
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    module.register_buffer("position_ids", torch.arange(5))
+    odd = {
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(3.5),
+        "half": torch.randn(3, generator=generator).half(),
+        "double": torch.randn(2, generator=generator).double(),
+        "parameter": torch.nn.Parameter(torch.randn(2, 2, generator=generator)),
+    }
     return {
         "float32+bf16": flat,
         "shared-views": shared,
         "nested": {"state_dict": flat, "epoch": 3},
+        "module-state-dict": module.state_dict(),  # an OrderedDict with _metadata, int buffer
+        "empty-0d-fp16-fp64-parameter": odd,
+        # a training checkpoint: the model beside optimizer state that shares no storage with it
+        "with-optimizer": {"model": flat, "optimizer": {"state": {0: {"m": torch.ones(3)}}}},
     }
 
 
@@ -81,7 +94,7 @@ def test_torch_save_files_pass_the_checks_and_read_exactly(tmp_path, kind):
     path = tmp_path / "model.bin"
     torch.save(saved, path)
     expected = torch.load(path, weights_only=True)
-    expected = expected.get("state_dict", expected)
+    expected = expected.get("state_dict", expected.get("model", expected))
     source = open_checkpoint(path)
     assert source.names() == list(expected)
     for name, tensor in expected.items():

@@ -214,7 +214,7 @@ def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: holds no state dict (a mapping of names to tensors)"
             + (
-                f"; its top-level keys are {keys}"
+                f"; its top-level keys are {_short(keys)}"
                 if keys
                 else f"; it holds a {type(loaded).__name__}"
             )
