@@ -241,6 +241,14 @@ def test_pickle_asking_for_an_object_is_refused_in_our_words(tmp_path):
     assert CALLS == []
 
 
+def test_plain_pickle_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0], "payload": RunsCodeWhenLoaded()}, protocol=4))
+    CALLS.clear()
+    refusal(path, "it is a plain pickle, not the zip archive")
+    assert CALLS == []
+
+
 def test_cli_refuses_a_truncated_record_and_keeps_the_state(tmp_path, capsys):
     base = {"w": torch.randn(4, 4), "b": torch.randn(4)}
     save_file(base, str(tmp_path / "base.safetensors"))

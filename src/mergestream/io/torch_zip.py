@@ -43,7 +43,9 @@ MAX_PICKLE_BYTES = 256 * 1024 * 1024
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name and extra lengths
 _LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
-_LEGACY_PICKLE_START = b"\x80\x02"  # pickle protocol 2: the pre-1.6 torch.save format
+# The pre-1.6 torch.save format: pickle protocol 2, then the format's magic number as a LONG1.
+_LEGACY_TORCH_START = b"\x80\x02\x8a\x0a"
+_PICKLE_START = b"\x80"  # the PROTO opcode that starts every pickle of protocol 2 or later
 
 
 def torch_version() -> tuple[int, int] | None:
@@ -76,17 +78,9 @@ class _Storage:
     tensors: list[str] = field(default_factory=list)  # state-dict names that view it
 
 
-@dataclass(frozen=True)
-class ArchiveCheck:
-    """What the structural check found: the archive's layout, for the caller's messages."""
-
-    storages: int
-    tensors: int
-
-
 def check_torch_archive(
     path: Path, find_state_dict: Callable[[object], Mapping[str, torch.Tensor] | None]
-) -> ArchiveCheck:
+) -> None:
     """Check the archive at `path` as the module docstring says; raise `CheckpointError`.
 
     `find_state_dict` picks the names -> tensors mapping out of the unpickled object (the same
@@ -101,7 +95,7 @@ def check_torch_archive(
                 raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
             archive = _open_zip(path, handle, start)
             with archive:
-                return _check_archive(path, handle, file_size, archive, find_state_dict)
+                _check_archive(path, handle, file_size, archive, find_state_dict)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -117,11 +111,16 @@ def _open_zip(path: Path, handle: io.BufferedReader, start: bytes) -> zipfile.Zi
         return zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
         pass
-    if start.startswith(_LEGACY_PICKLE_START):
+    if start.startswith(_LEGACY_TORCH_START):
         reason = (
             "it is in the legacy format of PyTorch before 1.6; mergestream reads the zip format "
             "that torch.save writes by default since PyTorch 1.6 (re-save it with torch.save, or "
             "convert it to safetensors)"
+        )
+    elif start.startswith(_PICKLE_START):
+        reason = (
+            "it is a plain pickle, not the zip archive that torch.save writes (since PyTorch "
+            "1.6); re-save the state dict with torch.save, or convert it to safetensors"
         )
     elif start.startswith(_LOCAL_HEADER_SIGNATURE):
         reason = (
@@ -139,7 +138,7 @@ def _check_archive(
     file_size: int,
     archive: zipfile.ZipFile,
     find_state_dict: Callable[[object], Mapping[str, torch.Tensor] | None],
-) -> ArchiveCheck:
+) -> None:
     entries = archive.infolist()
     if not entries:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: the zip archive is empty")
@@ -170,7 +169,6 @@ def _check_archive(
 
     state_dict = find_state_dict(loaded)
     tensors = state_dict.items() if state_dict is not None else _tensors_in(loaded)
-    checked = 0
     for name, tensor in tensors:
         storage = by_storage.get(tensor.untyped_storage()._cdata)
         if storage is None:  # not backed by a record (cannot happen for torch.save output)
@@ -179,7 +177,6 @@ def _check_archive(
             )
         storage.tensors.append(name)
         _check_extent(path, name, tensor, storage)
-        checked += 1
 
     for storage in storages.values():
         record = f"{prefix}/data/{storage.key}"
@@ -206,7 +203,6 @@ def _check_archive(
         _check_record_bounds(
             path, handle, file_size, info, f"the storage record data/{storage.key} {who}"
         )
-    return ArchiveCheck(storages=len(storages), tensors=checked)
 
 
 def _unpickle_structure(
