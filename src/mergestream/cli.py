@@ -166,13 +166,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
-    from .methods.base import describe_config
+    from .method_catalog import describe_methods
 
-    for name in sorted(METHODS):
-        cls = METHODS[name]
-        print(f"{name}: {cls.summary}")
-        for pname, ptype, default, help_text in describe_config(cls.config_class):
+    described = describe_methods()
+    if described is None:  # a method file the reader does not understand: ask the classes
+        from .methods import METHODS
+        from .methods.base import describe_config
+
+        listing = [
+            (name, METHODS[name].summary, describe_config(METHODS[name].config_class))
+            for name in sorted(METHODS)
+        ]
+    else:
+        listing = [(d.name, d.summary, d.parameters) for d in described]
+    for name, summary, parameters in listing:
+        print(f"{name}: {summary}")
+        for pname, ptype, default, help_text in parameters:
             print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
     return 0
 
