@@ -1,7 +1,8 @@
 """The contract every continual merge method fulfils, and its typed configuration.
 
 A method is a pure per-tensor rule plus a tiny state schema:
-- `state_names`: the per-parameter tensors it keeps (float32, one per floating-point tensor of the
+- `state_names`: the per-parameter tensors it keeps (in the state's dtype, float32 unless the
+  method or the user chooses float64; one per floating-point tensor of the
   base), e.g. OPCM's unscaled running sum.
 - scalars: a flat dict of floats kept in the manifest (step counts, norms, scales).
 - `update`: for one tensor, old state + incoming task vector -> new state, plus partial sums that

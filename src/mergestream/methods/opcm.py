@@ -1,6 +1,7 @@
 """OPCM: orthogonal projection + adaptive scaling (Tang et al., arXiv 2501.09522).
 
-State: the unscaled running sum S of projected task vectors (float32 per tensor) and three scalars:
+State: the unscaled running sum S of projected task vectors (float64 per tensor by default, since
+OPCM amplifies round-off at every step; float32 on request) and three scalars:
 `norm_sum` (Σ‖τ_i‖ over the models so far, global norms), `scale` (λ) and `merged_norm` (‖S‖).
 The merged model is θ0 + S/λ, with λ = ‖S‖ / mean‖τ_i‖, so it always sits at the mean task-vector
 distance from the base. Step 1 stores S = τ_1 and λ = 1. Each later step projects the task vector
