@@ -30,6 +30,7 @@ from .export import (
 )
 from .hashing import content_hash, file_stamps
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
+from .io.lora import LoraAdapter, LoraSource, base_identity
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
 from .methods import ContinualMethod, TensorInfo, get_method
@@ -262,6 +263,7 @@ class MergeState:
         device: torch.device | str = "cpu",
         workers: int | None = None,
         progress: Progress | None = None,
+        force_base: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -270,12 +272,15 @@ class MergeState:
         tensors are unchanged from the base) and `extra="ignore"` (tensors the base lacks are
         left out); the ledger records the mapping. Anything wrong with the checkpoint raises
         before the state changes.
+
+        A PEFT LoRA adapter folder is merged from its factors (`io.lora`); `force_base` merges
+        one whose `base_model_name_or_path` does not name this state's base.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged()
-            raw, source = self._open_input(checkpoint, mapping)
+            raw, source = self._open_input(checkpoint, mapping, force_base)
             cleanup.callback(raw.close)
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
             in_memory = isinstance(self._storage, MemoryStorage)
@@ -346,6 +351,8 @@ class MergeState:
             }
             if isinstance(source, MappedSource):
                 entry["mapping"] = source.summary()
+            if isinstance(source, LoraSource):
+                entry["adapter"] = source.summary()
             manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -359,12 +366,13 @@ class MergeState:
         add_prefix: str | None = None,
         missing: str = "error",
         extra: str = "error",
+        force_base: bool = False,
     ) -> Plan:
         """What `add` would do with these arguments, from headers alone; writes nothing.
         Raises the error `add` would raise for a checkpoint that does not fit the base."""
         self._reload_manifest()
         raw, source = self._open_input(
-            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra)
+            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra), force_base
         )
         try:
             return plan_add(
@@ -390,13 +398,17 @@ class MergeState:
         check_format(self._manifest, self._where)
 
     def _open_input(
-        self, checkpoint: CheckpointLike, mapping: NameMapping
+        self, checkpoint: CheckpointLike, mapping: NameMapping, force_base: bool = False
     ) -> tuple[TensorSource, TensorSource]:
         """(the checkpoint as stored, the checkpoint in the base's names), checked against the
         base from headers alone, so a misfit is refused before anything is read or hashed."""
         raw = open_checkpoint(checkpoint)
         try:
-            source = apply_mapping(raw, mapping, self._base)
+            if isinstance(raw, LoraAdapter):  # task vectors from its factors, in base names
+                identity = base_identity(self._manifest["base"]["path"], self._base_dir)
+                source = raw.bind(self._base, mapping, identity, force_base)
+            else:
+                source = apply_mapping(raw, mapping, self._base)
             check_compatible(self._base, source)
         except BaseException:
             raw.close()
@@ -511,6 +523,15 @@ class MergeState:
             (out / "README.md").write_text(card)
             fsync_dir(out)
         return out
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[TensorSource]:
+        """Hold the state still for a reader outside this class (the LoRA export): a shared
+        lock, the manifest read again, the base checked unchanged. Yields the base."""
+        with self._storage.lock(exclusive=False):
+            self._reload_manifest()
+            self._check_base_unchanged()
+            yield self._base
 
     def _check_export_target(self, out: Path) -> None:
         target = out.resolve()

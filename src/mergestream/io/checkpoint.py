@@ -332,6 +332,10 @@ def open_checkpoint(checkpoint: CheckpointLike) -> TensorSource:
     if isinstance(checkpoint, Mapping):
         return MemorySource(checkpoint)
     path = Path(checkpoint)
+    from .lora import is_adapter_dir, open_adapter  # (lora imports this module)
+
+    if is_adapter_dir(path):  # a PEFT LoRA adapter: fitted to the base by MergeState
+        return open_adapter(path)
     kind, files = resolve_checkpoint(path)
     if kind == "torch":
         return TorchSource(files, description=str(path))
