@@ -63,6 +63,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             progress=default_progress(args.quiet),
+            force_base=args.force_base,
             **_mapping(args),
         )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
@@ -73,7 +74,10 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     state = MergeState.open(args.state)
-    plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
+    plans = [
+        state.plan(checkpoint, force_base=args.force_base, **_mapping(args))
+        for checkpoint in args.checkpoints
+    ]
     for offset, plan in enumerate(plans):
         plan.step += offset  # the checkpoints would be merged one after the other
     if getattr(args, "json", False):
@@ -315,6 +319,12 @@ def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:
         choices=EXTRA_POLICIES,
         default="error",
         help="checkpoint tensors the base lacks: refuse (error, the default) or leave them out",
+    )
+    group.add_argument(
+        "--force-base",
+        action="store_true",
+        help="merge a LoRA adapter whose base_model_name_or_path does not name the state's base "
+        "(its shapes are still checked)",
     )
 
 
