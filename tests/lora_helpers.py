@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -189,3 +189,33 @@ def edit_json(path: Path, **changes: object) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+class Zoo:
+    """A base, its adapters and PEFT's merge_and_unload() of each, for one model family."""
+
+    def __init__(self, family: Family, root: Path):
+        self.family = family
+        self.base = save_base(family, root / "base")
+        self.adapters: list[Path] = []
+        self.merged: list[Path] = []
+        for i, config in enumerate(family.lora_configs):
+            self.adapters.append(
+                make_adapter(
+                    family,
+                    self.base,
+                    root / f"adapter{i}",
+                    config(),
+                    seed=10 + i,
+                    merged_out=root / f"merged{i}",
+                    # GPT-2's second adapter is saved as a PyTorch .bin
+                    safe_serialization=not (family is GPT2 and i == 1),
+                )
+            )
+            self.merged.append(root / f"merged{i}")
+        # A fully fine-tuned model, to mix with the adapters.
+        torch.manual_seed(99)
+        full = {k: v + 0.01 * torch.randn_like(v) for k, v in state_dict_of(self.base).items()}
+        self.full = root / "full"
+        self.full.mkdir()
+        save_file(full, str(self.full / "model.safetensors"))

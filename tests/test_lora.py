@@ -19,12 +19,10 @@ import torch
 from lora_helpers import (
     BERT,
     FAMILIES,
-    GPT2,
     LLAMA,
-    Family,
+    Zoo,
     edit_json,
     make_adapter,
-    save_base,
     state_dict_of,
 )
 from safetensors.torch import load_file, save_file
@@ -41,36 +39,6 @@ from mergestream.state import MergeState
 LLAMA_VOCAB = 40
 READ_TOLERANCE = 1e-12
 MERGE_TOLERANCE = 1e-10
-
-
-class Zoo:
-    """A base, its adapters and PEFT's merge_and_unload() of each, for one model family."""
-
-    def __init__(self, family: Family, root: Path):
-        self.family = family
-        self.base = save_base(family, root / "base")
-        self.adapters: list[Path] = []
-        self.merged: list[Path] = []
-        for i, config in enumerate(family.lora_configs):
-            self.adapters.append(
-                make_adapter(
-                    family,
-                    self.base,
-                    root / f"adapter{i}",
-                    config(),
-                    seed=10 + i,
-                    merged_out=root / f"merged{i}",
-                    # GPT-2's second adapter is saved as a PyTorch .bin
-                    safe_serialization=not (family is GPT2 and i == 1),
-                )
-            )
-            self.merged.append(root / f"merged{i}")
-        # A fully fine-tuned model, to mix with the adapters.
-        torch.manual_seed(99)
-        full = {k: v + 0.01 * torch.randn_like(v) for k, v in state_dict_of(self.base).items()}
-        self.full = root / "full"
-        self.full.mkdir()
-        save_file(full, str(self.full / "model.safetensors"))
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)

@@ -122,6 +122,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     state = MergeState.open(args.state)
+    if args.as_lora is not None or args.as_lora_energy is not None:
+        return _export_lora(state, args)
     dtype = DTYPES[args.dtype] if args.dtype else None
     out = state.export(
         args.out,
@@ -131,6 +133,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"wrote the merged model after {state.step} steps to {out}")
+    return 0
+
+
+def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
+    from .export_lora import export_lora
+
+    report = export_lora(
+        state,
+        args.out,
+        rank=args.as_lora,
+        energy=args.as_lora_energy,
+        drop_other=args.lora_drop_other,
+        dtype=DTYPES[args.dtype] if args.dtype else torch.float32,
+    )
+    if not args.quiet:
+        retained = [m.retained for m in report.modules]
+        print(
+            f"wrote a LoRA adapter of the merge after {state.step} steps to {report.path}: "
+            f"{len(report.modules)} modules"
+            + (f" (‖τ‖ retained {min(retained):.4f} to {max(retained):.4f})" if retained else "")
+            + f", {len(report.modules_to_save)} saved whole, {len(report.dropped)} tensors dropped"
+        )
+        for name in report.dropped:
+            print(f"  dropped: {name}")
     return 0
 
 
@@ -258,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
         "model is split into shards with an index",
     )
     p.add_argument("--quiet", action="store_true")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--as-lora",
+        type=int,
+        metavar="RANK",
+        help="write a PEFT LoRA adapter instead: the rank-RANK truncated SVD of each linear "
+        "weight's merged task vector",
+    )
+    lora.add_argument(
+        "--as-lora-energy",
+        type=float,
+        metavar="FRACTION",
+        help="as --as-lora, with per module the smallest rank keeping FRACTION of ‖τ‖²",
+    )
+    p.add_argument(
+        "--lora-drop-other",
+        action="store_true",
+        help="with --as-lora: leave out (and list) changed tensors outside the linear layers "
+        "instead of saving their modules whole (modules_to_save)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
