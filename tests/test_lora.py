@@ -365,3 +365,51 @@ def test_ledger_json_is_plain_data(bert_zoo: Zoo, tmp_path) -> None:
     state.add(bert_zoo.adapters[0])
     manifest = json.loads(next((tmp_path / "state").glob("*.json")).read_text())
     assert manifest["ledger"][0]["adapter"]["targets"]
+
+
+def test_an_adapter_is_not_a_base(bert_zoo: Zoo, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="a LoRA adapter cannot be a merge's base"):
+        MergeState.create(tmp_path / "state", bert_zoo.adapters[0], "opcm")
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+def test_adapter_of_a_task_model_fits_the_bare_base_by_name_options(bert_zoo: Zoo, tmp_path):
+    """An adapter trained on BertForSequenceClassification names modules `bert.encoder...` and
+    saves its new classifier whole: refused with a hint, then merged with strip_prefix and
+    extra="ignore", equal to the adapter made on the bare model with the same factors."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    task_model = transformers.BertForSequenceClassification.from_pretrained(
+        bert_zoo.base, dtype=torch.float64, num_labels=3
+    )
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(task_model, config)
+    peft_model.save_pretrained(tmp_path / "task_adapter")
+    state_dir = tmp_path / "state"
+    MergeState.create(
+        state_dir, bert_zoo.base, "task_arithmetic", state_dtype="float64", scaling_factor=1.0
+    )
+    state = MergeState.open(state_dir)
+    with pytest.raises(CheckpointError, match="strip_prefix='bert.'"):
+        state.add(tmp_path / "task_adapter")
+    with pytest.raises(CheckpointError, match="classifier"):
+        state.add(tmp_path / "task_adapter", strip_prefix="bert.")
+    state.add(tmp_path / "task_adapter", strip_prefix="bert.", extra="ignore")
+    entry = MergeState.open(state_dir).ledger[0]
+    assert sorted(entry["adapter"]["ignored"]) == [
+        "base_model.model.classifier.bias",
+        "base_model.model.classifier.weight",
+    ]
+    merged_model = peft_model.merge_and_unload()
+    base = state_dict_of(bert_zoo.base)
+    for name, tau in MergeState.open(state_dir).task_vectors():
+        reference = merged_model.state_dict()["bert." + name] - base[name]
+        assert _relative_error(tau, reference) <= MERGE_TOLERANCE, name

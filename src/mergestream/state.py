@@ -30,7 +30,7 @@ from .export import (
 )
 from .hashing import content_hash, file_stamps
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
-from .io.lora import LoraAdapter, LoraSource, base_identity
+from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
 from .methods import ContinualMethod, TensorInfo, get_method
@@ -113,7 +113,7 @@ class MergeState:
         """
         path = Path(path)
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StateError(f"{path}: exists and is not an empty directory")
         path.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ class MergeState:
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk)."""
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         storage = MemoryStorage()
         storage.commit(
             cls._new_manifest(

@@ -349,6 +349,19 @@ class LoraAdapter:
         return self._weights
 
 
+def refuse_adapter_as_base(source: TensorSource) -> TensorSource:
+    """`source`, unless it is a LoRA adapter (which holds factors, not a model to merge into)."""
+    if isinstance(source, LoraAdapter):
+        source.close()
+        base = source.config.base_model_name_or_path
+        raise CheckpointError(
+            f"{source.path}: a LoRA adapter cannot be a merge's base; give the model it adapts"
+            + (f" ({base})" if base else "")
+            + " as the base and add the adapter"
+        )
+    return source
+
+
 def base_identity(base_path: str, base_dir: Path | None) -> list[str]:
     """The names a state's base answers to: the path given at `init` (as recorded), its folder's
     name, and the `_name_or_path` in its `config.json` (usually the hub ID it was saved from)."""
