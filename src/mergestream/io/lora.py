@@ -384,7 +384,8 @@ def check_base_name(adapter: LoraAdapter, identity: Iterable[str], force_base: b
     """Refuse an adapter made for another base (unless `force_base`; shapes are checked anyway).
 
     The adapter's `base_model_name_or_path` matches when it equals one of the base's names, or
-    when its last path component (a hub ID's model name) equals the base folder's name."""
+    when its last path component (a hub ID's model name) equals the base folder's name (a name
+    without "/" in `identity`)."""
     if force_base:
         return
     wanted = adapter.config.base_model_name_or_path
@@ -397,7 +398,7 @@ def check_base_name(adapter: LoraAdapter, identity: Iterable[str], force_base: b
             "anyway (shapes are still checked)"
         )
     last = wanted.rstrip("/").rpartition("/")[2]
-    if wanted in names or last in {Path(n).name for n in names}:
+    if wanted in names or last in names:
         return
     raise CheckpointError(
         f"{config_file}: the adapter was trained on base {wanted!r}, and this state's base is "
