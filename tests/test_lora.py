@@ -115,8 +115,13 @@ def test_factors_and_options_read_as_configured() -> None:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_mixed_stream_equals_merging_the_full_models(zoo: Zoo, method: str) -> None:
+def test_mixed_stream_equals_merging_the_full_models(zoo: Zoo, method: str, monkeypatch) -> None:
     """Adapters and a full checkpoint in one stream give the merge of PEFT's merged models."""
+
+    def no_full_tensors(*_):  # noqa: ANN002, ANN202
+        raise AssertionError("the merge must use the factors, not base + τ")
+
+    monkeypatch.setattr(LoraSource, "get", no_full_tensors)
     ours = MergeState.in_memory(zoo.base, method, state_dtype="float64")
     reference = MergeState.in_memory(zoo.base, method, state_dtype="float64")
     for item, full in (
@@ -217,7 +222,7 @@ def test_plan_lists_the_tensors_an_adapter_touches(bert_zoo: Zoo, tmp_path, caps
         assert name in out
 
 
-def test_cli_adds_adapters_and_full_checkpoints(bert_zoo: Zoo, tmp_path) -> None:
+def test_cli_adds_adapters_and_full_checkpoints(bert_zoo: Zoo, tmp_path, capsys) -> None:
     zoo = bert_zoo
     state_dir = tmp_path / "state"
     assert main(["init", str(state_dir), "--base", str(zoo.base), "--quiet"]) == 0
@@ -226,6 +231,10 @@ def test_cli_adds_adapters_and_full_checkpoints(bert_zoo: Zoo, tmp_path) -> None
     state = MergeState.open(state_dir)
     assert state.step == 3
     assert ["adapter" in e for e in state.ledger] == [True, False, True]
+    capsys.readouterr()
+    assert main(["status", str(state_dir)]) == 0
+    targets = len(state.ledger[2]["adapter"]["targets"])
+    assert f"LoRA r=3 on {targets} tensors" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -110,6 +110,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {key} = {value:.6g}")
     for entry in info["ledger"]:
         mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
+        if entry.get("adapter"):  # a LoRA adapter: its ranks and how many tensors it adapts
+            lora = entry["adapter"]
+            ranks = "/".join(str(r) for r in lora["ranks"])
+            mapping += f"{', ' if mapping else ''}LoRA r={ranks} on {len(lora['targets'])} tensors"
         print(
             f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
             + (f"  ({mapping})" if mapping else "")
