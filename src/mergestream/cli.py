@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .allocator import return_freed_memory_to_os
@@ -23,6 +24,9 @@ from .options import (
     STATE_DTYPE_NAMES,
 )
 from .progress import default_progress
+
+if TYPE_CHECKING:
+    from .state import MergeState
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -70,6 +74,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=default_progress(args.quiet),
             verify_base=args.verify_base,
+            force_base=args.force_base,
             **_mapping(args),
         )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
@@ -83,7 +88,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .state import MergeState
 
     state = MergeState.open(args.state)
-    plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
+    plans = [
+        state.plan(checkpoint, force_base=args.force_base, **_mapping(args))
+        for checkpoint in args.checkpoints
+    ]
     for offset, plan in enumerate(plans):
         plan.step += offset  # the checkpoints would be merged one after the other
     if getattr(args, "json", False):
@@ -122,6 +130,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for entry in info["ledger"]:
         mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
         notes = "; ".join(entry.get("notes", []))
+        if entry.get("adapter"):  # a LoRA adapter: its ranks and how many tensors it adapts
+            lora = entry["adapter"]
+            ranks = "/".join(str(r) for r in lora["ranks"])
+            mapping += f"{', ' if mapping else ''}LoRA r={ranks} on {len(lora['targets'])} tensors"
         print(
             f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
             + (f"  ({mapping})" if mapping else "")
@@ -151,6 +163,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .state import MergeState
 
     state = MergeState.open(args.state)
+    if args.as_lora is not None or args.as_lora_energy is not None:
+        return _export_lora(state, args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = state.export(
         args.out,
@@ -162,6 +176,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"wrote the merged model after {state.step} steps to {out}")
+    return 0
+
+
+def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
+    import torch
+
+    from .export_lora import export_lora
+
+    report = export_lora(
+        state,
+        args.out,
+        rank=args.as_lora,
+        energy=args.as_lora_energy,
+        drop_other=args.lora_drop_other,
+        dtype=getattr(torch, args.dtype) if args.dtype else torch.float32,
+    )
+    if not args.quiet:
+        retained = [m.retained for m in report.modules]
+        print(
+            f"wrote a LoRA adapter of the merge after {state.step} steps to {report.path}: "
+            f"{len(report.modules)} modules"
+            + (f" (‖τ‖ retained {min(retained):.4f} to {max(retained):.4f})" if retained else "")
+            + f", {len(report.modules_to_save)} saved whole, {len(report.dropped)} tensors dropped"
+        )
+        for name in report.dropped:
+            print(f"  dropped: {name}")
     return 0
 
 
@@ -318,6 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verify_base_argument(p)
     p.add_argument("--quiet", action="store_true")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--as-lora",
+        type=int,
+        metavar="RANK",
+        help="write a PEFT LoRA adapter instead: the rank-RANK truncated SVD of each linear "
+        "weight's merged task vector",
+    )
+    lora.add_argument(
+        "--as-lora-energy",
+        type=float,
+        metavar="FRACTION",
+        help="as --as-lora, with per module the smallest rank keeping FRACTION of ‖τ‖²",
+    )
+    p.add_argument(
+        "--lora-drop-other",
+        action="store_true",
+        help="with --as-lora: leave out (and list) changed tensors outside the linear layers "
+        "instead of saving their modules whole (modules_to_save)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -388,6 +448,12 @@ def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:
         choices=EXTRA_POLICIES,
         default="error",
         help="checkpoint tensors the base lacks: refuse (error, the default) or leave them out",
+    )
+    group.add_argument(
+        "--force-base",
+        action="store_true",
+        help="merge a LoRA adapter whose base_model_name_or_path does not name the state's base "
+        "(its shapes are still checked)",
     )
 
 

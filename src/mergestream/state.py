@@ -47,6 +47,7 @@ from .export import (
 )
 from .hashing import content_hash, file_stamps, header_fingerprint
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
+from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
 from .manifest import FORMAT, FORMAT_VERSION, check_format, state_status, summary
@@ -108,7 +109,7 @@ class MergeState:
         """
         path = Path(path)
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StateError(f"{path}: exists and is not an empty directory")
         base_path = Path(base).resolve()
@@ -153,7 +154,7 @@ class MergeState:
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk)."""
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         check_all_finite(
             base_source, tensor_infos(base_source, resolved_method.config.linear_rule()), "the base"
         )
@@ -269,6 +270,7 @@ class MergeState:
         workers: int | None = None,
         progress: Progress | None = None,
         verify_base: bool = False,
+        force_base: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -278,12 +280,15 @@ class MergeState:
         left out); the ledger records the mapping. Anything wrong with the checkpoint raises
         before the state changes. The base is checked against its recorded fingerprint (file
         headers); `verify_base` hashes its whole content as well.
+
+        A PEFT LoRA adapter folder is merged from its factors (`io.lora`); `force_base` merges
+        one whose `base_model_name_or_path` does not name this state's base.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged(verify=verify_base)
-            raw, source = self._open_input(checkpoint, mapping)
+            raw, source = self._open_input(checkpoint, mapping, force_base)
             cleanup.callback(raw.close)
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
             in_memory = isinstance(self._storage, MemoryStorage)
@@ -361,6 +366,8 @@ class MergeState:
             notes = _dtype_notes(self._infos, source)
             if notes:
                 entry["notes"] = notes
+            if isinstance(source, LoraSource):
+                entry["adapter"] = source.summary()
             manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -374,12 +381,13 @@ class MergeState:
         add_prefix: str | None = None,
         missing: str = "error",
         extra: str = "error",
+        force_base: bool = False,
     ) -> Plan:
         """What `add` would do with these arguments, from headers alone; writes nothing.
         Raises the error `add` would raise for a checkpoint that does not fit the base."""
         self._reload_manifest()
         raw, source = self._open_input(
-            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra)
+            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra), force_base
         )
         try:
             return plan_add(
@@ -413,13 +421,17 @@ class MergeState:
             )
 
     def _open_input(
-        self, checkpoint: CheckpointLike, mapping: NameMapping
+        self, checkpoint: CheckpointLike, mapping: NameMapping, force_base: bool = False
     ) -> tuple[TensorSource, TensorSource]:
         """(the checkpoint as stored, the checkpoint in the base's names), checked against the
         base from headers alone, so a misfit is refused before anything is read or hashed."""
         raw = open_checkpoint(checkpoint)
         try:
-            source = apply_mapping(raw, mapping, self._base)
+            if isinstance(raw, LoraAdapter):  # task vectors from its factors, in base names
+                identity = base_identity(self._manifest["base"]["path"], self._base_dir)
+                source = raw.bind(self._base, mapping, identity, force_base)
+            else:
+                source = apply_mapping(raw, mapping, self._base)
             check_compatible(self._base, source)
         except BaseException:
             raw.close()
@@ -577,6 +589,15 @@ class MergeState:
                     f"{out}: cannot write the export ({err.strerror or err}); {out} is unchanged"
                 ) from None
         return out
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[TensorSource]:
+        """Hold the state still for a reader outside this class (the LoRA export): a shared
+        lock, the manifest read again, the base checked unchanged. Yields the base."""
+        with self._storage.lock(exclusive=False):
+            self._reload_manifest()
+            self._check_base_unchanged()
+            yield self._base
 
     def _check_export_target(self, out: Path) -> None:
         """Refuse an `out` whose replacement would touch the state or the base's files."""

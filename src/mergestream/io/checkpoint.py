@@ -453,6 +453,10 @@ def open_checkpoint(checkpoint: CheckpointLike) -> TensorSource:
     if isinstance(checkpoint, Mapping):
         return MemorySource(checkpoint)
     path = Path(checkpoint)
+    from .lora import is_adapter_dir, open_adapter  # (lora imports this module)
+
+    if is_adapter_dir(path):  # a PEFT LoRA adapter: fitted to the base by MergeState
+        return open_adapter(path)
     resolved = _resolve(path)
     source: SafetensorsSource | TorchSource
     if resolved.kind == "torch":
