@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_digest
 from safetensors.torch import load_file, save_file
 
 import mergestream
@@ -40,15 +41,6 @@ from mergestream.synthetic import apply, make_base, make_task_vector, transforme
 SHAPES = transformer_shapes(layers=1, hidden=8, intermediate=12, vocab=20, positions=4)
 WEIGHT = "encoder.layer.0.intermediate.dense.weight"
 SRC = str(Path(mergestream.__file__).resolve().parent.parent)
-
-
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def save_model(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
