@@ -288,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    # Merging on the fly: `watch` and `run` (arguments and bodies in mergestream.watch).
+    from .watch.commands import add_commands as add_watch_commands
+
+    add_watch_commands(sub)
     return parser
 
 
