@@ -54,7 +54,9 @@ def test_run_merges_in_the_recipes_order_and_exports(project):
     assert result.returncode == 0, result.stderr
     zoo = project / "zoo"
     order = [zoo / "model-03", zoo / "model-01", zoo / "model-02"]  # the glob in name order
-    expected = merge(zoo / "base", order, "task_arithmetic", scaling_factor=0.4, dtype=torch.bfloat16)
+    expected = merge(
+        zoo / "base", order, "task_arithmetic", scaling_factor=0.4, dtype=torch.bfloat16
+    )
     exported = load_file(str(project / "merged" / "model.safetensors"))
     assert set(exported) == set(expected)
     for name, tensor in expected.items():
@@ -82,7 +84,9 @@ def test_a_recipe_that_contradicts_the_state_is_refused(project):
     (project / "recipe.yaml").write_text(reordered)
     with pytest.raises(MergestreamError, match="not the start of the recipe"):
         run_recipe(project / "recipe.yaml", quiet=True)
-    (project / "recipe.yaml").write_text(RECIPE.replace("scaling_factor: 0.4", "scaling_factor: 0.5"))
+    (project / "recipe.yaml").write_text(
+        RECIPE.replace("scaling_factor: 0.4", "scaling_factor: 0.5")
+    )
     with pytest.raises(MergestreamError, match="use a new state"):
         run_recipe(project / "recipe.yaml", quiet=True)
 

@@ -5,6 +5,7 @@ folders; results compared with an independent in-process merge of the same check
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from helpers import TINY_SHAPES
 from safetensors.torch import load_file, save_file
 
 from mergestream import MergeState, merge
+from mergestream.cli import main as cli_main
 from mergestream.hashing import sha256_files
 from mergestream.synthetic import write_stream
 from mergestream.watch.inbox import Settler, inspect_entry, inspect_inbox
@@ -218,7 +220,7 @@ def test_settling_waits_for_files_to_stay_unchanged(tmp_path):
 # ---------------------------------------------------------------------------- watcher processes
 
 
-def test_once_merges_each_complete_checkpoint_in_name_order_and_exits(tmp_path):
+def test_once_merges_each_complete_checkpoint_in_name_order_and_exits(tmp_path, capsys):
     base, models = zoo(tmp_path, 3)
     state = new_state(tmp_path, base)
     inbox = tmp_path / "inbox"
@@ -238,6 +240,9 @@ def test_once_merges_each_complete_checkpoint_in_name_order_and_exits(tmp_path):
     )
     waiting = journal(state)["waiting"]
     assert set(waiting) == {"d-truncated.safetensors", "e-no-index"}
+    assert cli_main(["status", str(state)]) == 0
+    listed = capsys.readouterr().out
+    assert "2 waiting" in listed and "waiting e-no-index: 1 of 2 shards and no index" in listed
     # OUT is the last step's export, as `export` writes it.
     out = tmp_path / "out"
     assert out.is_symlink()
@@ -247,7 +252,8 @@ def test_once_merges_each_complete_checkpoint_in_name_order_and_exits(tmp_path):
     assert "3 fine-tuned" in (out / "README.md").read_text()
 
 
-def test_a_slow_writer_is_never_read_half_way(tmp_path):
+@pytest.mark.parametrize("notifier", ["inotify", "polling"])
+def test_a_slow_writer_is_never_read_half_way(tmp_path, notifier):
     """Checkpoints copied in small pieces while the watcher scans every 50 ms with no settle
     time: only the files' own structure keeps it from reading them early."""
     base, models = zoo(tmp_path, 2)
@@ -264,7 +270,8 @@ def test_a_slow_writer_is_never_read_half_way(tmp_path):
                 f.flush()
                 time.sleep(0.03)
 
-    watcher = start_watch(tmp_path, "--settle", "0", "--poll", "0.05")
+    flags = ["--polling"] if notifier == "polling" else []
+    watcher = start_watch(tmp_path, "--settle", "0", "--poll", "0.05", *flags)
     try:
         wait_for(lambda: watcher_started(state), what="the watcher to start")
         copy_slowly(models[0] / "model.safetensors", inbox / "first.safetensors")
@@ -280,6 +287,9 @@ def test_a_slow_writer_is_never_read_half_way(tmp_path):
     assert watcher.returncode == 0, err
     assert not [e for e in events(out) if e["event"] == "refused"]
     assert_state_equals(state, base, [inbox / "first.safetensors", inbox / "second"])
+    has_watchdog = importlib.util.find_spec("watchdog") is not None
+    used = "inotify" if notifier == "inotify" and has_watchdog else "polling"
+    assert events(out)[0]["notifier"] == used
 
 
 def test_a_duplicate_is_merged_once(tmp_path):
@@ -302,7 +312,7 @@ def test_a_duplicate_is_merged_once(tmp_path):
     assert_state_equals(state, base, [inbox / "a", inbox / "d"])
 
 
-def test_a_bad_checkpoint_is_refused_recorded_and_left_alone(tmp_path):
+def test_a_bad_checkpoint_is_refused_recorded_and_left_alone(tmp_path, capsys):
     base, models = zoo(tmp_path, 3)
     state = new_state(tmp_path, base)
     inbox = tmp_path / "inbox"
@@ -327,6 +337,10 @@ def test_a_bad_checkpoint_is_refused_recorded_and_left_alone(tmp_path):
     assert "NaN" in reasons["b-nan.safetensors"] and name in reasons["b-nan.safetensors"]
     assert name in reasons["c-shape.safetensors"]
     assert "safetensors" in reasons["d-garbage.safetensors"]
+    # `status` lists them, with their reasons.
+    assert cli_main(["status", str(state), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["watch"]
+    assert shown == {"waiting": {}, "refused": reasons}
     # A second run leaves them alone; a fixed file is tried again and merged.
     again = watch(tmp_path, "--once", "--settle", "0", "--log-json")
     assert [e["event"] for e in events(again.stdout)] == ["start", "stop"]

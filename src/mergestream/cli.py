@@ -88,6 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = state.status()
     if args.tensors:
         info["classification"] = state.classification()
+    # What `mergestream watch` on this state waits for or refused (absent if it never ran).
+    from .watch.journal import watch_status_lines, watch_summary
+
+    watching = watch_summary(Path(args.state))
+    if watching is not None:
+        info["watch"] = watching
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -113,6 +119,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
+    if watching is not None:
+        print("\n".join(watch_status_lines(watching)))
     return 0
 
 

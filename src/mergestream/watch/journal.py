@@ -135,3 +135,23 @@ def watcher_lock(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def watch_summary(state_dir: Path) -> dict[str, Any] | None:
+    """What `mergestream status` shows of a watcher's journal: what waits, what was refused."""
+    data = read_journal(state_dir)
+    if data is None:
+        return None
+    refused = {
+        name: entry.get("reason", "")
+        for name, entry in data.get("checkpoints", {}).items()
+        if entry.get("outcome") == REFUSED
+    }
+    return {"waiting": dict(data.get("waiting", {})), "refused": refused}
+
+
+def watch_status_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"watch:   {len(summary['waiting'])} waiting, {len(summary['refused'])} refused"]
+    lines += [f"  waiting {name}: {why}" for name, why in summary["waiting"].items()]
+    lines += [f"  refused {name}: {why}" for name, why in summary["refused"].items()]
+    return lines
