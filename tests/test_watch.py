@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from mergestream.cli import main as cli_main
 from mergestream.hashing import sha256_files
 from mergestream.synthetic import write_stream
 from mergestream.watch.inbox import Settler, inspect_entry, inspect_inbox
+from mergestream.watch.watcher import EventLog, WatchOptions, run_watch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
@@ -250,6 +252,23 @@ def test_once_merges_each_complete_checkpoint_in_name_order_and_exits(tmp_path, 
     reference = MergeState.open(state).state_dict()
     assert all(torch.equal(published[n], reference[n]) for n in reference)
     assert "3 fine-tuned" in (out / "README.md").read_text()
+
+
+def test_once_waits_for_fresh_files_to_settle(tmp_path):
+    """In-process (a process start could take longer than the settle time on a busy machine)."""
+    base, models = zoo(tmp_path, 1)
+    state = new_state(tmp_path, base)
+    shutil.copytree(models[0], tmp_path / "inbox" / "fresh", copy_function=shutil.copy)  # new mtime
+    landed = time.monotonic()
+    stream = io.StringIO()
+    options = WatchOptions(state, tmp_path / "inbox", once=True, settle=1.0, poll=0.1)
+    assert run_watch(options, EventLog(json_lines=True, stream=stream)) == 0
+    assert time.monotonic() - landed >= 1.0
+    log = events(stream.getvalue())
+    waits = [e for e in log if e["event"] == "waiting"]
+    assert [e["checkpoint"] for e in waits] == ["fresh"] and "settling" in waits[0]["reason"]
+    assert [e["event"] for e in log].index("waiting") < [e["event"] for e in log].index("merged")
+    assert_state_equals(state, base, [tmp_path / "inbox" / "fresh"])
 
 
 @pytest.mark.parametrize("notifier", ["inotify", "polling"])

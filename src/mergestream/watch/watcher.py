@@ -131,6 +131,7 @@ class Watcher:
         self._wake = threading.Event()
         self._arrival: dict[str, int] = {}  # name -> when it became ready (a counter)
         self._retry_later: set[str] = set()
+        self._first_scan = True
 
     # ------------------------------------------------------------------------------ running
 
@@ -225,8 +226,10 @@ class Watcher:
             self._wake.wait(timeout)
 
     def _note_waiting(self, waiting: dict[str, str]) -> None:
-        before = dict(self.journal.waiting)
-        if not self.journal.set_waiting(waiting):
+        """Record what waits; log each new or changed reason (all of them on the first scan)."""
+        before = {} if self._first_scan else dict(self.journal.waiting)
+        self._first_scan = False
+        if not self.journal.set_waiting(waiting) and before:
             return
         for name, why in waiting.items():
             if before.get(name) != why:
