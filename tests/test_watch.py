@@ -535,6 +535,36 @@ def test_sigint_during_a_step_abandons_it_and_the_state_stays_whole(tmp_path):
     assert_state_equals(state, base, [inbox / "a", inbox / "b"])
 
 
+def test_sigterm_during_an_add_abandons_it_and_leaves_it_undecided(tmp_path, monkeypatch):
+    """In-process, with `add` slowed down from the outside: SIGTERM arrives while the step is in
+    flight; the watcher returns 0 at once, the state is still at step 0, and the checkpoint is
+    merged by the next run."""
+    base, models = zoo(tmp_path, 1)
+    state = new_state(tmp_path, base)
+    shutil.copytree(models[0], tmp_path / "inbox" / "a")
+    real_add = MergeState.add
+
+    def slow_add(self, *args, **kwargs):
+        time.sleep(20)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(MergeState, "add", slow_add)
+    options = WatchOptions(state, tmp_path / "inbox", settle=0, poll=0.1)
+    stream = io.StringIO()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    timer.start()
+    assert run_watch(options, EventLog(json_lines=True, stream=stream)) == 0
+    assert time.monotonic() - started < 10
+    assert [e["event"] for e in events(stream.getvalue())] == ["start", "adding", "stop"]
+    assert merged_steps(state) == 0
+    assert not (state / "watch.json").exists()  # nothing was decided
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    monkeypatch.setattr(MergeState, "add", real_add)
+    assert run_watch(WatchOptions(state, tmp_path / "inbox", once=True, settle=0)) == 0
+    assert_state_equals(state, base, [tmp_path / "inbox" / "a"])
+
+
 def test_options_from_a_yaml_config(tmp_path):
     base, models = zoo(tmp_path, 2)
     state = new_state(tmp_path, base)

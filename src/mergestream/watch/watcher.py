@@ -227,9 +227,9 @@ class Watcher:
 
     def _note_waiting(self, waiting: dict[str, str]) -> None:
         """Record what waits; log each new or changed reason (all of them on the first scan)."""
-        before = {} if self._first_scan else dict(self.journal.waiting)
-        self._first_scan = False
-        if not self.journal.set_waiting(waiting) and before:
+        first, self._first_scan = self._first_scan, False
+        before = {} if first else dict(self.journal.waiting)
+        if not self.journal.set_waiting(waiting) and not first:
             return
         for name, why in waiting.items():
             if before.get(name) != why:
