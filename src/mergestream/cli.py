@@ -110,6 +110,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         info["classification"] = MergeState.open(args.state).classification()
     health = info["health"]
+    # What `mergestream watch` on this state waits for or refused (absent if it never ran).
+    from .watch.journal import watch_status_lines, watch_summary
+
+    watching = watch_summary(Path(args.state))
+    if watching is not None:
+        info["watch"] = watching
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if health["ok"] else 1
@@ -142,6 +148,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
+    if watching is not None:
+        print("\n".join(watch_status_lines(watching)))
     if health["ok"]:
         checked = (
             "every tensor matches its checksum"
@@ -412,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    # Merging on the fly: `watch` and `run` (arguments and bodies in mergestream.watch).
+    from .watch.commands import add_commands as add_watch_commands
+
+    add_watch_commands(sub)
     return parser
 
 
