@@ -21,17 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MergestreamError
+from ..publish import fsync_dir
 
 VERSION_NAME = re.compile(r"step-(\d{6,})-([0-9a-f]+)")
 PARTIAL_PREFIX = ".partial-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Publisher:
@@ -72,10 +65,11 @@ class Publisher:
         return self._target_name() == self.version_name(step, checkpoint_sha256)
 
     def clean_partials(self) -> None:
-        """Remove exports an interrupted run left half-written (only ever under partial names)."""
+        """Remove exports an interrupted run left half-written: only ever under hidden names
+        (this publisher's partial folders, and the staging folders of `MergeState.export`)."""
         if self.versions.is_dir():
             for item in self.versions.iterdir():
-                if item.name.startswith(PARTIAL_PREFIX):
+                if item.name.startswith("."):
                     shutil.rmtree(item, ignore_errors=True)
 
     def publish(
@@ -91,7 +85,7 @@ class Publisher:
                 shutil.rmtree(partial)
             write(partial)
             os.rename(partial, final)  # complete, under its own name
-            _fsync_dir(self.versions)
+            fsync_dir(self.versions)
         self._point_to(final)
         self._prune(final)
         return final
@@ -102,7 +96,7 @@ class Publisher:
             link.unlink()
         os.symlink(os.path.relpath(final, self.out.parent), link)
         os.replace(link, self.out)  # the atomic switch
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
 
     def _prune(self, current: Path) -> None:
         versions = sorted(
