@@ -148,6 +148,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
+    prepared = info.get("prepared")
+    if prepared is not None:
+        regime = prepared["regime"] or {}
+        print(
+            f"prepared: step {prepared['for_step']} ({prepared['tensors']} decompositions, for "
+            f"{regime.get('device', '?')}"
+            + (", several workers" if regime.get("single_threaded") else ", one worker")
+            + ")"
+        )
     if watching is not None:
         print("\n".join(watch_status_lines(watching)))
     if health["ok"]:
@@ -210,6 +219,23 @@ def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
         )
         for name in report.dropped:
             print(f"  dropped: {name}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .state import MergeState
+
+    state = MergeState.open(args.state)
+    count = state.prepare(
+        device=args.device, workers=args.workers, progress=default_progress(args.quiet)
+    )
+    if not args.quiet:
+        print(
+            f"prepared step {state.step + 1}: {count} decompositions stored with the state"
+            if count
+            else f"nothing to prepare for step {state.step + 1} (already prepared, or the "
+            "method or the state has nothing to compute ahead)"
+        )
     return 0
 
 
@@ -387,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of saving their modules whole (modules_to_save)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "prepare",
+        help="compute the next step's decompositions now (OPCM), so the next add of the same "
+        "--device and --workers only projects; the result is the same, bit for bit",
+    )
+    p.add_argument("state")
+    p.add_argument("--device", default="cpu", help="where the next add will run its kernels")
+    p.add_argument("--workers", type=int, default=None, help="as the next add's --workers")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.set_defaults(func=cmd_methods)

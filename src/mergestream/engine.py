@@ -603,3 +603,9 @@ def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202
                 yield window.pop(0).result()
         for future in window:
             yield future.result()
+
+
+# Passes outside a step that must run kernels exactly as a step does (MergeState.prepare: its
+# factors must equal, bit for bit, those the step would compute).
+ordered_map = _ordered_map
+single_threaded_kernels = _single_threaded_kernels

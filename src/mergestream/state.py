@@ -17,7 +17,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ from .engine import (
     check_all_finite,
     check_compatible,
     default_workers,
+    ordered_map,
+    resolve_device,
     run_step,
+    single_threaded_kernels,
     tensor_infos,
 )
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
@@ -50,11 +54,19 @@ from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkp
 from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
-from .manifest import FORMAT, FORMAT_VERSION, check_format, state_status, summary
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_format,
+    generation_dir_name,
+    state_status,
+    summary,
+)
 from .methods import ContinualMethod, TensorInfo, get_method
-from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
+from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
+from .prepare import kernel_regime, prepare_key, prepare_targets, usable_parts, write_prepared
 from .progress import Progress
 from .publish import publish_directory
 from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir, no_space_message
@@ -312,8 +324,11 @@ class MergeState:
             generation = (self._manifest["generation"] or 0) + 1
             method = self.method
 
+            prepared = self._prepared_reader(device, workers)
+
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
-                return self.state_tensors(info.name)  # still the previous generation here
+                # still the previous generation here, with its prepared factors if usable
+                return {**self.state_tensors(info.name), **prepared(info.name)}
 
             def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
                 return self.state_rows(info.name, start, stop)
@@ -348,6 +363,7 @@ class MergeState:
             manifest["step"] = step
             manifest["generation"] = generation
             manifest["parts"] = parts
+            manifest.pop("prepared", None)  # it belonged to the previous generation
             manifest["scalars"] = stats.scalars
             manifest["updated"] = _now()
             if base_stamps is not None:
@@ -419,6 +435,102 @@ class MergeState:
             self._storage.use_parts(
                 generation, self.method.state_names, self._manifest.get("parts")
             )
+            prepared = self._manifest.get("prepared")
+            if isinstance(prepared, dict) and prepared.get("generation") == generation:
+                self._storage.use_parts(generation, (), prepared.get("parts") or [])
+
+    def _prepared_reader(
+        self, device: torch.device | str, workers: int | None
+    ) -> Callable[[str], dict[str, torch.Tensor]]:
+        """For a step run on `device` with `workers`: tensor name -> its prepared quantities
+        ({} where none are usable: none prepared, stale, or damaged, which is then warned
+        about once and recomputed by the step)."""
+        parts = usable_parts(self._manifest, kernel_regime(device, workers))
+        if parts is None:
+            return lambda name: {}
+        generation = self._manifest["generation"]
+        holders = {(part["state"], tensor) for part in parts for tensor in part.get("crc32") or {}}
+        damaged: list[str] = []
+
+        def read(name: str) -> dict[str, torch.Tensor]:
+            quantities = {}
+            for quantity in self.method.prepared_names:
+                kind = f"prepared.{quantity}"
+                if (kind, name) not in holders:
+                    return {}
+                try:
+                    quantities[PREPARED_PREFIX + quantity] = self._storage.read(
+                        generation, kind, name
+                    )
+                except StateError as err:
+                    if not damaged:
+                        damaged.append(name)
+                        warnings.warn(
+                            f"prepared factors not used, they are recomputed ({err})",
+                            stacklevel=2,
+                        )
+                    return {}
+            return quantities
+
+        return read
+
+    def prepare(
+        self,
+        *,
+        device: torch.device | str = "cpu",
+        workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Compute the next step's per-tensor preparations now (OPCM: the decompositions of
+        the running sums; `prepare.py`) and store them with the current generation, so that
+        the next `add` with the same `device` and `workers` only projects. Its result is the
+        same, bit for bit, as without. Returns how many tensors were prepared (0 when there is
+        nothing to prepare, or a valid preparation is already stored)."""
+        if self._path is None:
+            raise StateError(
+                "prepare stores its results with a state on disk; this one is in memory"
+            )
+        resolved = resolve_device(device)
+        count = default_workers(resolved) if workers is None else workers
+        with self._storage.lock(exclusive=True):
+            self._reload_manifest()
+            generation = self._manifest["generation"]
+            if generation is None or not self.method.prepared_names:
+                return 0
+            regime = kernel_regime(resolved, count)
+            if usable_parts(self._manifest, regime) is not None:
+                return 0
+            self._check_base_unchanged()
+            targets = prepare_targets(self.method, self._infos)
+
+            def compute(info: TensorInfo) -> Mapping[str, torch.Tensor]:
+                state = {k: v.to(resolved) for k, v in self.state_tensors(info.name).items()}
+                return self.method.prepare_tensor(info, state)
+
+            def map_in_order(fn, items):  # noqa: ANN001, ANN202 - as the engine runs kernels
+                with single_threaded_kernels(count > 1 and resolved.type == "cpu"):
+                    yield from ordered_map(fn, items, count)
+
+            parts = write_prepared(
+                self._path / generation_dir_name(generation),
+                self.method,
+                targets,
+                compute,
+                map_in_order=map_in_order,
+                progress=progress,
+            )
+            manifest = json.loads(json.dumps(self._manifest))
+            manifest["prepared"] = {
+                "generation": generation,
+                "key": prepare_key(manifest, regime),
+                "regime": regime,
+                "tensors": len(targets),
+                "parts": parts,
+            }
+            self._storage.commit(manifest)
+            self._manifest = manifest
+            self._use_generation()
+            return len(targets)
 
     def _open_input(
         self, checkpoint: CheckpointLike, mapping: NameMapping, force_base: bool = False

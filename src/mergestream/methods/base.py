@@ -38,6 +38,9 @@ STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Scalars = dict[str, float]
 
+# State keys under which a prepared generation's factors reach `update` (see `prepare_tensor`).
+PREPARED_PREFIX = "prepared."
+
 
 def squared_norm(tensor: torch.Tensor) -> float:
     """Σ x² (the partial sum behind every global norm), without a temporary of the tensor's
@@ -179,6 +182,22 @@ class ContinualMethod(ABC):
         copies that nothing reads afterwards, so the method may update them in place (large
         tensors then need no second full-size buffer).
         """
+
+    # Per-tensor quantities a method can compute from the current state alone, ahead of the
+    # next step (`MergeState.prepare`), e.g. OPCM's decompositions. They reach `update` in
+    # `state` under PREPARED_PREFIX + name, and must give the same result bit for bit as
+    # computing them inside `update`.
+    prepared_names: ClassVar[tuple[str, ...]] = ()
+
+    def prepare_tensor(
+        self, info: TensorInfo, state: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The prepared quantities of one tensor (a subset of `prepared_names`), float64."""
+        return {}
+
+    def prepared_shapes(self, info: TensorInfo) -> dict[str, tuple[int, ...]]:
+        """The shapes `prepare_tensor` returns for this tensor, known from its info alone."""
+        return {}
 
     def streams_rows(self, info: TensorInfo) -> bool:
         """Whether `update_rows` can fold this tensor block by block. True for the default

@@ -33,6 +33,7 @@ OPTION_TYPES: dict[str, type] = {
     "max_shard_size": str,
     "device": str,
     "workers": int,
+    "prepare": bool,
 }
 
 
@@ -171,6 +172,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-shard-size", metavar="SIZE", help="largest exported file (5GB)")
     p.add_argument("--device", help="where kernels run, e.g. cpu or cuda (default cpu)")
     p.add_argument("--workers", type=int, help="tensors processed in parallel")
+    p.add_argument(
+        "--prepare",
+        action="store_const",
+        const=True,
+        help="while waiting, compute the next step's decompositions (as `mergestream prepare`), "
+        "so a landing checkpoint is merged with matrix products only; same result, bit for bit",
+    )
     p.add_argument("--config", metavar="YAML", help="read these options from a YAML file")
     p.set_defaults(func=cmd_watch)
 

@@ -57,6 +57,7 @@ class WatchOptions:
     max_shard_size: str = "5GB"
     device: str = "cpu"
     workers: int | None = None
+    prepare: bool = False  # prepare the next step's decompositions while waiting
 
     def check(self) -> None:
         if self.order not in ORDERS:
@@ -218,12 +219,34 @@ class Watcher:
                 if self._stop:
                     return
                 self._process(item)
+            if options.prepare and not self._stop:
+                self._prepare()  # idle now: nothing is pending (a --once run prepares too)
             upcoming = settler.next_check(time.monotonic())
             if options.once and upcoming is None and not self._retry_later:
                 return
             timeout = options.poll if upcoming is None else min(options.poll, upcoming + 0.01)
             self._retry_later.clear()
             self._wake.wait(timeout)
+
+    def _prepare(self) -> None:
+        """Idle time: prepare the next step (nothing to do when it is prepared already)."""
+        started = time.monotonic()
+        try:
+            count = self._busy_call(
+                lambda: self.state.prepare(device=self.options.device, workers=self.options.workers)
+            )
+        except (MergestreamError, OSError) as err:
+            self.log("error", f"preparing the next step failed: {err}")
+            return
+        if count:
+            seconds = round(time.monotonic() - started, 3)
+            self.log(
+                "prepared",
+                f"prepared step {self.state.step + 1}: {count} decompositions in {seconds:.2f}s",
+                step=self.state.step + 1,
+                tensors=count,
+                seconds=seconds,
+            )
 
     def _note_waiting(self, waiting: dict[str, str]) -> None:
         """Record what waits; log each new or changed reason (all of them on the first scan)."""
