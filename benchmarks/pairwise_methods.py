@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mergestream import MergeState  # noqa: E402
 from mergestream.bench.run import machine_description  # noqa: E402
 from mergestream.classify import default_is_linear_weight  # noqa: E402
+from mergestream.methods.dop import _Subspace  # noqa: E402
 from mergestream.synthetic import (  # noqa: E402
     apply,
     make_base,
@@ -41,6 +42,7 @@ METHODS = {
     "tsv_m": {},
     "dop/exact": {"solver": "exact"},
     "dop/adam": {},
+    "dop/adam-fixed": {"mgda": False},
 }
 
 
@@ -78,20 +80,40 @@ def run(layers: int, models: int, methods: list[str], threads: int | None) -> di
         }
         merged[label] = dict(state.task_vectors())
         print(f"{label:24s} steps 2..: {sum(later) / len(later):8.2f} s", file=sys.stderr)
-    if {"dop/exact", "dop/adam"} <= set(merged) and models == 2:
-        exact, adam = merged["dop/exact"], merged["dop/adam"]
-        taus = [
-            {n: m[n].double() - base[n].double() for n in base if base[n].is_floating_point()}
-            for m in stream
-        ]
-        num = den = 0.0
-        for name, tensor in adam.items():
-            if tensor.ndim == 2 and default_is_linear_weight(name):
-                start = (taus[0][name] + taus[1][name]) / 2
-                num += float((exact[name] - tensor).square().sum())
-                den += float((tensor - start).square().sum())
-        results["dop_exact_vs_adam"] = math.sqrt(num / den) if den else None
+    if "dop/exact" in merged and models == 2:
+        results["dop"] = compare_dop(base, stream, merged)
     return results
+
+
+def compare_dop(base, stream, merged) -> dict:
+    """After one DOP step: the fixed-weight objective (0.8, 0.2) at the start, at each result, and
+    each result's distance to the exact minimiser relative to its distance from the start."""
+    taus = [
+        {n: m[n].double() - base[n].double() for n in base if base[n].is_floating_point()}
+        for m in stream
+    ]
+    linear = [n for n in base if base[n].ndim == 2 and default_is_linear_weight(n)]
+    subspaces = {n: tuple(_Subspace.of(t[n], 0.99999, "uv") for t in taus) for n in linear}
+
+    def objective(x: dict) -> float:
+        return sum(
+            w * task.loss_and_gradient(x[n])[0]
+            for n in linear
+            for w, task in zip((0.8, 0.2), subspaces[n], strict=True)
+        )
+
+    start = {n: (taus[0][n] + taus[1][n]) / 2 for n in linear}
+    exact = merged["dop/exact"]
+    out = {"objective_at_start": objective(start)}
+    for label, result in merged.items():
+        if not label.startswith("dop/"):
+            continue
+        out[f"objective {label}"] = objective(result)
+        if label != "dop/exact":
+            num = sum(float((exact[n] - result[n]).square().sum()) for n in linear)
+            den = sum(float((result[n] - start[n]).square().sum()) for n in linear)
+            out[f"distance to exact / move, {label}"] = math.sqrt(num / den) if den else None
+    return out
 
 
 def main() -> None:
