@@ -76,6 +76,8 @@ def select_methods(tokens: Sequence[str] | None) -> tuple[MethodSpec, ...]:
             f"({', '.join(names)}), a label of the results table, or all"
         )
     return tuple(s for s in known if s.label in wanted or s.method in wanted)
+
+
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
