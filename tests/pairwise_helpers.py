@@ -60,3 +60,17 @@ def check_streaming_keeps_matrices_whole(
             assert error <= 1e-12 * max(float(delta.norm()), 1e-30), name
         else:
             assert torch.equal(got[name], tensor), name
+
+
+def check_gpu_equals_cpu(method: str, params: dict) -> None:
+    """`--device cuda` gives the CPU's merge to round-off (float64 state)."""
+    base, models = make_stream(3)
+    common = {"dtype": torch.float64, "state_dtype": "float64", **params}
+    cpu = merge(base, models, method, **common)
+    gpu = merge(base, models, method, device="cuda", **common)
+    for name, tensor in cpu.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(gpu[name], tensor), name
+            continue
+        scale = float((tensor - base[name].double()).norm())
+        assert float((gpu[name] - tensor).norm()) <= 1e-9 * max(scale, 1e-30), name

@@ -17,7 +17,7 @@ from baseline_helpers import (
     task_vector,
     write_models,
 )
-from pairwise_helpers import check_streaming_keeps_matrices_whole
+from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
 
 from mergestream import ConfigError, MergeState, merge
 from mergestream.classify import default_is_linear_weight
@@ -353,3 +353,8 @@ def test_defaults_are_the_shipped_configuration():
 def test_bad_parameters_are_refused_by_name(params, message):
     with pytest.raises(ConfigError, match=message):
         DOP(**params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_equals_the_cpu():
+    check_gpu_equals_cpu("dop", {"num_steps": 30})

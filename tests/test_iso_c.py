@@ -16,7 +16,7 @@ from baseline_helpers import (
     task_vector,
     write_models,
 )
-from pairwise_helpers import check_streaming_keeps_matrices_whole
+from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
 
 from mergestream import ConfigError, MergeState, merge
 from mergestream.methods import IsoC, iso_c_combine
@@ -133,3 +133,8 @@ def test_default_and_invalid_scaling_factor():
         IsoC(scaling_factor=float("nan"))
     with pytest.raises(ConfigError, match="scaling_factor"):
         MergeState.in_memory(make_stream(1)[0], "iso_c", scaling_factor="big")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_equals_the_cpu():
+    check_gpu_equals_cpu("iso_c", {})

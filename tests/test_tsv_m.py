@@ -17,7 +17,7 @@ from baseline_helpers import (
     task_vector,
     write_models,
 )
-from pairwise_helpers import check_streaming_keeps_matrices_whole
+from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
 
 from mergestream import ConfigError, MergeState, merge
 from mergestream.methods import TsvM, tsv_m_combine
@@ -140,3 +140,8 @@ def test_default_and_invalid_scaling_factor():
         TsvM(scaling_factor=float("inf"))
     with pytest.raises(ConfigError, match="unknown parameter"):
         TsvM(threshold=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_equals_the_cpu():
+    check_gpu_equals_cpu("tsv_m", {})
