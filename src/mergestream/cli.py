@@ -269,12 +269,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.report import markdown_table, write_report
-    from .bench.run import DEFAULT_ALPHAS, run_benchmark
+    from .bench.run import DEFAULT_ALPHAS, run_benchmark, select_methods
 
     tasks = args.tasks.split(",") if args.tasks else None
+    try:
+        methods = select_methods(args.methods.split(",") if args.methods else None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     results = run_benchmark(
         args.zoo,
         tasks=tasks,
+        methods=methods,
         orders=args.orders,
         matrix_orders=args.matrix_orders,
         alphas=() if args.no_sweep else DEFAULT_ALPHAS,
@@ -444,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder")
     p.add_argument("--tasks", default=None, help="comma-separated subset, in this order")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names or table labels (default: the standard set; "
+        "'dop' adds DOP's reference Adam optimisation, 'all' everything)",
+    )
     p.add_argument("--orders", type=int, default=10, help="seeded task orders (final ACC)")
     p.add_argument(
         "--matrix-orders",

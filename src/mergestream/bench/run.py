@@ -48,7 +48,36 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("OPCM paper variant", "opcm", {"alpha": 0.5, "zero_diagonal": False}),
     MethodSpec("ablation: scaling only", "opcm", {"project_exclude": "."}),
     MethodSpec("ablation: projection only", "opcm", {"alpha": 0.5, "adaptive_scaling": False}),
+    MethodSpec("Iso-C (c=1.0)", "iso_c", {"scaling_factor": 1.0}),
+    MethodSpec("TSV-M (c=1.0)", "tsv_m", {"scaling_factor": 1.0}),
+    MethodSpec("DOP, exact solver (alpha=0.8)", "dop", {"solver": "exact", "alpha": 0.8}),
 )
+# Selected by name only (`--methods`): DOP's reference optimisation, 200 Adam steps per linear
+# weight per merge, takes minutes per step on a CPU where every other method takes seconds.
+OPTIONAL_METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("DOP (reference: MGDA + EMA, Adam)", "dop", {}),
+)
+
+
+def select_methods(tokens: Sequence[str] | None) -> tuple[MethodSpec, ...]:
+    """The methods a benchmark runs: the defaults, or those whose label or method name is among
+    `tokens` (`all`: the defaults and the optional ones), in the order of the tables."""
+    if not tokens:
+        return DEFAULT_METHODS
+    known = DEFAULT_METHODS + OPTIONAL_METHODS
+    wanted = set(tokens)
+    if "all" in wanted:
+        return known
+    unknown = wanted - {s.label for s in known} - {s.method for s in known}
+    if unknown:
+        names = sorted({s.method for s in known})
+        raise ValueError(
+            f"unknown benchmark method {sorted(unknown)[0]!r}; use a method name "
+            f"({', '.join(names)}), a label of the results table, or all"
+        )
+    return tuple(s for s in known if s.label in wanted or s.method in wanted)
+
+
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 

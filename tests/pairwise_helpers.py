@@ -1,0 +1,76 @@
+"""Shared checks for the methods that merge the pair (merged task vector, incoming task vector)
+with whole-matrix decompositions (DOP, Iso-C, TSV-M): the engine's row streaming leaves their
+matrices whole and streams everything else, and the result is the same."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from baseline_helpers import make_stream
+
+from mergestream import engine, merge
+
+# With these limits every 2-D tensor of the test models and the MLP's 24-entry bias reach the
+# streaming size (the bias in blocks of 10 entries, the matrices in blocks of one row).
+SMALL_STREAM = 20
+SMALL_BLOCK = 10
+
+
+def check_streaming_keeps_matrices_whole(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    params: dict,
+    held_whole: Callable[[str, tuple[int, ...]], bool],
+) -> None:
+    """Under small streaming limits: the tensors `held_whole` names are read whole, every other
+    large tensor by row blocks, and the merged model equals the one of the default limits."""
+    base, models = make_stream(4)
+    expected = merge(base, models, method, dtype=torch.float64, **params)
+
+    monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", SMALL_STREAM)
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", SMALL_BLOCK)
+    streamed_names: set[str] = set()
+    whole_names: set[str] = set()
+    load_rows, load_whole = engine.load_task_rows, engine.load_task_vector
+
+    def spy_rows(info, *args, **kwargs):  # noqa: ANN001, ANN202
+        streamed_names.add(info.name)
+        return load_rows(info, *args, **kwargs)
+
+    def spy_whole(info, *args, **kwargs):  # noqa: ANN001, ANN202
+        whole_names.add(info.name)
+        return load_whole(info, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_task_rows", spy_rows)
+    monkeypatch.setattr(engine, "load_task_vector", spy_whole)
+    got = merge(base, models, method, dtype=torch.float64, **params)
+
+    large = {n for n, t in base.items() if t.is_floating_point() and t.numel() >= SMALL_STREAM}
+    assert large, "the test models must reach the streaming size"
+    want_whole = {n for n in large if held_whole(n, tuple(base[n].shape))}
+    assert want_whole and want_whole != large, "both paths must be exercised"
+    assert streamed_names == large - want_whole
+    assert want_whole <= whole_names
+    for name, tensor in expected.items():
+        if tensor.is_floating_point():
+            delta = tensor - base[name].double()
+            error = float((got[name] - base[name].double() - delta).norm())
+            assert error <= 1e-12 * max(float(delta.norm()), 1e-30), name
+        else:
+            assert torch.equal(got[name], tensor), name
+
+
+def check_gpu_equals_cpu(method: str, params: dict) -> None:
+    """`--device cuda` gives the CPU's merge to round-off (float64 state)."""
+    base, models = make_stream(3)
+    common = {"dtype": torch.float64, "state_dtype": "float64", **params}
+    cpu = merge(base, models, method, **common)
+    gpu = merge(base, models, method, device="cuda", **common)
+    for name, tensor in cpu.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(gpu[name], tensor), name
+            continue
+        scale = float((tensor - base[name].double()).norm())
+        assert float((gpu[name] - tensor).norm()) <= 1e-9 * max(scale, 1e-30), name
