@@ -32,21 +32,16 @@ row-streaming size; the averaged ones stream by row blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    ContinualMethod,
     MethodConfig,
-    Scalars,
-    TensorInfo,
-    TensorUpdate,
     param,
-    squared_norm,
 )
+from .pairwise import PairwiseMerge
 from .registry import register_method
 
 
@@ -75,48 +70,11 @@ class IsoCConfig(MethodConfig):
 
 
 @register_method
-class IsoC(ContinualMethod):
+class IsoC(PairwiseMerge):
     name = "iso_c"
     summary = (
         "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum "
         "(2-D tensors), average elsewhere, times c"
     )
     config_class = IsoCConfig
-    state_names = ("merged",)
-    config: IsoCConfig
-
-    def streams_rows(self, info: TensorInfo) -> bool:
-        return len(info.shape) != 2  # the SVD needs the whole matrix
-
-    def update(
-        self,
-        info: TensorInfo,
-        step: int,
-        state: Mapping[str, torch.Tensor],
-        task_vector: torch.Tensor,
-        scalars: Scalars,
-    ) -> TensorUpdate:
-        c = self.config.scaling_factor
-        task_norm_sq = squared_norm(task_vector)
-        if step == 1:
-            new_merged = self.stored(task_vector.mul_(c))
-        else:
-            new_merged = self.stored(c * iso_c_combine(state["merged"], task_vector))
-        return TensorUpdate(
-            state={"merged": new_merged},
-            partials={
-                "task_norm_sq": task_norm_sq,
-                "merged_norm_sq": squared_norm(new_merged.to(COMPUTE_DTYPE)),
-            },
-        )
-
-    def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
-        return {
-            "merged_norm": math.sqrt(partials.get("merged_norm_sq", 0.0)),
-            "last_task_norm": math.sqrt(partials.get("task_norm_sq", 0.0)),
-        }
-
-    def task_vector(
-        self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
-    ) -> torch.Tensor:
-        return state["merged"].to(COMPUTE_DTYPE)
+    combine = staticmethod(iso_c_combine)

@@ -34,21 +34,16 @@ shuffling or seeding. Where the truncated singular vectors of the two are linear
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    ContinualMethod,
     MethodConfig,
-    Scalars,
-    TensorInfo,
-    TensorUpdate,
     param,
-    squared_norm,
 )
+from .pairwise import PairwiseMerge
 from .registry import register_method
 
 
@@ -93,48 +88,11 @@ class TsvMConfig(MethodConfig):
 
 
 @register_method
-class TsvM(ContinualMethod):
+class TsvM(PairwiseMerge):
     name = "tsv_m"
     summary = (
         "continual TSV-M: top half of the singular triplets of the merged and the incoming "
         "task vector, orthogonalised (2-D tensors), average elsewhere, times c"
     )
     config_class = TsvMConfig
-    state_names = ("merged",)
-    config: TsvMConfig
-
-    def streams_rows(self, info: TensorInfo) -> bool:
-        return len(info.shape) != 2  # the SVDs need the whole matrix
-
-    def update(
-        self,
-        info: TensorInfo,
-        step: int,
-        state: Mapping[str, torch.Tensor],
-        task_vector: torch.Tensor,
-        scalars: Scalars,
-    ) -> TensorUpdate:
-        c = self.config.scaling_factor
-        task_norm_sq = squared_norm(task_vector)
-        if step == 1:
-            new_merged = self.stored(task_vector.mul_(c))
-        else:
-            new_merged = self.stored(c * tsv_m_combine(state["merged"], task_vector))
-        return TensorUpdate(
-            state={"merged": new_merged},
-            partials={
-                "task_norm_sq": task_norm_sq,
-                "merged_norm_sq": squared_norm(new_merged.to(COMPUTE_DTYPE)),
-            },
-        )
-
-    def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
-        return {
-            "merged_norm": math.sqrt(partials.get("merged_norm_sq", 0.0)),
-            "last_task_norm": math.sqrt(partials.get("task_norm_sq", 0.0)),
-        }
-
-    def task_vector(
-        self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
-    ) -> torch.Tensor:
-        return state["merged"].to(COMPUTE_DTYPE)
+    combine = staticmethod(tsv_m_combine)
