@@ -147,12 +147,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.commands import load_suite_argument
     from .bench.report import markdown_table, write_report
     from .bench.run import DEFAULT_ALPHAS, run_benchmark
 
     tasks = args.tasks.split(",") if args.tasks else None
     results = run_benchmark(
         args.zoo,
+        suite=load_suite_argument(args.suite),
         tasks=tasks,
         orders=args.orders,
         matrix_orders=args.matrix_orders,
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report ACC/BWT, tables and plots",
     )
     p.add_argument(
-        "zoo", type=Path, help="zoo folder built by python -m mergestream.bench.finetune"
+        "zoo", type=Path, help="zoo folder (mergestream finetune), or checkpoints with --suite"
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder")
     p.add_argument("--tasks", default=None, help="comma-separated subset, in this order")
@@ -287,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--suite", type=Path, default=None, help="suite file: tasks, data and checkpoints"
+    )
     p.set_defaults(func=cmd_bench)
+
+    from .bench.commands import add_commands as add_bench_suite_commands
+
+    add_bench_suite_commands(sub)  # bench-suite init/check, finetune
     return parser
 
 
