@@ -714,8 +714,8 @@ def load_task_data(
             len(split.test),
             spec.split.n_test,
         )
-    info = {**split.summary(), **dataclasses.asdict(spec.split)}
-    info["grouped"] = groups is not None
+    info = {**split.summary(), "grouped": groups is not None}
+    info["rule"] = dataclasses.asdict(spec.split)  # what was asked; the counts are what came
     return TaskData(spec.name, class_names, templates, split.train, split.test, info)
 
 
