@@ -55,7 +55,8 @@ def cmd_suite_check(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite).select(_task_list(args.tasks))
     with _plain_errors():
         for number, spec in enumerate(suite.tasks, start=1):
-            task = load_task_data(spec, cache_dir=suite.data_cache, fetch=not args.no_fetch)
+            cache = args.cache or suite.data_cache
+            task = load_task_data(spec, cache_dir=cache, fetch=not args.no_fetch)
             print(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip())
     print(f"{args.suite}: {len(suite.tasks)} tasks, all valid")
     return 0
@@ -127,6 +128,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     q.add_argument("suite", type=Path)
     q.add_argument("--tasks", default=None, help="comma-separated subset")
+    q.add_argument("--cache", type=Path, default=None, help="data cache of built-in tasks")
     q.add_argument("--no-fetch", action="store_true", help="never download built-in sources")
     q.set_defaults(func=cmd_suite_check)
 

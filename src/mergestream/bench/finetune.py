@@ -5,13 +5,17 @@ cross-entropy on ``LOGIT_SCALE * cos(text, class)`` against the task's frozen ze
 head; AdamW without weight decay; linear warm-up over the first 10% of steps, then cosine
 decay to zero; batch 32; dropout as in pretraining; data reshuffled every epoch.
 
-The zoo is a folder with one Hugging Face model directory per task::
+The zoo is a folder with one Hugging Face model directory per task of a suite
+(:mod:`mergestream.bench.suite`; the built-in tasks are the suite ``{builtin: NAME}``)::
 
-    <out>/pretrained/            the starting encoder (safetensors + tokenizer files)
+    <out>/pretrained/            the starting encoder (safetensors, tokenizer, 1_Pooling/)
     <out>/<task>/                fine-tuned encoder, head.safetensors, test.json, finetune.json
+    <out>/zoo.json               encoder, pooling, max length, tasks in the suite's order
+    <out>/suite.yaml             the suite file it was built from
 
-``finetune.json`` holds the recipe, the loss curve and the pretrained and fine-tuned test
-accuracy. Building is resumable: a task whose model and JSON exist is skipped.
+``finetune.json`` holds the recipe, the split's counts, the task's definition, the loss curve
+and the pretrained and fine-tuned test accuracy. Building is resumable: a task whose model and
+JSON exist is skipped (an error if its definition in the suite changed since).
 
 The defaults (lr 1e-4, 300 steps, max length 32) come from a pilot on a shared 2-core CPU
 (500 test examples; accuracy at step 0 / 50 / 100 / 150 / 200 / 300):
@@ -25,8 +29,9 @@ The defaults (lr 1e-4, 300 steps, max length 32) come from a pilot on a shared 2
 At 3e-5 accuracy stalls well below what 1e-4 reaches in the same steps; at 1e-4 the harder
 tasks plateau between 150 and 250 steps.
 
-Run ``python -m mergestream.bench.finetune --tasks all --steps N --out DIR``; ``--tiny``
-builds a one-layer zoo on small data fixtures in seconds.
+Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
+``python -m mergestream.bench.finetune --tasks all --steps N --out DIR`` for the built-in
+tasks; ``--tiny`` builds a one-layer zoo on small data fixtures in seconds.
 """
 
 from __future__ import annotations
@@ -389,7 +394,7 @@ def build_suite_zoo(
             results[name] = info
             continue
         task = load_task_data(spec, cache_dir=cache_dir, fetch=fetch)
-        report(f"{counter}: " + describe(task).rstrip().replace("\n", "\n    "))
+        report(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip().replace("\n", "\n    "))
         model, tokenizer = load_encoder(pretrained_dir, device=device)
         head = build_head(model, tokenizer, task, max_length=recipe.max_length, pooling=pooling)
         evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
