@@ -67,7 +67,7 @@ from mergestream.bench.encoder import (
     save_pooling,
 )
 from mergestream.bench.splits import SplitConfig
-from mergestream.bench.suite import Suite, TaskSpec, builtin_suite, load_task_data
+from mergestream.bench.suite import Suite, builtin_suite, load_task_data
 from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, describe
 
 log = logging.getLogger(__name__)
@@ -294,19 +294,6 @@ def suite_recipe(suite: Suite, **overrides: Any) -> Recipe:
     return dataclasses.replace(Recipe(), **given)
 
 
-def _task_spec_summary(spec: TaskSpec) -> dict[str, Any]:
-    """What a task's checkpoint was built from (compared when a build resumes)."""
-    source = dataclasses.asdict(spec.source)
-    source = {k: str(v) if isinstance(v, Path) else v for k, v in source.items()}
-    return {
-        "source": {"kind": type(spec.source).__name__, **source},
-        "class_names": list(spec.class_names) if spec.class_names else None,
-        "label_values": list(spec.label_values) if spec.label_values else None,
-        "templates": list(spec.templates) if spec.templates else None,
-        "split": dataclasses.asdict(spec.split),
-    }
-
-
 def _zoo_meta(out: Path, meta: dict[str, Any]) -> None:
     """Write ``zoo.json``, or check that an existing zoo was built the same way."""
     path = out / "zoo.json"
@@ -385,7 +372,7 @@ def build_suite_zoo(
         if _is_done(task_dir):
             info = json.loads((task_dir / "finetune.json").read_text())
             built_from = info.get("spec")
-            if built_from is not None and built_from != _task_spec_summary(spec):
+            if built_from is not None and built_from != spec.summary():
                 raise spec.error(
                     f"{task_dir} was fine-tuned from another definition of this task "
                     f"({built_from}); remove that folder to rebuild it"
@@ -436,7 +423,7 @@ def build_suite_zoo(
             "train_class_counts": task.class_counts("train"),
             "test_class_counts": task.class_counts("test"),
             "split": task.split_info,
-            "spec": _task_spec_summary(spec),
+            "spec": spec.summary(),
             "pretrained_test_accuracy": acc0,
             "finetuned_test_accuracy": acc1,
             "final_train_loss": sum(tail) / len(tail) if tail else None,

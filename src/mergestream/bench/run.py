@@ -178,6 +178,11 @@ def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str
         checkpoints[spec.name] = ckpt
         if spec.checkpoint is None and _stored_task(ckpt):
             info = json.loads((ckpt / "finetune.json").read_text())
+            if info.get("spec") is not None and info["spec"] != spec.summary():
+                raise spec.error(
+                    f"{ckpt} was fine-tuned from another definition of this task "
+                    f"({info['spec']}); rebuild it with mergestream finetune"
+                )
             if int(info["recipe"]["max_length"]) != suite.max_length:
                 raise spec.error(
                     f"{ckpt} was fine-tuned with max_length {info['recipe']['max_length']}, "

@@ -118,6 +118,22 @@ class TaskSpec:
     def error(self, message: str) -> SuiteError:
         return SuiteError(f"{self.where}: task {self.name!r}: {message}")
 
+    def summary(self) -> dict[str, Any]:
+        """What the task is made of, as plain data: stored with its fine-tuned checkpoint and
+        compared when a zoo is resumed or benchmarked, so a changed definition is noticed."""
+        # File names only: a project folder may move between runs.
+        source = {
+            k: v.name if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(self.source).items()
+        }
+        return {
+            "source": {"kind": type(self.source).__name__, **source},
+            "class_names": list(self.class_names) if self.class_names else None,
+            "label_values": list(self.label_values) if self.label_values else None,
+            "templates": list(self.templates) if self.templates else None,
+            "split": dataclasses.asdict(self.split),
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
@@ -625,6 +641,11 @@ def _labels_in(spec: TaskSpec, paths: Sequence[Path]) -> list[str]:
                 seen.add(label_key(record[source.label_column]))
     seen.discard("")
     if all(re.fullmatch(r"-?\d+", v) for v in seen):
+        log.warning(
+            "%s: the labels are numbers and the suite gives no class_names: the zero-shot head "
+            "is built from the numbers themselves",
+            spec.name,
+        )
         return sorted(seen, key=int)
     return sorted(seen)
 
