@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from mergestream.bench import encoder as E  # noqa: E402
 from mergestream.bench import finetune as FT  # noqa: E402
 from mergestream.bench.checkpoints import fit_checkpoint  # noqa: E402
-from mergestream.bench.run import run_benchmark  # noqa: E402
+from mergestream.bench.run import load_zoo, run_benchmark  # noqa: E402
 from mergestream.bench.suite import SuiteError, load_suite  # noqa: E402
 from mergestream.cli import main  # noqa: E402
 
@@ -193,6 +193,14 @@ def test_finetune_resumes_and_reports_progress(
     err = capsys.readouterr().err
     line = _line_of(changed.read_text(), "- name: topics")
     assert f"{changed}:{line}: task 'topics'" in err and "remove that folder" in err
+    # Nor benchmarked against the changed definition.
+    with pytest.raises(SuiteError, match=f"{changed}:{line}: task 'topics': .* another definition"):
+        load_zoo(zoo, suite=load_suite(changed))
+    # A zoo keeps one encoder and pooling.
+    other_pooling = project / "mean.yaml"
+    other_pooling.write_text("pooling: mean\n" + SUITE)
+    assert main(["finetune", str(other_pooling), "--out", str(zoo), "--quiet"]) == 2
+    assert "was built with pooling 'cls', this suite asks for 'mean'" in capsys.readouterr().err
 
 
 def test_bench_with_the_suite(project: Path, zoo: Path, tmp_path: Path) -> None:
