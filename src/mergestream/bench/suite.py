@@ -65,6 +65,7 @@ _TASK_KEYS = (
     *_SPLIT_KEYS,
 )
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED_NAMES = ("pretrained", "zoo.json", "suite.yaml")  # taken in a zoo folder
 
 
 class SuiteError(ConfigError):
@@ -363,8 +364,9 @@ def _path(reader: _Reader, key: str, base_dir: Path) -> Path | None:
 def _split_config(reader: _Reader, defaults: SplitConfig) -> SplitConfig:
     n_test = reader.get("n_test", int, defaults.n_test)
     # An explicit `max_train: null` lifts the cap; a missing key keeps the default.
-    max_train = reader.get("max_train", int) if "max_train" in reader.mapping else None
-    if "max_train" not in reader.mapping:
+    if "max_train" in reader.mapping:
+        max_train = reader.get("max_train", int)  # null: no cap
+    else:
         max_train = defaults.max_train
     seed = reader.get("seed", int, defaults.seed)
     balance = reader.get("balance", bool, defaults.balance)
@@ -383,11 +385,11 @@ def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: Split
     name = reader.get("name", str, builtin)
     if name is None:
         raise reader.error(None, "a task needs a `name` (or `builtin: TASK`)")
-    if not _TASK_NAME.match(name) or name == "pretrained":
+    if not _TASK_NAME.match(name) or name in _RESERVED_NAMES:
         raise reader.error(
             "name",
-            f"task name {name!r} must be letters, digits, '_', '.', '-' (it names a folder) "
-            "and not 'pretrained'",
+            f"task name {name!r} must be letters, digits, '_', '.', '-' (it names a folder in "
+            f"the zoo) and not one of {', '.join(_RESERVED_NAMES)}",
         )
     split = _split_config(reader, defaults)
     source: FileSource | BuiltinSource
