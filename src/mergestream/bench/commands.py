@@ -12,8 +12,12 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergestream.errors import MergestreamError
+
+if TYPE_CHECKING:
+    from mergestream.bench.suite import Suite
 
 
 @contextlib.contextmanager
@@ -106,7 +110,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_suite_argument(path: Path | None):  # -> Suite | None, without importing at module level
+def load_suite_argument(path: Path | None) -> Suite | None:
     """The ``--suite`` of ``mergestream bench``, read and checked (None when not given)."""
     if path is None:
         return None
