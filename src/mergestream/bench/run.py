@@ -7,9 +7,11 @@ add`), and the merged encoder is evaluated with the frozen zero-shot heads. On t
 matrix, hence BWT and the curves); on the others only the final model is evaluated on all tasks
 (ACC), which keeps the cost of ten orders affordable.
 
-Zoo layout (written by `mergestream.bench.finetune`): `<zoo>/pretrained/` and one
-`<zoo>/<task>/` per task with the fine-tuned model, `head.safetensors`, `test.json` (the test
-split) and `finetune.json`.
+Zoo layout (written by `mergestream finetune`): `<zoo>/pretrained/` and one `<zoo>/<task>/` per
+task with the fine-tuned model, `head.safetensors`, `test.json` (the test split) and
+`finetune.json`. With a suite, a zoo may also be a folder of checkpoints fine-tuned elsewhere:
+the suite gives each task's data (its test split is made from it) and, optionally, its
+checkpoint; the base encoder is the suite's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from safetensors.torch import load_file
 
 from .. import __version__
 from ..state import MergeState
+from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
+from .encoder import pooling_of
 from .protocol import backward_transfer, final_accuracy, mean_std, task_orders
+from .suite import Suite, load_task_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,26 +96,82 @@ class TestSet:
 
 @dataclasses.dataclass
 class Zoo:
+    """The checkpoints to merge and what scoring them needs.
+
+    ``checkpoints[task]`` is the task's fine-tuned checkpoint, ``fits[task]`` how its tensor
+    names map onto ``pretrained`` (None: the same names), ``pooling`` the encoder's pooling.
+    """
+
     root: Path
     pretrained: Path
     tasks: list[str]
     heads: dict[str, torch.Tensor]
     test_sets: dict[str, TestSet]
     max_length: int
+    pooling: str = "mean"
+    checkpoints: dict[str, Path] = dataclasses.field(default_factory=dict)
+    fits: dict[str, CheckpointFit | None] = dataclasses.field(default_factory=dict)
+
+    def checkpoint(self, task: str) -> Path:
+        return self.checkpoints.get(task, self.root / task)
+
+    def add_options(self, task: str) -> dict[str, Any]:
+        fit = self.fits.get(task)
+        return fit.add_options if fit is not None else {}
+
+    def individual_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's own fine-tuned encoder, in the base's tensor names."""
+        fit = self.fits.get(task)
+        if fit is not None:
+            return load_fitted(self.checkpoint(task), fit)
+        return load_file(str(self.checkpoint(task) / "model.safetensors"))
 
 
-def load_zoo(root: Path, tasks: Sequence[str] | None = None) -> Zoo:
-    """The zoo's checkpoints, heads and test splits (tasks in the given order)."""
-    root = Path(root)
-    available = sorted(
-        p.name for p in root.iterdir() if (p / "finetune.json").is_file() and p.name != "pretrained"
+def _stored_task(task_dir: Path) -> bool:
+    """A task folder written by the zoo builder (head and test split stored with it)."""
+    return all(
+        (task_dir / f).is_file()
+        for f in ("finetune.json", "head.safetensors", "test.json", "model.safetensors")
     )
-    chosen = list(tasks) if tasks else available
+
+
+def _zoo_task_order(root: Path, available: list[str]) -> list[str]:
+    """The order of ``zoo.json`` (the suite's), then any other task, sorted."""
+    meta = root / "zoo.json"
+    listed = json.loads(meta.read_text()).get("tasks", []) if meta.is_file() else []
+    ordered = [t for t in listed if t in available]
+    return ordered + sorted(t for t in available if t not in ordered)
+
+
+def load_zoo(
+    root: Path,
+    tasks: Sequence[str] | None = None,
+    *,
+    suite: Suite | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda _: None,
+) -> Zoo:
+    """The zoo's checkpoints, heads and test splits (tasks in the given order).
+
+    Without ``suite``, ``root`` is a zoo built by ``mergestream finetune``. With it, the tasks
+    are the suite's; a task's checkpoint is its ``checkpoint:`` or ``root/<task>``, which may
+    be a model fine-tuned elsewhere: its test split is then made from the suite and its head
+    from the base encoder, and its tensor names are fitted to the base's.
+    """
+    root = Path(root)
+    if suite is not None:
+        return _load_suite_zoo(root, suite.select(tasks), device=device, log=log)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such zoo folder")
+    available = [
+        p.name for p in root.iterdir() if (p / "finetune.json").is_file() and p.name != "pretrained"
+    ]
+    chosen = list(tasks) if tasks else _zoo_task_order(root, available)
     missing = [t for t in chosen if t not in available]
     if missing:
         raise FileNotFoundError(
             f"{root}: no fine-tuned checkpoint for {', '.join(missing)}; build the zoo first "
-            "(python -m mergestream.bench.finetune)"
+            "(mergestream finetune SUITE.yaml --out ZOO)"
         )
     heads, test_sets, max_lengths = {}, {}, set()
     for task in chosen:
@@ -121,7 +182,76 @@ def load_zoo(root: Path, tasks: Sequence[str] | None = None) -> Zoo:
         max_lengths.add(int(info["recipe"]["max_length"]))
     if len(max_lengths) != 1:
         raise ValueError(f"{root}: tasks were fine-tuned with different max_length {max_lengths}")
-    return Zoo(root, root / "pretrained", chosen, heads, test_sets, max_lengths.pop())
+    pretrained = root / "pretrained"
+    return Zoo(
+        root, pretrained, chosen, heads, test_sets, max_lengths.pop(), pooling_of(pretrained)
+    )
+
+
+def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str], None]) -> Zoo:
+    from .encoder import build_head, default_model_path, load_encoder
+
+    zoo_pretrained = root / "pretrained"
+    if (zoo_pretrained / "config.json").is_file():
+        pretrained = zoo_pretrained  # what the zoo's own checkpoints were fine-tuned from
+    else:
+        pretrained = suite.encoder or default_model_path()
+    pooling = suite.pooling or pooling_of(pretrained)
+    heads: dict[str, torch.Tensor] = {}
+    test_sets: dict[str, TestSet] = {}
+    checkpoints: dict[str, Path] = {}
+    fits: dict[str, CheckpointFit | None] = {}
+    encoder: tuple[Any, Any] | None = None
+    for number, spec in enumerate(suite.tasks, start=1):
+        ckpt = spec.checkpoint or root / spec.name
+        checkpoints[spec.name] = ckpt
+        if spec.checkpoint is None and _stored_task(ckpt):
+            info = json.loads((ckpt / "finetune.json").read_text())
+            if info.get("spec") is not None and info["spec"] != spec.summary():
+                raise spec.error(
+                    f"{ckpt} was fine-tuned from another definition of this task "
+                    f"({info['spec']}); rebuild it with mergestream finetune"
+                )
+            if int(info["recipe"]["max_length"]) != suite.max_length:
+                raise spec.error(
+                    f"{ckpt} was fine-tuned with max_length {info['recipe']['max_length']}, "
+                    f"the suite says {suite.max_length}"
+                )
+            heads[spec.name] = load_file(str(ckpt / "head.safetensors"))["head"]
+            split = json.loads((ckpt / "test.json").read_text())
+            test_sets[spec.name] = TestSet(spec.name, [(t, int(y)) for t, y in split])
+            fits[spec.name] = None
+            log(f"[{number}/{len(suite.tasks)}] {spec.name}: from the zoo ({ckpt})")
+            continue
+        if not ckpt.exists():
+            raise spec.error(
+                f"no checkpoint at {ckpt}: fine-tune it (mergestream finetune SUITE.yaml "
+                f"--out {root}) or give the task a `checkpoint:`"
+            )
+        fits[spec.name] = fit_checkpoint(pretrained, ckpt, f"{spec.where}: task {spec.name!r}")
+        task = load_task_data(spec, cache_dir=suite.data_cache)
+        if encoder is None:
+            encoder = load_encoder(pretrained, device=device)
+        model, tokenizer = encoder
+        heads[spec.name] = build_head(
+            model, tokenizer, task, max_length=suite.max_length, pooling=pooling
+        )
+        test_sets[spec.name] = TestSet(spec.name, task.test)
+        log(
+            f"[{number}/{len(suite.tasks)}] {spec.name}: checkpoint {ckpt}, "
+            f"{len(task.test)} test examples, head from the base encoder"
+        )
+    return Zoo(
+        root,
+        Path(pretrained),
+        suite.names,
+        heads,
+        test_sets,
+        suite.max_length,
+        pooling,
+        checkpoints,
+        fits,
+    )
 
 
 class ZooEvaluator:
@@ -132,7 +262,7 @@ class ZooEvaluator:
 
         model, tokenizer = load_encoder(zoo.pretrained, device=device)
         self.zoo = zoo
-        self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length)
+        self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling)
         self.evaluations = 0
 
     def accuracies(
@@ -157,7 +287,7 @@ def _merge_and_evaluate(
     final: dict[str, float] = {}
     for step, task in enumerate(order, start=1):
         started = time.perf_counter()
-        state.add(zoo.root / task, allow_duplicate=True)
+        state.add(zoo.checkpoint(task), allow_duplicate=True, **zoo.add_options(task))
         merge_seconds += time.perf_counter() - started
         last = step == len(order)
         if not (full_matrix or last):
@@ -194,16 +324,17 @@ def run_benchmark(
     seed: int = 0,
     device: str = "cpu",
     log: Callable[[str], None] = print,
+    suite: Suite | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (see the module docstring) and return the results dict."""
     started = time.perf_counter()
-    zoo = load_zoo(zoo_root, tasks)
+    zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log)
     evaluator = ZooEvaluator(zoo, device=device)
     all_orders = task_orders(zoo.tasks, orders, seed=seed)
 
     reference = {"pretrained": evaluator.accuracies(None, zoo.tasks), "individual": {}}
     for task in zoo.tasks:
-        individual = load_file(str(zoo.root / task / "model.safetensors"))
+        individual = zoo.individual_state_dict(task)
         reference["individual"][task] = evaluator.accuracies(individual, [task])[task]
     log(
         "pretrained ACC {:.1f}, individual fine-tuned ACC {:.1f}".format(
@@ -213,7 +344,8 @@ def run_benchmark(
     )
 
     results_methods: dict[str, Any] = {}
-    for spec in methods:
+    for number, spec in enumerate(methods, start=1):
+        log(f"[{number}/{len(methods)}] {spec.label}: {len(all_orders)} orders")
         runs = []
         for index, order in enumerate(all_orders):
             runs.append(_merge_and_evaluate(zoo, evaluator, spec, order, index < matrix_orders))
@@ -246,6 +378,9 @@ def run_benchmark(
                 "python": platform.python_version(),
             },
             "zoo": str(zoo.root),
+            "suite": str(suite.path) if suite is not None and suite.path else None,
+            "pooling": zoo.pooling,
+            "checkpoints": {t: str(zoo.checkpoint(t)) for t in zoo.tasks},
             "tasks": zoo.tasks,
             "orders": orders,
             "matrix_orders": matrix_orders,

@@ -22,7 +22,8 @@ fine_food              Debian ``r-cran-modeldata``             great / other foo
 unpacked with ``dpkg-deb -x``; no root rights are needed. Packages already installed on the
 system (same PyPI version, or the Debian files under ``/``) are used in place.
 
-:func:`load_task` parses a source and returns a deterministic stratified train/test split.
+:func:`builtin_examples` parses a task's sources; :func:`load_task` loads a task through the
+suite path (:mod:`mergestream.bench.suite`) with a deterministic stratified train/test split.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import io
 import logging
 import lzma
 import os
-import random
 import re
 import shutil
 import struct
@@ -47,6 +47,9 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+from mergestream.bench.splits import SplitConfig, dedupe, proportional_quota, split_examples
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class TaskData:
         templates: prompt templates with one ``{}`` for the class name.
         train: ``(text, label)`` pairs for fine-tuning.
         test: ``(text, label)`` pairs for evaluation.
+        split_info: the split's counts (:meth:`mergestream.bench.splits.Split.summary`).
     """
 
     name: str
@@ -87,6 +91,8 @@ class TaskData:
     templates: list[str]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
+    # Counts of the split (per class, per side; groups when grouped), as stored in the zoo.
+    split_info: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -621,65 +627,50 @@ _FINE_FOOD_NAMES = ["bad", "great"]
 
 
 # --------------------------------------------------------------------------------------
-# Splitting
+# Built-in tasks as data: what a suite's ``builtin:`` entry reads
 
 
-def _dedupe(data: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Drop repeated texts; drop texts seen with more than one label altogether."""
-    labels: dict[str, set[int]] = {}
-    order: list[str] = []
-    for text, y in data:
-        if text not in labels:
-            labels[text] = set()
-            order.append(text)
-        labels[text].add(y)
-    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+@dataclasses.dataclass(frozen=True)
+class BuiltinData:
+    """A built-in task's parsed source: classes, templates and labelled examples.
+    ``test_examples`` is the source's own test split, when it has one."""
+
+    class_names: list[str]
+    templates: list[str]
+    examples: list[tuple[str, int]]
+    test_examples: list[tuple[str, int]] | None = None
 
 
-def _quota(counts: Sequence[int], total: int) -> list[int]:
-    """Largest-remainder allocation of ``total`` proportional to ``counts``, each at most
-    its count."""
-    n = sum(counts)
-    total = min(total, n)
-    if total <= 0:
-        return [0] * len(counts)
-    exact = [c * total / n for c in counts]
-    q = [min(int(e), c) for e, c in zip(exact, counts, strict=True)]
-    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - int(exact[i])), i))
-    k = 0
-    while sum(q) < total:
-        i = order[k % len(order)]
-        if q[i] < counts[i]:
-            q[i] += 1
-        k += 1
-    return q
+def builtin_examples(
+    name: str, cache_dir: str | os.PathLike[str] | None = None, *, fetch: bool = True
+) -> BuiltinData:
+    """Parse built-in task ``name`` from its sources (fetched into the cache if needed)."""
+    roots = ensure_sources([name], cache_dir, fetch=fetch)
+    if name == "fine_food":
+        return BuiltinData(
+            list(_FINE_FOOD_NAMES),
+            list(_FINE_FOOD_TEMPLATES),
+            _fine_food_table(roots, "training_data"),
+            _fine_food_table(roots, "testing_data"),
+        )
+    parsers = {
+        "rt_sentiment": _rt_sentiment,
+        "debate_party": _debate_party,
+        "chatter_language": _chatter_language,
+        "fortune_topic": _fortune_topic,
+        "wordnet_noun_supersense": lambda r: _wordnet(r, "noun"),
+        "wordnet_verb_supersense": lambda r: _wordnet(r, "verb"),
+        "austen_book": _austen_book,
+    }
+    class_names, templates, data = parsers[name](roots)
+    return BuiltinData(class_names, templates, data)
 
 
-def _stratified_sample(
-    by_class: list[list[str]], total: int, rng: random.Random
-) -> tuple[list[list[str]], list[list[str]]]:
-    """Split each class list into (taken, rest) with a proportional quota of ``total``."""
-    q = _quota([len(c) for c in by_class], total)
-    taken, rest = [], []
-    for items, k in zip(by_class, q, strict=True):
-        items = list(items)
-        rng.shuffle(items)
-        taken.append(items[:k])
-        rest.append(items[k:])
-    return taken, rest
+# --------------------------------------------------------------------------------------
+# Splitting (see :mod:`mergestream.bench.splits`; the aliases keep the old private names)
 
-
-def _flatten(by_class: list[list[str]], rng: random.Random) -> list[tuple[str, int]]:
-    out = [(t, y) for y, items in enumerate(by_class) for t in items]
-    rng.shuffle(out)
-    return out
-
-
-def _group(data: Iterable[tuple[str, int]], num_classes: int) -> list[list[str]]:
-    by_class: list[list[str]] = [[] for _ in range(num_classes)]
-    for text, y in data:
-        by_class[y].append(text)
-    return by_class
+_dedupe = dedupe
+_quota = proportional_quota
 
 
 def split_task(
@@ -692,27 +683,19 @@ def split_task(
     max_train: int | None = DEFAULT_MAX_TRAIN,
     seed: int = 0,
     test_data: Iterable[tuple[str, int]] | None = None,
+    balance: bool = False,
 ) -> TaskData:
     """Deduplicate and split into a stratified test set of ``n_test`` and a stratified train
-    set of at most ``max_train`` examples. With ``test_data`` (a source's own test split),
-    the test set is sampled from it and the train set from ``data``; texts present in both
-    are dropped from the train side."""
-    rng = random.Random(f"{name}:{seed}")
-    k = len(class_names)
-    data = _dedupe(data)
-    if test_data is None:
-        test_by, train_by = _stratified_sample(_group(data, k), n_test, rng)
-    else:
-        test_by, _ = _stratified_sample(_group(_dedupe(test_data), k), n_test, rng)
-        held = {t for items in test_by for t in items}
-        train_by = _group(((t, y) for t, y in data if t not in held), k)
-    if max_train is not None:
-        train_by, _ = _stratified_sample(train_by, max_train, rng)
-    test = _flatten(test_by, rng)
-    train = _flatten(train_by, rng)
-    if len(test) < n_test:
-        log.warning("%s: only %d test examples (asked for %d)", name, len(test), n_test)
-    return TaskData(name, list(class_names), list(templates), train, test)
+    set of at most ``max_train`` examples (see :func:`~mergestream.bench.splits.split_examples`).
+    With ``test_data`` (a source's own test split), the test set is sampled from it and the
+    train set from ``data``; texts present in both are dropped from the train side."""
+    config = SplitConfig(n_test=n_test, max_train=max_train, seed=seed, balance=balance)
+    split = split_examples(name, data, len(class_names), config, test_examples=test_data)
+    if len(split.test) < n_test:
+        log.warning("%s: only %d test examples (asked for %d)", name, len(split.test), n_test)
+    return TaskData(
+        name, list(class_names), list(templates), split.train, split.test, split.summary()
+    )
 
 
 def load_task(
@@ -724,45 +707,28 @@ def load_task(
     seed: int = 0,
     fetch: bool = True,
 ) -> TaskData:
-    """Load task ``name`` with a stratified split fixed by ``seed``.
+    """Load built-in task ``name`` with a stratified split fixed by ``seed``.
 
+    This is the suite entry ``{builtin: name, n_test: ..., max_train: ..., seed: ...}`` loaded
+    through :func:`mergestream.bench.suite.load_task_data`, the path every task takes.
     ``cache_dir`` is where sources are looked for and fetched to (see :func:`cache_root`);
     ``fetch=False`` raises instead of downloading a missing source.
     """
-    roots = ensure_sources([name], cache_dir, fetch=fetch)
-    if name == "fine_food":
-        train = _fine_food_table(roots, "training_data")
-        test = _fine_food_table(roots, "testing_data")
-        return split_task(
-            name,
-            _FINE_FOOD_NAMES,
-            _FINE_FOOD_TEMPLATES,
-            train,
-            n_test=n_test,
-            max_train=max_train,
-            seed=seed,
-            test_data=test,
-        )
-    parsers = {
-        "rt_sentiment": _rt_sentiment,
-        "debate_party": _debate_party,
-        "chatter_language": _chatter_language,
-        "fortune_topic": _fortune_topic,
-        "wordnet_noun_supersense": lambda r: _wordnet(r, "noun"),
-        "wordnet_verb_supersense": lambda r: _wordnet(r, "verb"),
-        "austen_book": _austen_book,
-    }
-    class_names, templates, data = parsers[name](roots)
-    return split_task(
-        name, class_names, templates, data, n_test=n_test, max_train=max_train, seed=seed
-    )
+    from mergestream.bench.suite import builtin_suite, load_task_data
+
+    suite = builtin_suite([name], SplitConfig(n_test=n_test, max_train=max_train, seed=seed))
+    return load_task_data(suite.tasks[0], cache_dir=cache_dir, fetch=fetch)
 
 
 def describe(task: TaskData) -> str:
     """One line per class: name, train count, test count."""
     out = io.StringIO()
     tr, te = task.class_counts("train"), task.class_counts("test")
-    out.write(f"{task.name}: {len(task.train)} train, {len(task.test)} test\n")
+    groups = ""
+    info = task.split_info or {}
+    if info.get("test_groups") is not None:
+        groups = f" ({info['train_groups']} / {info['test_groups']} groups)"
+    out.write(f"{task.name}: {len(task.train)} train, {len(task.test)} test{groups}\n")
     for name, a, b in zip(task.class_names, tr, te, strict=True):
         out.write(f"  {name:<28} {a:>6} {b:>5}\n")
     return out.getvalue()

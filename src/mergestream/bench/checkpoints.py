@@ -1,0 +1,110 @@
+"""Checkpoints fine-tuned elsewhere: how their tensor names fit the benchmark's base encoder.
+
+A checkpoint saved from a task model (``BertForSequenceClassification``, a sentence-transformers
+folder, ...) holds the encoder under a prefix (``bert.``, ``roberta.``, ``0.auto_model.``) next to
+tensors the benchmark does not merge (a classifier, a pooler). :func:`fit_checkpoint` finds the
+prefix that maps the checkpoint onto every tensor of the base, with equal shapes, and lists what
+is left over; a checkpoint that does not hold the base's encoder is an error that says what
+differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from mergestream.bench.suite import SuiteError
+from mergestream.io.checkpoint import open_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFit:
+    """How a checkpoint maps onto the base: a prefix to strip and the tensors to ignore."""
+
+    strip_prefix: str | None
+    ignored: tuple[str, ...]
+
+    @property
+    def add_options(self) -> dict[str, str | None]:
+        """Keyword arguments of :meth:`mergestream.state.MergeState.add`."""
+        return {"strip_prefix": self.strip_prefix, "extra": "ignore" if self.ignored else "error"}
+
+
+def _candidate_prefixes(base_names: list[str], names: list[str]) -> list[str]:
+    """Prefixes ``p`` with ``p + first_base_name`` in ``names``, shortest first."""
+    probe = base_names[0]
+    found = {name[: -len(probe)] for name in names if name.endswith(probe)}
+    return sorted(found, key=len)
+
+
+def fit_checkpoint(
+    base: str | os.PathLike[str], checkpoint: str | os.PathLike[str], where: str = ""
+) -> CheckpointFit:
+    """How ``checkpoint`` maps onto ``base`` (see the module docstring).
+
+    ``where`` (e.g. ``suite.yaml:12: task 'x'``) starts the message of the :class:`SuiteError`
+    raised when no prefix maps every base tensor onto a checkpoint tensor of the same shape.
+    """
+    lead = f"{where}: " if where else ""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise SuiteError(f"{lead}checkpoint {checkpoint} not found")
+    base_source = open_checkpoint(Path(base))
+    try:
+        source = open_checkpoint(checkpoint)
+    except Exception as exc:  # unreadable or not a checkpoint: say which and why
+        base_source.close()
+        raise SuiteError(f"{lead}cannot read checkpoint {checkpoint}: {exc}") from None
+    try:
+        base_names = sorted(base_source.names())
+        names = source.names()
+        have = set(names)
+        best: tuple[int, str, list[str]] | None = None
+        for prefix in _candidate_prefixes(base_names, names) or [""]:
+            missing = [n for n in base_names if prefix + n not in have]
+            if not missing:
+                shapes = [
+                    f"{n}: {tuple(source.spec(prefix + n).shape)} vs base "
+                    f"{tuple(base_source.spec(n).shape)}"
+                    for n in base_names
+                    if source.spec(prefix + n).shape != base_source.spec(n).shape
+                ]
+                if shapes:
+                    raise SuiteError(
+                        f"{lead}checkpoint {checkpoint} does not match the base encoder {base}: "
+                        f"{len(shapes)} tensors differ in shape, e.g. {'; '.join(shapes[:3])}"
+                    )
+                used = {prefix + n for n in base_names}
+                ignored = tuple(sorted(n for n in names if n not in used))
+                return CheckpointFit(prefix or None, ignored)
+            if best is None or len(missing) < best[0]:
+                best = (len(missing), prefix, missing)
+        assert best is not None
+        count, prefix, missing = best
+        shown = f" under the prefix {prefix!r}" if prefix else ""
+        raise SuiteError(
+            f"{lead}checkpoint {checkpoint} does not match the base encoder {base}: "
+            f"{count} of its {len(base_names)} tensors are missing{shown}, e.g. "
+            f"{', '.join(missing[:3])} (the checkpoint has e.g. {', '.join(sorted(names)[:3])})"
+        )
+    finally:
+        base_source.close()
+        source.close()
+
+
+def load_fitted(checkpoint: str | os.PathLike[str], fit: CheckpointFit) -> dict[str, torch.Tensor]:
+    """The checkpoint's encoder tensors in the base's names."""
+    source = open_checkpoint(Path(checkpoint))
+    try:
+        prefix = fit.strip_prefix or ""
+        ignored = set(fit.ignored)
+        return {
+            name[len(prefix) :]: source.get(name)
+            for name in source.names()
+            if name not in ignored and name.startswith(prefix)
+        }
+    finally:
+        source.close()

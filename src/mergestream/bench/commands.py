@@ -1,0 +1,159 @@
+"""Command-line bodies of ``mergestream bench-suite`` and ``mergestream finetune``.
+
+Importing this module is cheap (no torch): the parser is built from it, and each command
+imports the model code only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergestream.errors import MergestreamError
+
+if TYPE_CHECKING:
+    from mergestream.bench.suite import Suite
+
+
+@contextlib.contextmanager
+def _plain_errors() -> Iterator[None]:
+    """Report missing files, bad values and unavailable sources without a traceback."""
+    from mergestream.bench.tasks import SourceUnavailableError
+
+    try:
+        yield
+    except (OSError, ValueError, SourceUnavailableError) as exc:
+        if isinstance(exc, MergestreamError):
+            raise
+        raise MergestreamError(str(exc)) from exc
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the unused pooler is left out on purpose
+    hf_logging.disable_progress_bar()
+
+
+def cmd_suite_init(args: argparse.Namespace) -> int:
+    from mergestream.bench.suite import SUITE_TEMPLATE
+
+    path: Path = args.suite
+    if path.exists() and not args.force:
+        raise MergestreamError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(SUITE_TEMPLATE)
+    print(f"wrote {path}: edit its tasks, then `mergestream finetune {path} --out ZOO`")
+    return 0
+
+
+def cmd_suite_check(args: argparse.Namespace) -> int:
+    from mergestream.bench.suite import load_suite, load_task_data
+    from mergestream.bench.tasks import describe
+
+    suite = load_suite(args.suite).select(_task_list(args.tasks))
+    with _plain_errors():
+        for number, spec in enumerate(suite.tasks, start=1):
+            cache = args.cache or suite.data_cache
+            task = load_task_data(spec, cache_dir=cache, fetch=not args.no_fetch)
+            print(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip())
+    print(f"{args.suite}: {len(suite.tasks)} tasks, all valid")
+    return 0
+
+
+def _task_list(text: str | None) -> list[str] | None:
+    return [t for t in text.split(",") if t] if text else None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mergestream.bench.suite import load_suite
+
+    suite = load_suite(args.suite).select(_task_list(args.tasks))
+    with _plain_errors():
+        import torch
+
+        from mergestream.bench.finetune import build_suite_zoo, suite_recipe
+
+        logging.basicConfig(
+            level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr
+        )
+        _quiet_transformers()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        recipe = suite_recipe(
+            suite, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed
+        )
+        results = build_suite_zoo(
+            args.out,
+            suite,
+            recipe,
+            num_layers=args.num_layers,
+            cache_dir=args.cache,
+            device=device,
+            eval_every=args.eval_every,
+            fetch=not args.no_fetch,
+            report=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+        )
+    for name, info in results.items():
+        print(
+            f"{name:26s} pretrained {info['pretrained_test_accuracy']:.4f} "
+            f"fine-tuned {info['finetuned_test_accuracy']:.4f} "
+            f"loss {info['final_train_loss']:.4f} ({info['seconds_per_step']:.2f} s/step)"
+        )
+    print(f"zoo in {args.out}; next: mergestream bench {args.out} --suite {args.suite}")
+    return 0
+
+
+def load_suite_argument(path: Path | None) -> Suite | None:
+    """The ``--suite`` of ``mergestream bench``, read and checked (None when not given)."""
+    if path is None:
+        return None
+    from mergestream.bench.suite import load_suite
+
+    return load_suite(path)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``bench-suite`` and ``finetune`` to the ``mergestream`` parser."""
+    p = sub.add_parser("bench-suite", help="write or check a benchmark suite file (YAML)")
+    suite_sub = p.add_subparsers(dest="suite_command", required=True)
+    q = suite_sub.add_parser("init", help="write a commented suite template")
+    q.add_argument("suite", type=Path, help="where to write it, e.g. SUITE.yaml")
+    q.add_argument("--force", action="store_true", help="overwrite an existing file")
+    q.set_defaults(func=cmd_suite_init)
+    q = suite_sub.add_parser(
+        "check", help="load every task of a suite and print its split's counts"
+    )
+    q.add_argument("suite", type=Path)
+    q.add_argument("--tasks", default=None, help="comma-separated subset")
+    q.add_argument("--cache", type=Path, default=None, help="data cache of built-in tasks")
+    q.add_argument("--no-fetch", action="store_true", help="never download built-in sources")
+    q.set_defaults(func=cmd_suite_check)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the suite's encoder once per task into a zoo (resumable)",
+    )
+    p.add_argument("suite", type=Path, help="suite file (mergestream bench-suite init)")
+    p.add_argument("--out", type=Path, required=True, help="zoo folder")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    p.add_argument("--steps", type=int, default=None, help="override the suite's recipe")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="fine-tuning seed")
+    p.add_argument("--eval-every", type=int, default=0, help="record test accuracy every N")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--cache", type=Path, default=None, help="data cache of built-in tasks")
+    p.add_argument("--no-fetch", action="store_true", help="never download built-in sources")
+    p.add_argument(
+        "--num-layers", type=int, default=None, help="keep only the encoder's first N layers"
+    )
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune)

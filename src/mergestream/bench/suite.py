@@ -1,0 +1,802 @@
+"""Benchmark suites: which tasks a zoo is fine-tuned and evaluated on, read from a YAML file.
+
+A suite lists tasks. Each is either a built-in task (``builtin: rt_sentiment``) or a labelled
+text file of the user's: CSV, TSV, JSONL or Parquet with a text column, a label column and
+optionally a group column, or a folder holding ``train.*`` and ``test.*``. The suite also names
+the encoder (any local Hugging Face encoder folder; default the packaged all-MiniLM-L6-v2), its
+pooling, the split rules and the fine-tuning recipe. :data:`SUITE_TEMPLATE` is a commented
+example (``mergestream bench-suite init SUITE.yaml`` writes it).
+
+Every task goes through :func:`load_task_data`: built-in tasks read their packaged sources,
+file tasks their files; both are then split by :func:`mergestream.bench.splits.split_examples`.
+Mistakes are reported as :class:`SuiteError` naming the file and line (of the suite, or of the
+data file for a bad row).
+
+This module does not import torch: the command line reads suites before it needs a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mergestream.bench.splits import SplitConfig, split_examples
+from mergestream.bench.tasks import (
+    DEFAULT_MAX_TRAIN,
+    DEFAULT_N_TEST,
+    TASK_NAMES,
+    TaskData,
+    builtin_examples,
+)
+from mergestream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "cls")
+DEFAULT_MAX_LENGTH = 32  # as mergestream.bench.encoder.DEFAULT_MAX_LENGTH (no torch here)
+# Templates of a file task that gives none: they only wrap the class name.
+DEFAULT_TEMPLATES = ("{}", "a text about {}.", "an example of {}.")
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+# Recipe fields a suite's `finetune:` section may set (see mergestream.bench.finetune.Recipe).
+FINETUNE_KEYS = ("steps", "lr", "batch_size", "warmup_frac", "weight_decay", "logit_scale", "seed")
+
+_SUITE_KEYS = ("encoder", "pooling", "max_length", "data_cache", "split", "finetune", "tasks")
+_SPLIT_KEYS = ("n_test", "max_train", "seed", "balance")
+_TASK_KEYS = (
+    "name",
+    "builtin",
+    "data",
+    "train",
+    "test",
+    "text_column",
+    "label_column",
+    "group_column",
+    "class_names",
+    "templates",
+    "checkpoint",
+    *_SPLIT_KEYS,
+)
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED_NAMES = ("pretrained", "zoo.json", "suite.yaml")  # taken in a zoo folder
+
+
+class SuiteError(ConfigError):
+    """A suite file or one of its data files is wrong; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+    """A task read from files: ``train`` (all data, or the train side) and optional ``test``."""
+
+    train: Path
+    test: Path | None
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinSource:
+    """One of the eight built-in tasks (:data:`mergestream.bench.tasks.TASK_NAMES`)."""
+
+    task: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite, as written, with paths resolved.
+
+    Attributes:
+        name: the task's name (its folder in the zoo).
+        source: where its examples come from.
+        class_names: names of the classes (label ``i`` is ``class_names[i]``); None takes them
+            from the data (built-in: the task's own; file: the sorted distinct labels).
+        label_values: the label value in the data of each class, when the suite maps raw
+            labels to names (``class_names: {pos: positive, neg: negative}``).
+        templates: prompt templates with one ``{}``; None takes the defaults.
+        split: how to split it.
+        checkpoint: a checkpoint fine-tuned elsewhere, if the suite names one.
+        where: ``file:line`` of the task's entry, for messages.
+    """
+
+    name: str
+    source: FileSource | BuiltinSource
+    class_names: tuple[str, ...] | None
+    label_values: tuple[str, ...] | None
+    templates: tuple[str, ...] | None
+    split: SplitConfig
+    checkpoint: Path | None
+    where: str
+
+    def error(self, message: str) -> SuiteError:
+        return SuiteError(f"{self.where}: task {self.name!r}: {message}")
+
+    def summary(self) -> dict[str, Any]:
+        """What the task is made of, as plain data: stored with its fine-tuned checkpoint and
+        compared when a zoo is resumed or benchmarked, so a changed definition is noticed."""
+        # File names only: a project folder may move between runs.
+        source = {
+            k: v.name if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(self.source).items()
+        }
+        return {
+            "source": {"kind": type(self.source).__name__, **source},
+            "class_names": list(self.class_names) if self.class_names else None,
+            "label_values": list(self.label_values) if self.label_values else None,
+            "templates": list(self.templates) if self.templates else None,
+            "split": dataclasses.asdict(self.split),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A parsed suite: tasks in order, encoder, pooling, max length and recipe overrides."""
+
+    tasks: tuple[TaskSpec, ...]
+    encoder: Path | None = None
+    pooling: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    finetune: dict[str, float | int] = dataclasses.field(default_factory=dict)
+    data_cache: Path | None = None
+    path: Path | None = None
+    text: str | None = None  # the YAML as written (copied into the zoo)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        for spec in self.tasks:
+            if spec.name == name:
+                return spec
+        raise SuiteError(f"{self.path or 'suite'}: no task {name!r} (tasks: {self.names})")
+
+    def select(self, names: Sequence[str] | None) -> Suite:
+        """The suite restricted to ``names``, in that order (all tasks for None)."""
+        if not names:
+            return self
+        return dataclasses.replace(self, tasks=tuple(self.task(n) for n in names))
+
+
+# --------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _Map(dict):  # type: ignore[type-arg]
+    """A YAML mapping that remembers its line and the line of each key."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class LineLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
+        loader.flatten_mapping(node)
+        out = _Map()
+        out.line = node.start_mark.line + 1
+        out.key_lines = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in out:
+                raise SuiteError(f"{loader.name}:{line}: {key!r} is given twice")
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.key_lines[key] = line
+        return out
+
+    LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return LineLoader
+
+
+class _Reader:
+    """Typed access to a parsed mapping, with errors that name file and line."""
+
+    def __init__(self, mapping: dict[str, Any], file: str, context: str = ""):
+        self.mapping = mapping
+        self.file = file
+        self.context = context
+
+    def line(self, key: str | None = None) -> int:
+        lines = getattr(self.mapping, "key_lines", {})
+        return lines.get(key, getattr(self.mapping, "line", 0))
+
+    def where(self, key: str | None = None) -> str:
+        line = self.line(key)
+        return f"{self.file}:{line}" if line else self.file
+
+    def error(self, key: str | None, message: str) -> SuiteError:
+        return SuiteError(f"{self.where(key)}: {self.context}{message}")
+
+    def check_keys(self, allowed: Sequence[str]) -> None:
+        for key in self.mapping:
+            if key not in allowed:
+                raise self.error(
+                    key, f"unknown key {key!r} (expected one of: {', '.join(allowed)})"
+                )
+
+    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
+        value = self.mapping.get(key, default)
+        if value is None or value is default:
+            return value
+        allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+        # bool is an int to Python; `n_test: true` is still a mistake.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise self.error(key, f"{key} must be {_kind_names(kinds)}, got {value!r}")
+        return value
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    names.update({list: "a list", dict: "a mapping"})
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+# --------------------------------------------------------------------------------------
+# Parsing
+
+
+def load_suite(path: str | os.PathLike[str]) -> Suite:
+    """Read and check a suite file. Paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: suite file not found") from None
+    return parse_suite(text, path)
+
+
+def parse_suite(text: str, path: str | os.PathLike[str] | None = None) -> Suite:
+    """Parse suite ``text``; ``path`` (for messages and relative paths) defaults to none."""
+    import yaml
+
+    label = str(path) if path is not None else "<suite>"
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    loader = _yaml_loader()(text)
+    loader.name = label
+    try:
+        doc = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteError(f"{label}{line}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(doc, dict):
+        raise SuiteError(f"{label}: a suite is a mapping with a `tasks:` list")
+    suite = build_suite(doc, label, base_dir)
+    return dataclasses.replace(suite, path=Path(path) if path is not None else None, text=text)
+
+
+def builtin_suite(
+    names: Sequence[str] = TASK_NAMES, split: SplitConfig | None = None, **top: Any
+) -> Suite:
+    """The suite ``tasks: [{builtin: name}, ...]`` for ``names`` with ``split`` defaults, built
+    through the same checks as a suite file."""
+    split = split or SplitConfig(n_test=DEFAULT_N_TEST, max_train=DEFAULT_MAX_TRAIN)
+    doc = {
+        "split": dataclasses.asdict(split),
+        "tasks": [{"builtin": name} for name in names],
+        **top,
+    }
+    return build_suite(doc, "<built-in suite>", Path.cwd())
+
+
+def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
+    """Check a parsed suite mapping and resolve its paths against ``base_dir``."""
+    top = _Reader(doc, file)
+    top.check_keys(_SUITE_KEYS)
+    split_map = top.get("split", dict, {})
+    split_reader = _Reader(split_map, file, "split: ")
+    split_reader.check_keys(_SPLIT_KEYS)
+    defaults = _split_config(split_reader, SplitConfig(DEFAULT_N_TEST, DEFAULT_MAX_TRAIN))
+
+    finetune_map = top.get("finetune", dict, {})
+    finetune_reader = _Reader(finetune_map, file, "finetune: ")
+    finetune_reader.check_keys(FINETUNE_KEYS)
+    recipe: dict[str, float | int] = {}
+    for key in FINETUNE_KEYS:
+        kinds: tuple[type, ...] = (int,) if key in ("steps", "batch_size", "seed") else (int, float)
+        if key not in ("steps", "batch_size", "seed") and isinstance(finetune_map.get(key), str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string.
+            with contextlib.suppress(ValueError):
+                finetune_map[key] = float(finetune_map[key])
+        value = finetune_reader.get(key, kinds)
+        if value is not None:
+            if value < 0 or (key in ("steps", "batch_size", "lr") and value <= 0):
+                raise finetune_reader.error(key, f"{key} must be positive, got {value}")
+            recipe[key] = value
+
+    pooling = top.get("pooling", str)
+    if pooling is not None and pooling not in POOLINGS:
+        raise top.error("pooling", f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    max_length = top.get("max_length", int, DEFAULT_MAX_LENGTH)
+    if max_length < 2:
+        raise top.error("max_length", f"max_length must be at least 2, got {max_length}")
+    encoder = _path(top, "encoder", base_dir)
+    if encoder is not None and not encoder.is_dir():
+        raise top.error("encoder", f"encoder folder {encoder} not found")
+
+    tasks_list = top.get("tasks", list)
+    if not tasks_list:
+        raise top.error("tasks" if "tasks" in doc else None, "the suite lists no tasks")
+    tasks: list[TaskSpec] = []
+    seen: dict[str, str] = {}
+    for index, entry in enumerate(tasks_list):
+        if not isinstance(entry, dict):
+            raise top.error("tasks", f"task {index + 1} must be a mapping, got {entry!r}")
+        spec = _task_spec(entry, file, base_dir, defaults)
+        if spec.name in seen:
+            raise spec.error(f"a task named {spec.name!r} is already at {seen[spec.name]}")
+        seen[spec.name] = spec.where
+        tasks.append(spec)
+    return Suite(
+        tasks=tuple(tasks),
+        encoder=encoder,
+        pooling=pooling,
+        max_length=max_length,
+        finetune=recipe,
+        data_cache=_path(top, "data_cache", base_dir),
+    )
+
+
+def _path(reader: _Reader, key: str, base_dir: Path) -> Path | None:
+    value = reader.get(key, str)
+    if value is None:
+        return None
+    return (base_dir / Path(value).expanduser()).resolve()
+
+
+def _split_config(reader: _Reader, defaults: SplitConfig) -> SplitConfig:
+    n_test = reader.get("n_test", int, defaults.n_test)
+    # An explicit `max_train: null` lifts the cap; a missing key keeps the default.
+    if "max_train" in reader.mapping:
+        max_train = reader.get("max_train", int)  # null: no cap
+    else:
+        max_train = defaults.max_train
+    seed = reader.get("seed", int, defaults.seed)
+    balance = reader.get("balance", bool, defaults.balance)
+    if n_test < 1:
+        raise reader.error("n_test", f"n_test must be at least 1 (an empty test set), got {n_test}")
+    if max_train is not None and max_train < 1:
+        raise reader.error("max_train", f"max_train must be at least 1 or null, got {max_train}")
+    return SplitConfig(n_test=n_test, max_train=max_train, seed=seed, balance=balance)
+
+
+def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: SplitConfig) -> TaskSpec:
+    name = entry.get("name", entry.get("builtin"))
+    reader = _Reader(entry, file, f"task {name!r}: " if isinstance(name, str) else "")
+    reader.check_keys(_TASK_KEYS)
+    builtin = reader.get("builtin", str)
+    name = reader.get("name", str, builtin)
+    if name is None:
+        raise reader.error(None, "a task needs a `name` (or `builtin: TASK`)")
+    if not _TASK_NAME.match(name) or name in _RESERVED_NAMES:
+        raise reader.error(
+            "name",
+            f"task name {name!r} must be letters, digits, '_', '.', '-' (it names a folder in "
+            f"the zoo) and not one of {', '.join(_RESERVED_NAMES)}",
+        )
+    split = _split_config(reader, defaults)
+    source: FileSource | BuiltinSource
+    if builtin is not None:
+        if builtin not in TASK_NAMES:
+            raise reader.error(
+                "builtin", f"unknown built-in task {builtin!r} (known: {', '.join(TASK_NAMES)})"
+            )
+        for key in ("data", "train", "test", "text_column", "label_column", "group_column"):
+            if key in entry:
+                raise reader.error(key, f"a built-in task reads its own data; drop {key!r}")
+        source = BuiltinSource(builtin)
+    else:
+        source = _file_source(reader, base_dir)
+
+    class_names, label_values = _class_names(reader)
+    templates = reader.get("templates", list)
+    if templates is not None:
+        if not templates:
+            raise reader.error("templates", "templates is empty")
+        for tpl in templates:
+            if not isinstance(tpl, str) or tpl.count("{}") != 1:
+                raise reader.error("templates", f"template {tpl!r} must contain exactly one {{}}")
+            try:
+                tpl.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise reader.error(
+                    "templates", f"template {tpl!r}: other braces must be doubled ({{{{ }}}})"
+                ) from None
+        templates = tuple(templates)
+    checkpoint = _path(reader, "checkpoint", base_dir)
+    return TaskSpec(
+        name=name,
+        source=source,
+        class_names=class_names,
+        label_values=label_values,
+        templates=templates,
+        split=split,
+        checkpoint=checkpoint,
+        where=reader.where(None),
+    )
+
+
+def _file_source(reader: _Reader, base_dir: Path) -> FileSource:
+    data = _path(reader, "data", base_dir)
+    train = _path(reader, "train", base_dir)
+    test = _path(reader, "test", base_dir)
+    if data is None and train is None:
+        raise reader.error(
+            None, "a task needs `data: FILE_OR_FOLDER`, `train:`/`test:` files, or `builtin:`"
+        )
+    if data is not None and (train is not None or test is not None):
+        raise reader.error("data", "give either `data:` or `train:`/`test:`, not both")
+    if test is not None and train is None:
+        raise reader.error("test", "`test:` needs a `train:` file too")
+    key = "data" if data is not None else "train"
+    if data is not None and data.is_dir():
+        train, test = _find_split_files(data, reader)
+    elif data is not None:
+        train = data
+    assert train is not None
+    for which, file in (("data" if data is not None else "train", train), ("test", test)):
+        if file is None:
+            continue
+        if not file.is_file():
+            raise reader.error(which if which in reader.mapping else key, f"{file} not found")
+        if _format(file) is None:
+            raise reader.error(
+                which if which in reader.mapping else key,
+                f"{file}: unknown format (expected {', '.join(DATA_SUFFIXES)})",
+            )
+    columns = {}
+    for key_name, default in (("text_column", "text"), ("label_column", "label")):
+        columns[key_name] = reader.get(key_name, str, default)
+    return FileSource(train, test, group_column=reader.get("group_column", str), **columns)
+
+
+def _find_split_files(folder: Path, reader: _Reader) -> tuple[Path, Path | None]:
+    found: dict[str, list[Path]] = {"train": [], "test": []}
+    for side in found:
+        found[side] = [folder / f"{side}{suffix}" for suffix in DATA_SUFFIXES]
+        found[side] = [p for p in found[side] if p.is_file()]
+        if len(found[side]) > 1:
+            raise reader.error("data", f"{folder}: several {side} files {found[side]}; keep one")
+    if not found["train"]:
+        names = ", ".join(f"train{s}" for s in DATA_SUFFIXES)
+        raise reader.error("data", f"{folder} holds none of {names}")
+    return found["train"][0], (found["test"][0] if found["test"] else None)
+
+
+def _class_names(reader: _Reader) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    names = reader.get("class_names", (list, dict))
+    if names is None:
+        return None, None
+    if isinstance(names, dict):
+        values = tuple(label_key(k) for k in names)
+        names_list = list(names.values())
+    else:
+        values, names_list = None, list(names)
+    if len(names_list) < 2:
+        raise reader.error("class_names", f"a task needs at least two classes, got {names_list}")
+    for n in names_list:
+        if not isinstance(n, str | int | float) or isinstance(n, bool) or not str(n).strip():
+            raise reader.error("class_names", f"class name {n!r} must be a non-empty string")
+    names_tuple = tuple(str(n) for n in names_list)
+    dupes = sorted({n for n in names_tuple if names_tuple.count(n) > 1})
+    if dupes:
+        raise reader.error("class_names", f"class names repeat: {dupes}")
+    return names_tuple, values
+
+
+# --------------------------------------------------------------------------------------
+# Data files
+
+
+def label_key(value: Any) -> str:
+    """A label value as text, the same whether it came from CSV (text) or JSON (a number)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _format(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return suffix[1:] if suffix in DATA_SUFFIXES else None
+
+
+Row = tuple[str, dict[str, Any]]  # (where: "file:line", record)
+
+
+def read_rows(path: Path, columns: Sequence[str]) -> Iterator[Row]:
+    """Records of a CSV/TSV/JSONL/Parquet file, each with where it is (``file:line``, or
+    ``file: row N`` for Parquet). Raises :class:`SuiteError` for a missing column."""
+    kind = _format(path)
+    if kind in ("csv", "tsv"):
+        yield from _read_csv(path, columns, "\t" if kind == "tsv" else ",")
+    elif kind == "jsonl":
+        yield from _read_jsonl(path, columns)
+    elif kind == "parquet":
+        yield from _read_parquet(path, columns)
+    else:
+        raise SuiteError(f"{path}: unknown format (expected {', '.join(DATA_SUFFIXES)})")
+
+
+def _read_csv(path: Path, columns: Sequence[str], delimiter: str) -> Iterator[Row]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        header = reader.fieldnames or []
+        for col in columns:
+            if col not in header:
+                raise SuiteError(f"{path}:1: no column {col!r} (columns: {', '.join(header)})")
+        start = 2
+        for record in reader:
+            yield f"{path}:{start}", record
+            start = reader.line_num + 1
+
+
+def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[Row]:
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SuiteError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise SuiteError(f"{path}:{number}: expected a JSON object, got {line.strip()!r}")
+            for col in columns:
+                if col not in record:
+                    raise SuiteError(
+                        f"{path}:{number}: no field {col!r} (fields: {', '.join(record)})"
+                    )
+            yield f"{path}:{number}", record
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SuiteError(
+            f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`); "
+            "or save the data as CSV or JSONL"
+        ) from None
+    table = pq.read_table(path)
+    for col in columns:
+        if col not in table.column_names:
+            raise SuiteError(
+                f"{path}: no column {col!r} (columns: {', '.join(table.column_names)})"
+            )
+    for number, record in enumerate(table.select(list(columns)).to_pylist(), start=1):
+        yield f"{path}: row {number}", record
+
+
+_WS = re.compile(r"\s+")
+
+
+@dataclasses.dataclass
+class _FileExamples:
+    examples: list[tuple[str, int]]
+    groups: list[str] | None
+
+
+def _read_examples(
+    spec: TaskSpec, path: Path, labeller: Callable[[Any, str], int]
+) -> _FileExamples:
+    source = spec.source
+    assert isinstance(source, FileSource)
+    columns = [source.text_column, source.label_column]
+    if source.group_column:
+        columns.append(source.group_column)
+    examples: list[tuple[str, int]] = []
+    groups: list[str] | None = [] if source.group_column else None
+    empty = 0
+    for where, record in read_rows(path, columns):
+        text = record[source.text_column]
+        if not isinstance(text, str):
+            if text is None:
+                raise SuiteError(f"{where}: task {spec.name!r}: the text is missing")
+            text = str(text)
+        text = _WS.sub(" ", text).strip()
+        if not text:
+            empty += 1
+            continue
+        raw_label = record[source.label_column]
+        if raw_label is None or label_key(raw_label) == "":
+            raise SuiteError(f"{where}: task {spec.name!r}: the label is missing")
+        examples.append((text, labeller(raw_label, where)))
+        if groups is not None:
+            group = record[source.group_column]  # type: ignore[index]
+            if group is None or label_key(group) == "":
+                raise SuiteError(f"{where}: task {spec.name!r}: the group is missing")
+            groups.append(label_key(group))
+    if empty:
+        log.warning("%s: %s: skipped %d rows with empty text", spec.name, path, empty)
+    if not examples:
+        raise spec.error(f"{path} holds no examples")
+    return _FileExamples(examples, groups)
+
+
+def _labels_in(spec: TaskSpec, paths: Sequence[Path]) -> list[str]:
+    """Distinct label values of the files, sorted (numerically when all are integers)."""
+    source = spec.source
+    assert isinstance(source, FileSource)
+    seen: set[str] = set()
+    for path in paths:
+        for _, record in read_rows(path, [source.text_column, source.label_column]):
+            if record[source.label_column] is not None:
+                seen.add(label_key(record[source.label_column]))
+    seen.discard("")
+    if all(re.fullmatch(r"-?\d+", v) for v in seen):
+        log.warning(
+            "%s: the labels are numbers and the suite gives no class_names: the zero-shot head "
+            "is built from the numbers themselves",
+            spec.name,
+        )
+        return sorted(seen, key=int)
+    return sorted(seen)
+
+
+def _labeller(spec: TaskSpec, class_names: Sequence[str]) -> Callable[[Any, str], int]:
+    """Maps a raw label to its class index; a label outside the classes is an error."""
+    if spec.label_values is not None:
+        index = {v: i for i, v in enumerate(spec.label_values)}
+        given = "class_names keys"
+    else:
+        index = {name: i for i, name in enumerate(class_names)}
+        given = "class_names"
+
+    def label_of(raw: Any, where: str) -> int:
+        key = label_key(raw)
+        if key in index:
+            return index[key]
+        # Integer labels index the class names when no name matches.
+        if spec.label_values is None and re.fullmatch(r"\d+", key) and int(key) < len(index):
+            return int(key)
+        shown = ", ".join(map(repr, index))
+        raise SuiteError(
+            f"{where}: task {spec.name!r}: label {raw!r} is not one of its {given} ({shown}); "
+            f"the suite entry is at {spec.where}"
+        )
+
+    return label_of
+
+
+def load_task_data(
+    spec: TaskSpec,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    fetch: bool = True,
+) -> TaskData:
+    """Read a task's examples and split them (the one path of built-in and file tasks)."""
+    test_examples = None
+    groups = test_groups = None
+    if isinstance(spec.source, BuiltinSource):
+        data = builtin_examples(spec.source.task, cache_dir, fetch=fetch)
+        class_names = list(spec.class_names or data.class_names)
+        if len(class_names) != len(data.class_names):
+            raise spec.error(
+                f"built-in task {spec.source.task!r} has {len(data.class_names)} classes "
+                f"({data.class_names}); class_names lists {len(class_names)}"
+            )
+        templates = list(spec.templates or data.templates)
+        examples, test_examples = data.examples, data.test_examples
+    else:
+        source = spec.source
+        files = [source.train] + ([source.test] if source.test is not None else [])
+        class_names = list(spec.class_names or _labels_in(spec, files))
+        templates = list(spec.templates or DEFAULT_TEMPLATES)
+        labeller = _labeller(spec, class_names)
+        train = _read_examples(spec, source.train, labeller)
+        examples, groups = train.examples, train.groups
+        if source.test is not None:
+            test = _read_examples(spec, source.test, labeller)
+            test_examples, test_groups = test.examples, test.groups
+        present = {y for _, y in examples} | {y for _, y in test_examples or []}
+        if len(present) < 2:
+            only = class_names[next(iter(present))] if present else None
+            raise spec.error(
+                f"every example in {', '.join(map(str, files))} has the label {only!r}; "
+                "a task needs at least two classes"
+            )
+        absent = [class_names[i] for i in range(len(class_names)) if i not in present]
+        if absent:
+            log.warning("%s: no examples of classes %s", spec.name, absent)
+    split = split_examples(
+        spec.name,
+        examples,
+        len(class_names),
+        spec.split,
+        groups=groups,
+        test_examples=test_examples,
+        test_groups=test_groups,
+    )
+    if not split.test:
+        raise spec.error("the test set is empty (no examples left for it)")
+    if not split.train:
+        raise spec.error("the train set is empty (every example went to the test set)")
+    if len(split.test) < spec.split.n_test:
+        log.warning(
+            "%s: only %d test examples (asked for %d)",
+            spec.name,
+            len(split.test),
+            spec.split.n_test,
+        )
+    info = {**split.summary(), "grouped": groups is not None}
+    info["rule"] = dataclasses.asdict(spec.split)  # what was asked; the counts are what came
+    return TaskData(spec.name, class_names, templates, split.train, split.test, info)
+
+
+# --------------------------------------------------------------------------------------
+# The template written by `mergestream bench-suite init`
+
+SUITE_TEMPLATE = """\
+# A mergestream benchmark suite: the tasks to fine-tune one encoder on, one checkpoint per
+# task, then merge with every method and score on each task's test set.
+#
+#   mergestream finetune SUITE.yaml --out ZOO      # fine-tune (resumable)
+#   mergestream bench ZOO --suite SUITE.yaml       # merge, ACC/BWT, tables and plots
+#
+# Relative paths are relative to this file.
+
+# The encoder: a local Hugging Face encoder folder (BERT-, RoBERTa-, MPNet-, E5-like). Leave it
+# out for the packaged all-MiniLM-L6-v2. Nothing is ever downloaded.
+# encoder: models/my-encoder
+
+# Sentence embedding: mean or cls. Left out: what the folder's sentence-transformers config
+# (1_Pooling/config.json) says, else mean.
+# pooling: mean
+
+max_length: 32            # tokens per text, for fine-tuning and evaluation
+
+# Defaults for every task (a task may override any of them).
+split:
+  n_test: 500             # test examples per task
+  max_train: 5000         # cap on training examples (null: all that is left)
+  seed: 0                 # the split is fixed by the seed and the task's name
+  balance: false          # true: equal counts per class instead of proportional
+
+# Fine-tuning recipe, the same for every task (see `mergestream finetune --help`).
+finetune:
+  steps: 300
+  lr: 1.0e-4
+  batch_size: 32
+
+tasks:
+  # A file with a text and a label column: CSV, TSV, JSONL or Parquet (Parquet needs
+  # `pip install pyarrow`). Labels are class names, or 0-based indexes into class_names.
+  - name: my_sentiment
+    data: data/reviews.csv
+    text_column: text
+    label_column: label
+    class_names: [negative, positive]        # left out: the distinct labels, sorted
+    templates: ["a {} review.", "this review is {}."]   # prompts of the zero-shot head
+    # group_column: movie   # whole groups go to train or test, never both
+    # balance: true
+    # checkpoint: checkpoints/sentiment     # a model fine-tuned elsewhere (skips fine-tuning)
+
+  # Raw label codes mapped to names, and a folder with train.* and test.* files.
+  # - name: my_topics
+  #   data: data/topics/
+  #   class_names: {0: sports, 1: politics, 2: science}
+
+  # A built-in task by name (data from PyPI and Debian packages, fetched once and cached):
+  # rt_sentiment, debate_party, chatter_language, fortune_topic, wordnet_noun_supersense,
+  # wordnet_verb_supersense, austen_book, fine_food.
+  - builtin: rt_sentiment
+"""
