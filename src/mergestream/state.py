@@ -24,7 +24,10 @@ from typing import Any
 import torch
 
 from . import __version__
+from .distributed import Executor, resolve_backend, run_distributed_step
 from .engine import (
+    StateReader,
+    StateRowReader,
     StepStats,
     check_all_finite,
     check_compatible,
@@ -269,6 +272,7 @@ class MergeState:
         workers: int | None = None,
         progress: Progress | None = None,
         verify_base: bool = False,
+        backend: str | Executor | None = None,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -278,8 +282,13 @@ class MergeState:
         left out); the ledger records the mapping. Anything wrong with the checkpoint raises
         before the state changes. The base is checked against its recorded fingerprint (file
         headers); `verify_base` hashes its whole content as well.
+
+        `backend="ray"` (or an executor such as `ray_backend.RayBackend(...)`) folds the step's
+        tensors in tasks on a cluster instead of in this process (`distributed.py`), with the
+        same results to the bit; it needs a state on disk and a checkpoint given by path.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
+        executor = self._executor(backend, checkpoint)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged(verify=verify_base)
@@ -313,30 +322,30 @@ class MergeState:
             def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
                 return self.state_rows(info.name, start, stop)
 
-            writer = self._storage.begin(
-                generation, method.state_names, self._infos, method.state_dtype
-            )
-            try:
-                stats = run_step(
+            if executor is not None:
+                assert isinstance(self._storage, DiskStorage)  # checked by _executor
+                stats, parts = run_distributed_step(
+                    executor,
+                    self._storage,
                     method,
                     step,
                     self.scalars,
                     self._infos,
                     self._base,
                     source,
+                    (self._manifest["base"]["path"], str(Path(checkpoint).resolve())),
+                    mapping,
+                    generation,
+                    (self._manifest["generation"], self._manifest.get("parts")),
                     read_state,
-                    writer.put,
-                    read_state_rows=read_state_rows,
-                    write_state_rows=writer.put_rows,
-                    device=device,
-                    workers=workers,
+                    read_state_rows,
+                    device=str(device),
                     progress=progress,
                 )
-                writer.close()
-                parts = writer.parts()
-            except BaseException:
-                writer.abort()
-                raise
+            else:
+                stats, parts = self._local_step(
+                    step, generation, source, read_state, read_state_rows, device, workers, progress
+                )
             manifest = json.loads(json.dumps(self._manifest))
             manifest["format_version"] = FORMAT_VERSION
             manifest["mergestream_version"] = __version__
@@ -365,6 +374,63 @@ class MergeState:
             self._storage.commit(manifest)
             self._manifest = manifest
             return stats
+
+    def _executor(
+        self, backend: str | Executor | None, checkpoint: CheckpointLike
+    ) -> Executor | None:
+        """The executor of `add(backend=...)`, or None for this process's engine; refuses what
+        a cluster cannot reach (a state or checkpoint that lives in memory)."""
+        if backend is None or backend == "local":
+            return None
+        if isinstance(self._storage, MemoryStorage):
+            raise ConfigError(
+                f"backend {backend!r} needs a state on disk (its tasks write the new generation "
+                "into the state directory); this state lives in memory"
+            )
+        if isinstance(checkpoint, Mapping):
+            raise ConfigError(
+                f"backend {backend!r} needs the checkpoint as a path that every node can read; "
+                "an in-memory state dict cannot be sent to its tasks"
+            )
+        return resolve_backend(backend)
+
+    def _local_step(
+        self,
+        step: int,
+        generation: int,
+        source: TensorSource,
+        read_state: StateReader,
+        read_state_rows: StateRowReader,
+        device: torch.device | str,
+        workers: int | None,
+        progress: Progress | None,
+    ) -> tuple[StepStats, list[dict[str, Any]]]:
+        """One step in this process: run_step into a new generation (removed on failure)."""
+        method = self.method
+        writer = self._storage.begin(
+            generation, method.state_names, self._infos, method.state_dtype
+        )
+        try:
+            stats = run_step(
+                method,
+                step,
+                self.scalars,
+                self._infos,
+                self._base,
+                source,
+                read_state,
+                writer.put,
+                read_state_rows=read_state_rows,
+                write_state_rows=writer.put_rows,
+                device=device,
+                workers=workers,
+                progress=progress,
+            )
+            writer.close()
+            return stats, writer.parts()
+        except BaseException:
+            writer.abort()
+            raise
 
     def plan(
         self,
