@@ -76,10 +76,16 @@ class StepJob:
     mapping: NameMapping
     device: str
     attempt: str  # distinguishes the part files of this run of the step from any other
+    # Kernel threads as a local step on the driver would use them: `threads` for a tensor
+    # streamed by row blocks, and one thread for whole tensors when `workers` > 1. MKL's float64
+    # reductions (norms, products) round differently with another thread count, so tasks that
+    # used their own would not give the local engine's bits.
+    threads: int = 1
+    workers: int = 1
     # The engine's streaming constants as the driver planned with them, so that every process
     # cuts tensors into the same row blocks.
-    stream_min_elements: int = engine.STREAM_MIN_ELEMENTS
-    row_block_elements: int = engine.ROW_BLOCK_ELEMENTS
+    stream_min_elements: int = 0
+    row_block_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,16 @@ def run_task(job: StepJob, task: TaskSpec) -> TaskResult:
             f"{socket.gethostname()}; every machine of the cluster must see the state, the "
             "base and the checkpoint at the same paths (a shared filesystem)"
         )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _run_task(job, task, directory, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> TaskResult:
+    state_dir = directory.parent
     method = get_method(job.method, **job.params)
     method.state_dtype = STATE_DTYPES[job.state_dtype]
     base = open_checkpoint(Path(job.base_path))
@@ -224,7 +240,7 @@ def run_task(job: StepJob, task: TaskSpec) -> TaskResult:
                 read_state_rows=read_state_rows,
                 write_state_rows=writer.put_rows,
                 device=job.device,
-                workers=_task_workers(job.device),
+                workers=job.workers,
             ):
                 partials.append((info.name, more))
                 if len(partials) == 1:
@@ -283,12 +299,6 @@ def _state_bytes(job: StepJob, infos: list[TensorInfo]) -> int:
     return kinds * per_entry * sum(torch.Size(i.shape).numel() for i in infos)
 
 
-def _task_workers(device: str) -> int:
-    """Tensors folded at once inside a task: one per core the process may use (a cluster
-    scheduler limits it to the task's share), as the local engine picks."""
-    return engine.default_workers(torch.device(device))
-
-
 def _pause_for_tests(part: str) -> None:
     directory = os.environ.get(PAUSE_DIR_ENV)
     if not directory:
@@ -318,6 +328,7 @@ def run_distributed_step(
     read_state_rows: engine.StateRowReader,
     *,
     device: str = "cpu",
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[StepStats, list[dict[str, Any]]]:
     """One step with its tensors folded by `executor`'s tasks; returns the step's statistics and
@@ -327,7 +338,11 @@ def run_distributed_step(
 
     A method's preparation passes (TIES's whole-model top-k) run here, in the driver, reading
     one tensor or one row block at a time: their memory is bounded by constants, not by the
-    model, and they read the model once or a few times more."""
+    model, and they read the model once or a few times more.
+
+    Tasks run their kernels with this process's thread counts (`StepJob.threads`, `workers`
+    as in `run_step`): that is what makes their results the local engine's bits.
+    """
     started = time.perf_counter()
     base_path, checkpoint_path = job_paths
     step_scalars = prepare_step_scalars(
@@ -356,6 +371,10 @@ def run_distributed_step(
         mapping=mapping,
         device=device,
         attempt=os.urandom(4).hex(),
+        threads=torch.get_num_threads(),
+        workers=workers or engine.default_workers(engine.resolve_device(device)),
+        stream_min_elements=engine.STREAM_MIN_ELEMENTS,
+        row_block_elements=engine.ROW_BLOCK_ELEMENTS,
     )
     tasks = plan_tasks(infos, method, executor.slots(device))
     progress = progress or NoProgress()

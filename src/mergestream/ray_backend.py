@@ -39,7 +39,8 @@ class RayBackend:
 
     `address`: "auto", "HOST:PORT" or a "ray://" address; None uses the Ray of this process if
     it is already initialised, else what `ray.init()` finds (RAY_ADDRESS, a cluster started on
-    this machine, or a new local one). Extra `init_options` go to `ray.init`."""
+    this machine, or a new local one). Extra `init_options` go to `ray.init`, extra
+    `task_options` to each task's `.options` (a `runtime_env`, a `scheduling_strategy`...)."""
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class RayBackend:
         cpus_per_task: float = 1,
         max_retries: int = 3,
         init_options: dict[str, Any] | None = None,
+        task_options: dict[str, Any] | None = None,
     ) -> None:
         if cpus_per_task <= 0:
             raise ConfigError(f"--ray-cpus-per-task must be positive, got {cpus_per_task}")
@@ -56,6 +58,7 @@ class RayBackend:
         self.cpus_per_task = cpus_per_task
         self.max_retries = max_retries
         self.init_options = dict(init_options or {})
+        self.task_options = dict(task_options or {})
 
     def _connect(self) -> None:
         if ray.is_initialized():
@@ -85,6 +88,7 @@ class RayBackend:
         }
         if job.device.startswith("cuda"):
             options["num_gpus"] = 1
+        options.update(self.task_options)
         job_ref = ray.put(job)
         # Submitted costliest first: Ray starts tasks in submission order as slots free up.
         pending = {_remote_task.options(**options).remote(job_ref, t): t for t in tasks}

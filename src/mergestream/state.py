@@ -340,6 +340,7 @@ class MergeState:
                     read_state,
                     read_state_rows,
                     device=str(device),
+                    workers=workers,
                     progress=progress,
                 )
             else:
