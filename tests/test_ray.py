@@ -150,6 +150,35 @@ def test_in_memory_states_and_checkpoints_are_refused(models, tmp_path):
         on_disk.add(paths[0], backend="spark")
 
 
+def test_command_line_backend_ray(cluster, models, tmp_path, capsys):
+    from mergestream.cli import main
+
+    base, paths = models
+    local = local_run(tmp_path, base, paths, "opcm")
+    state = tmp_path / "cli-state"
+    assert main(["init", str(state), "--base", str(base), "--quiet"]) == 0
+    assert main(["add", str(state), *map(str, paths), "--backend", "ray", "--quiet"]) == 0
+    assert_same_bits(dict(local.task_vectors()), dict(MergeState.open(state).task_vectors()))
+    assert main(["add", str(state), str(paths[0]), "--ray-address", "auto"]) == 2
+    assert "need --backend ray" in capsys.readouterr().err
+
+
+def test_without_a_backend_ray_is_never_imported(models, tmp_path):
+    base, paths = models
+    script = (
+        "import sys\n"
+        "from mergestream.cli import main\n"
+        "assert main(['init', sys.argv[1], '--base', sys.argv[2], '--quiet']) == 0\n"
+        "assert main(['add', sys.argv[1], sys.argv[3], '--quiet']) == 0\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state"), str(base), str(paths[0])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_plan_puts_costly_tensors_first_and_alone():
     from mergestream.methods import TensorInfo
 
