@@ -112,6 +112,22 @@ def test_every_method_gives_the_local_engines_bits(
     assert len(list(generation.iterdir())) > 1
 
 
+@pytest.mark.parametrize("method", ["magmax", "opcm"])
+def test_large_streamed_tensor_matches_with_any_task_size(cluster, monkeypatch, tmp_path, method):
+    """A row-streamed tensor large enough that MKL splits its reductions over threads: the
+    local step uses every core for it, a 1-CPU task must still give the same bits."""
+    monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", 1 << 19)
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 1 << 18)
+    shapes = llama_shapes(layers=1, hidden=64, intermediate=128, kv=32, vocab=1 << 14)
+    base, paths = write_stream(tmp_path / "models", 2, shapes=shapes, dtype=torch.float64)
+    local = local_run(tmp_path, base, paths, method)
+    remote = MergeState.create(tmp_path / "remote", base, method)
+    for path in paths:
+        remote.add(path, backend=RayBackend(cpus_per_task=1))
+    assert remote.scalars == local.scalars
+    assert_same_bits(dict(local.task_vectors()), dict(remote.task_vectors()))
+
+
 def test_local_and_ray_steps_alternate(cluster, streamed_rows, models, tmp_path):
     base, paths = models
     local = local_run(tmp_path, base, paths, "opcm")

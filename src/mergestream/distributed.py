@@ -40,7 +40,7 @@ from .engine import (
     tensor_infos,
     tensor_nbytes,
 )
-from .errors import MergestreamError, StateError
+from .errors import ConfigError, MergestreamError, StateError
 from .io.checkpoint import TensorSource, open_checkpoint
 from .io.mapping import NameMapping, apply_mapping
 from .manifest import generation_dir_name
@@ -79,9 +79,11 @@ class StepJob:
     # Kernel threads as a local step on the driver would use them: `threads` for a tensor
     # streamed by row blocks, and one thread for whole tensors when `workers` > 1. MKL's float64
     # reductions (norms, products) round differently with another thread count, so tasks that
-    # used their own would not give the local engine's bits.
+    # used their own would not give the local engine's bits. `task_cpus` whole tensors are
+    # folded at once in a task (when they run single-threaded; that does not change the bits).
     threads: int = 1
     workers: int = 1
+    task_cpus: int = 1
     # The engine's streaming constants as the driver planned with them, so that every process
     # cuts tensors into the same row blocks.
     stream_min_elements: int = 0
@@ -240,7 +242,8 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
                 read_state_rows=read_state_rows,
                 write_state_rows=writer.put_rows,
                 device=job.device,
-                workers=job.workers,
+                workers=job.task_cpus if job.workers > 1 else 1,
+                single_threaded=job.workers > 1 and torch.device(job.device).type == "cpu",
             ):
                 partials.append((info.name, more))
                 if len(partials) == 1:
@@ -345,6 +348,10 @@ def run_distributed_step(
     """
     started = time.perf_counter()
     base_path, checkpoint_path = job_paths
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r}: {err}") from None
     step_scalars = prepare_step_scalars(
         method,
         step,
@@ -372,7 +379,8 @@ def run_distributed_step(
         device=device,
         attempt=os.urandom(4).hex(),
         threads=torch.get_num_threads(),
-        workers=workers or engine.default_workers(engine.resolve_device(device)),
+        workers=workers or engine.default_workers(torch.device(device)),
+        task_cpus=max(1, int(getattr(executor, "cpus_per_task", 1))),
         stream_min_elements=engine.STREAM_MIN_ELEMENTS,
         row_block_elements=engine.ROW_BLOCK_ELEMENTS,
     )

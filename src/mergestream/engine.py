@@ -340,6 +340,7 @@ def fold_tensors(
     device: torch.device | str = "cpu",
     workers: int | None = None,
     progress: Progress | None = None,
+    single_threaded: bool | None = None,
 ) -> Iterator[tuple[TensorInfo, Scalars]]:
     """Run the method's update over `infos` (any subset of the step's tensors, in their order):
     write each tensor's new state and yield (tensor, its partial sums) in the order of `infos`.
@@ -347,6 +348,11 @@ def fold_tensors(
     `step_scalars` come from `prepare_step_scalars`. Each tensor's state and partial sums depend
     only on that tensor's inputs, never on which other tensors share the call, so the tensors of
     one step may be folded by several calls (processes, machines) and give the same bits.
+
+    Whole tensors run single-threaded kernels when `single_threaded` (default: when more than
+    one worker runs on the CPU); row-streamed tensors use torch's thread count. The float64
+    reductions of the kernels round differently with another thread count, so a process that
+    must give another's bits sets both as that process did.
     """
     device = resolve_device(device)
     if workers is None:
@@ -387,7 +393,9 @@ def fold_tensors(
             progress.advance(1, tensor_nbytes(rows.info))
             yield rows.info, more
             continue
-        with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
+        if single_threaded is None:
+            single_threaded = workers > 1 and device.type == "cpu"
+        with _single_threaded_kernels(single_threaded):
             results = _ordered_map(process, segment, workers)
             for info, update in zip(segment, results, strict=True):
                 write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
