@@ -31,7 +31,7 @@ from mergestream.distributed import (
     plan_tasks,
     tensor_cost,
 )
-from mergestream.errors import ConfigError, MergestreamError
+from mergestream.errors import ConfigError, MergestreamError, StateError
 from mergestream.methods import get_method
 from mergestream.synthetic import llama_shapes, write_stream
 
@@ -297,6 +297,26 @@ def test_serial_executor_gives_the_same_bits(models, tmp_path):
         serial.add(path, backend=SerialExecutor())
     assert serial.scalars == local.scalars
     assert_same_bits(dict(local.task_vectors()), dict(serial.task_vectors()))
+
+
+def test_a_node_seeing_other_files_is_refused(models, tmp_path):
+    """A task whose machine sees another checkpoint at the same path refuses to merge it."""
+    base, paths = models
+    copy = tmp_path / "ckpt"
+    shutil.copytree(paths[0], copy)
+
+    class OtherFilesExecutor(SerialExecutor):
+        def run(self, job, tasks):  # noqa: ANN001, ANN202
+            tensors = load_file(copy / "model.safetensors")
+            tensors["extra.weight"] = torch.zeros(2)  # other content, other header
+            save_file(tensors, copy / "model.safetensors")
+            yield from super().run(job, tasks)
+
+    state = MergeState.create(tmp_path / "state", base, "opcm")
+    with pytest.raises(StateError, match="differs from the one the driver planned"):
+        state.add(copy, backend=OtherFilesExecutor())
+    assert state.step == 0
+    assert not list((tmp_path / "state").glob("gen-*"))
 
 
 def _rss_sampler() -> tuple[threading.Event, list[int]]:

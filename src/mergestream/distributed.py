@@ -41,6 +41,7 @@ from .engine import (
     tensor_nbytes,
 )
 from .errors import ConfigError, MergestreamError, StateError
+from .hashing import header_fingerprint
 from .io.checkpoint import TensorSource, open_checkpoint
 from .io.mapping import NameMapping, apply_mapping
 from .manifest import generation_dir_name
@@ -84,6 +85,10 @@ class StepJob:
     threads: int = 1
     workers: int = 1
     task_cpus: int = 1
+    # Fingerprints of the files' headers as the driver sees them (`hashing.header_fingerprint`):
+    # a node that sees other files at the same paths is refused instead of merging them.
+    base_headers: str | None = None
+    checkpoint_headers: str | None = None
     # The engine's streaming constants as the driver planned with them, so that every process
     # cuts tensors into the same row blocks.
     stream_min_elements: int = 0
@@ -215,6 +220,7 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
     raw = open_checkpoint(Path(job.checkpoint_path))
     storage = DiskStorage(state_dir)
     try:
+        _check_same_files(job, base, raw)
         source = apply_mapping(raw, job.mapping, base)
         by_name = {i.name: i for i in tensor_infos(base, method.config.linear_rule())}
         unknown = [n for n in task.names if n not in by_name]
@@ -270,6 +276,19 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
         bytes_read=bytes_read,
         bytes_written=sum(int(p["bytes"]) for p in parts),
     )
+
+
+def _check_same_files(job: StepJob, base: TensorSource, checkpoint: TensorSource) -> None:
+    for what, path, source, expected in (
+        ("base", job.base_path, base, job.base_headers),
+        ("checkpoint", job.checkpoint_path, checkpoint, job.checkpoint_headers),
+    ):
+        if expected is not None and header_fingerprint(source.files()) != expected:
+            raise StateError(
+                f"{path}: the {what} seen on {socket.gethostname()} differs from the one the "
+                "driver planned with (other file headers at the same path); every machine of "
+                "the cluster must see the same files"
+            )
 
 
 def _state_readers(storage: DiskStorage, job: StepJob, method: ContinualMethod):  # noqa: ANN202
@@ -381,6 +400,8 @@ def run_distributed_step(
         threads=torch.get_num_threads(),
         workers=workers or engine.default_workers(torch.device(device)),
         task_cpus=max(1, int(getattr(executor, "cpus_per_task", 1))),
+        base_headers=header_fingerprint(base.files()),
+        checkpoint_headers=header_fingerprint(checkpoint.files()),
         stream_min_elements=engine.STREAM_MIN_ELEMENTS,
         row_block_elements=engine.ROW_BLOCK_ELEMENTS,
     )
