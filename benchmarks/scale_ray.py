@@ -5,8 +5,9 @@
     python benchmarks/scale_ray.py matrices     # one exact OPCM projection per LLaMA shape
 
 `scale` writes a LLaMA-shaped float32 stream (base + 2 models; 4 layers, hidden 1024, MLP 2816,
-vocab 8192 by default: about 62M parameters) into a work directory (default `cache/scale_ray/`,
-not committed) and times step 2 (the first step that projects) in fresh processes:
+vocab 8192: about 62M parameters) into a work directory (default
+`~/.cache/mergestream/bench/scale_ray/`, or under `MERGESTREAM_BENCH_CACHE`) and times step 2
+(the first step that projects) in fresh processes, in interleaved rounds:
   local-1    the local engine with one thread (`workers=1`, torch threads 1)
   local      the local engine as `mergestream add` runs it (one worker per core)
   ray-1      a local Ray cluster with 1 CPU: one task at a time, 1 thread each
@@ -113,15 +114,20 @@ def machine() -> str:
 def cmd_scale(args: argparse.Namespace) -> None:
     work = Path(args.work)
     write_models(work, SHAPES)
-    results = {m: in_subprocess(m, work, 2) for m in ("local-1", "local", "ray-1", "ray-2")}
-    reference = results["local-1"]
-    step2 = {m: r["seconds"][1] for m, r in results.items()}
+    modes = ("local-1", "local", "ray-1", "ray-2")
+    # Rounds interleave the modes, so a change of the machine's load hits every mode alike;
+    # the fastest round of each is its least disturbed run.
+    rounds = [{m: in_subprocess(m, work, 2) for m in modes} for _ in range(args.rounds)]
     print(f"# {time.strftime('%Y-%m-%d')} {machine()}; OPCM step 2, shapes {SHAPES}")
-    for mode, result in results.items():
-        same = "same bits" if result["sha256"] == reference["sha256"] else "DIFFERENT BITS"
+    reference = rounds[0]["local-1"]["sha256"]
+    best = {m: min(r[m]["seconds"][1] for r in rounds) for m in modes}
+    for mode in modes:
+        times = sorted(r[mode]["seconds"][1] for r in rounds)
+        same = all(r[mode]["sha256"] == reference for r in rounds)
         print(
-            f"{mode:8s} step1 {result['seconds'][0]:7.2f} s  step2 {step2[mode]:7.2f} s  "
-            f"x{step2['local-1'] / step2[mode]:.2f} vs local-1  ({same} as local-1)"
+            f"{mode:8s} step 2: best {best[mode]:6.2f} s, median {times[len(times) // 2]:6.2f} s "
+            f"of {len(times)}; x{best['local-1'] / best[mode]:.2f} vs local-1 (best); "
+            f"{'same bits as' if same else 'other bits than'} local-1"
         )
 
 
@@ -188,9 +194,12 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(work / "plan-state")], check=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", default=str(REPO / "cache" / "scale_ray"))
+    cache = os.environ.get("MERGESTREAM_BENCH_CACHE", str(Path.home() / ".cache/mergestream/bench"))
+    parser.add_argument("--work", default=str(Path(cache) / "scale_ray"))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("scale").set_defaults(func=cmd_scale)
+    p = sub.add_parser("scale")
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(func=cmd_scale)
     sub.add_parser("overhead").set_defaults(func=cmd_overhead)
     p = sub.add_parser("matrices")
     p.add_argument("--shapes", default="2048x2048,2048x5504,4096x4096,4096x11008")
