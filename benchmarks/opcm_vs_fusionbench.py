@@ -194,6 +194,20 @@ def worker_mergestream(p: dict) -> dict:
             }
         )
         print(f"step {i}: {seconds:.2f}s, peak RSS {steps[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+        if p.get("publish_every_step"):  # landing-to-published: the export after each step
+            t0 = time.perf_counter()
+            state.export(Path(p["export"]), overwrite=True)
+            steps[-1]["publish_seconds"] = time.perf_counter() - t0
+        if p.get("prepare") and i < len(p["models"]):  # idle time before the next lands
+            t0 = time.perf_counter()
+            state.prepare(device=p["device"], workers=p.get("workers"))
+            steps[-1]["prepare_seconds"] = time.perf_counter() - t0
+            steps[-1]["prepared_bytes"] = sum(
+                f.stat().st_size for f in state_dir.glob("gen-*/prepared-*.safetensors")
+            )
+            steps[-1]["state_bytes"] = sum(
+                f.stat().st_size for f in state_dir.glob("gen-*/sum.safetensors")
+            )
     export = None
     if p.get("export_model", True):
         reset_peak_rss()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
@@ -17,3 +20,13 @@ def memory_stream(models: int, seed: int = 0, dtype: torch.dtype = torch.float32
     return base, [
         apply(base, make_task_vector(base, seed=seed * 100 + i + 1)) for i in range(models)
     ]
+
+
+def tree_digest(root: Path) -> str:
+    """One hash over every path below `root` and every file's bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -3,7 +3,6 @@ byte-for-byte what it was before (every file's content, every name in the tree).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_digest
 from safetensors.torch import load_file, save_file
 
 from mergestream import MergeState
@@ -20,16 +20,6 @@ from mergestream.synthetic import apply, make_base, make_task_vector, transforme
 
 SHAPES = transformer_shapes(layers=1, hidden=8, intermediate=12, vocab=20, positions=4)
 WEIGHT = "encoder.layer.0.intermediate.dense.weight"
-
-
-def tree_digest(root: Path) -> str:
-    """One hash over every path below `root` and every file's bytes."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture

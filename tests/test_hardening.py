@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_digest
 from safetensors.torch import load_file, save_file
 
 import mergestream
@@ -40,15 +41,6 @@ from mergestream.synthetic import apply, make_base, make_task_vector, transforme
 SHAPES = transformer_shapes(layers=1, hidden=8, intermediate=12, vocab=20, positions=4)
 WEIGHT = "encoder.layer.0.intermediate.dense.weight"
 SRC = str(Path(mergestream.__file__).resolve().parent.parent)
-
-
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def save_model(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -644,7 +636,12 @@ def test_import_mergestream_gives_the_allocator_and_no_torch():
 
 def test_help_and_status_do_not_import_torch(committed):
     state, _ = committed
-    for args in (["--help"], ["status", str(state)], ["status", str(state), "--verify"]):
+    for args in (
+        ["--help"],
+        ["methods"],
+        ["status", str(state)],
+        ["status", str(state), "--verify"],
+    ):
         code = (
             "import sys\nfrom mergestream.cli import main\n"
             "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
@@ -668,3 +665,18 @@ def test_no_stale_staging_directories_pile_up(stream, tmp_path):
     state.export(out)
     assert not stale.exists()
     shutil.rmtree(out)
+
+
+def test_the_torch_free_method_listing_equals_the_classes():
+    """`mergestream methods` reads the method files' syntax; it must say what the classes say."""
+    from mergestream.method_catalog import describe_methods
+    from mergestream.methods import METHODS
+    from mergestream.methods.base import describe_config
+
+    described = describe_methods()
+    assert described is not None, "a method file is not in the declarative form"
+    assert [d.name for d in described] == sorted(METHODS)
+    for d in described:
+        cls = METHODS[d.name]
+        assert d.summary == cls.summary
+        assert d.parameters == describe_config(cls.config_class), d.name

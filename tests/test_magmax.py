@@ -1,6 +1,9 @@
-"""MagMax: per entry, the task-vector value of largest magnitude (later wins ties), times c."""
+"""MagMax: per entry, the task-vector value of largest magnitude (the positive one among equal
+magnitudes), times c; the same bits whatever the order of the models."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -21,16 +24,16 @@ from mergestream import ConfigError, MergeState, merge
 from mergestream.methods import MagMax
 
 
-def batch_reference(base, models, c):
-    """The batch form: stack every task vector, take the largest |τ| per entry (the last model
-    among equals), scale by c."""
+def batch_reference(base, models, c, state_dtype=torch.float32):
+    """The batch form: stack every task vector rounded to the state's precision, take the
+    largest |τ| per entry (the positive value among equal magnitudes), scale by c."""
     out = {}
     for n in floating(base):
-        stack = torch.stack([m[n].double() - base[n].double() for m in models])
+        stack = torch.stack([(m[n].double() - base[n].double()).to(state_dtype) for m in models])
         magnitude = stack.abs()
         is_max = magnitude == magnitude.max(0, keepdim=True).values
-        last = len(models) - 1 - is_max.flip(0).to(torch.int64).argmax(0, keepdim=True)
-        out[n] = c * stack.gather(0, last).squeeze(0)
+        largest = torch.where(is_max, stack, torch.full_like(stack, -torch.inf)).max(0).values
+        out[n] = c * largest.double()
     return out
 
 
@@ -48,17 +51,56 @@ def test_default_scaling_factor_is_0_5():
     assert MagMax().config.scaling_factor == 0.5
 
 
-def test_ties_go_to_the_later_model():
-    """Equal magnitudes, opposite signs: the later model's value is kept (exactly representable
-    values, so the comparison is a true tie)."""
+def test_equal_magnitudes_keep_the_positive_value_in_either_order():
+    """Equal magnitudes, opposite signs (exactly representable values, so the comparison is a true
+    tie): the positive value is kept, whichever model came first."""
     base = {"w": torch.tensor([[0.5, -0.25], [1.0, 0.0]]), "n": torch.tensor([3, 4])}
     first = {"w": base["w"] + torch.tensor([[0.125, -0.25], [0.0625, 0.5]]), "n": base["n"]}
     second = {"w": base["w"] + torch.tensor([[-0.125, 0.25], [0.03125, -0.5]]), "n": base["n"]}
-    merged = merge(base, [first, second], "magmax", scaling_factor=1.0)
-    assert torch.equal(merged["w"] - base["w"], torch.tensor([[-0.125, 0.25], [0.0625, -0.5]]))
-    assert torch.equal(merged["n"], base["n"])
-    merged = merge(base, [second, first], "magmax", scaling_factor=1.0)
-    assert torch.equal(merged["w"] - base["w"], torch.tensor([[0.125, -0.25], [0.0625, 0.5]]))
+    expected = torch.tensor([[0.125, 0.25], [0.0625, 0.5]])
+    for order in ([first, second], [second, first]):
+        merged = merge(base, order, "magmax", scaling_factor=1.0)
+        assert torch.equal(merged["w"] - base["w"], expected)
+        assert torch.equal(merged["n"], base["n"])
+
+
+def near_equal_stream(seed: int) -> tuple[dict, list[dict]]:
+    """A float64 base and three models whose task vectors, entry by entry, have magnitudes that
+    differ only below float32 precision (relative 1e-10), with mixed signs, plus entries where
+    one model is clearly largest."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (24, 16)
+    base = {"w": torch.randn(shape, generator=generator, dtype=torch.float64)}
+    tau = torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-2
+    signs = [torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0) for _ in "abc"]
+    factors = [1.0, 1.0 + 1e-10, 1.0 - 1e-10]
+    models = []
+    for sign, factor in zip(signs, factors, strict=True):
+        models.append({"w": base["w"] + sign.double() * tau * factor})
+    # a block of entries where the third model is clearly largest, so the rule is not vacuous
+    models[2]["w"][:4] = base["w"][:4] + 3 * tau[:4]
+    return base, models
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("count", [2, 3])
+def test_every_order_gives_the_same_bits(state_dtype, count):
+    base, models = near_equal_stream(seed=11)
+    models = models[:count]
+    results = []
+    for order in itertools.permutations(models):
+        state = MergeState.in_memory(base, "magmax", state_dtype=state_dtype, scaling_factor=1.0)
+        for model in order:
+            state.add(model)
+        kept = state.state_tensors("w")["max"]
+        assert kept.dtype == getattr(torch, state_dtype)
+        results.append((kept, state.state_dict()["w"]))
+    for kept, merged in results[1:]:
+        assert torch.equal(kept, results[0][0])
+        assert torch.equal(merged, results[0][1])
+    # and it is the batch form of the same rule, computed independently
+    expected = batch_reference(base, models, 1.0, getattr(torch, state_dtype))["w"]
+    assert torch.equal(results[0][0].double(), expected)
 
 
 def test_one_model_gives_base_plus_scaled_task_vector():
@@ -81,9 +123,14 @@ def test_scalars():
     assert state.scalars["last_replaced_fraction"] == 1.0
     state.add(models[1])
     taus = [task_vector(base, m) for m in models]
-    replaced = sum(
-        int((taus[1][n].abs() >= taus[0][n].float().double().abs()).sum()) for n in taus[0]
-    )
+    # entries where model 2's rounded value beats model 1's: larger magnitude, or equal and
+    # positive against negative
+    replaced = 0
+    for n in taus[0]:
+        second, first = taus[1][n].float(), taus[0][n].float()
+        larger = second.abs() > first.abs()
+        positive_tie = (second.abs() == first.abs()) & (second > first)
+        replaced += int((larger | positive_tie).sum())
     entries = sum(v.numel() for v in taus[0].values())
     assert state.scalars["last_replaced_fraction"] == replaced / entries
     expected = batch_reference(base, models, 0.5)

@@ -195,6 +195,24 @@ def test_without_a_backend_ray_is_never_imported(models, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_lora_adapters_are_merged_locally_only(tmp_path):
+    """An adapter's step is cheap (its factors): the Ray backend refuses it with a clear
+    message and the state is unchanged."""
+    pytest.importorskip("peft")
+    from lora_helpers import LLAMA, make_adapter, save_base
+    from peft import LoraConfig
+
+    base = save_base(LLAMA, tmp_path / "base")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    adapter = make_adapter(LLAMA, base, tmp_path / "adapter", config, seed=1)
+    state = MergeState.create(tmp_path / "state", base, "opcm")
+    with pytest.raises(ConfigError, match="LoRA adapter is merged by the local engine"):
+        state.add(adapter, backend=SerialExecutor())
+    assert state.step == 0
+    state.add(adapter)  # the local engine merges it
+    assert state.step == 1
+
+
 def test_plan_puts_costly_tensors_first_and_alone():
     from mergestream.methods import TensorInfo
 

@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .allocator import return_freed_memory_to_os
@@ -23,6 +24,9 @@ from .options import (
     STATE_DTYPE_NAMES,
 )
 from .progress import default_progress
+
+if TYPE_CHECKING:
+    from .state import MergeState
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -72,6 +76,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             progress=default_progress(args.quiet),
             verify_base=args.verify_base,
             backend=backend,
+            force_base=args.force_base,
             **_mapping(args),
         )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
@@ -97,7 +102,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .state import MergeState
 
     state = MergeState.open(args.state)
-    plans = [state.plan(checkpoint, **_mapping(args)) for checkpoint in args.checkpoints]
+    plans = [
+        state.plan(checkpoint, force_base=args.force_base, **_mapping(args))
+        for checkpoint in args.checkpoints
+    ]
     for offset, plan in enumerate(plans):
         plan.step += offset  # the checkpoints would be merged one after the other
     if getattr(args, "json", False):
@@ -116,6 +124,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         info["classification"] = MergeState.open(args.state).classification()
     health = info["health"]
+    # What `mergestream watch` on this state waits for or refused (absent if it never ran).
+    from .watch.journal import watch_status_lines, watch_summary
+
+    watching = watch_summary(Path(args.state))
+    if watching is not None:
+        info["watch"] = watching
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if health["ok"] else 1
@@ -136,6 +150,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for entry in info["ledger"]:
         mapping = ", ".join(f"{k}={v}" for k, v in entry.get("mapping", {}).items())
         notes = "; ".join(entry.get("notes", []))
+        if entry.get("adapter"):  # a LoRA adapter: its ranks and how many tensors it adapts
+            lora = entry["adapter"]
+            ranks = "/".join(str(r) for r in lora["ranks"])
+            mapping += f"{', ' if mapping else ''}LoRA r={ranks} on {len(lora['targets'])} tensors"
         print(
             f"  [{entry['step']}] {entry['path']}  sha256:{entry['sha256'][:16]}"
             + (f"  ({mapping})" if mapping else "")
@@ -144,6 +162,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         for name, role in info["classification"].items():
             print(f"  {role:9s} {name}")
+    prepared = info.get("prepared")
+    if prepared is not None:
+        regime = prepared["regime"] or {}
+        print(
+            f"prepared: step {prepared['for_step']} ({prepared['tensors']} decompositions, for "
+            f"{regime.get('device', '?')}"
+            + (", several workers" if regime.get("single_threaded") else ", one worker")
+            + ")"
+        )
+    if watching is not None:
+        print("\n".join(watch_status_lines(watching)))
     if health["ok"]:
         checked = (
             "every tensor matches its checksum"
@@ -165,6 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .state import MergeState
 
     state = MergeState.open(args.state)
+    if args.as_lora is not None or args.as_lora_energy is not None:
+        return _export_lora(state, args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = state.export(
         args.out,
@@ -179,14 +210,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
-    from .methods.base import describe_config
+def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
+    import torch
 
-    for name in sorted(METHODS):
-        cls = METHODS[name]
-        print(f"{name}: {cls.summary}")
-        for pname, ptype, default, help_text in describe_config(cls.config_class):
+    from .export_lora import export_lora
+
+    report = export_lora(
+        state,
+        args.out,
+        rank=args.as_lora,
+        energy=args.as_lora_energy,
+        drop_other=args.lora_drop_other,
+        dtype=getattr(torch, args.dtype) if args.dtype else torch.float32,
+    )
+    if not args.quiet:
+        retained = [m.retained for m in report.modules]
+        print(
+            f"wrote a LoRA adapter of the merge after {state.step} steps to {report.path}: "
+            f"{len(report.modules)} modules"
+            + (f" (‖τ‖ retained {min(retained):.4f} to {max(retained):.4f})" if retained else "")
+            + f", {len(report.modules_to_save)} saved whole, {len(report.dropped)} tensors dropped"
+        )
+        for name in report.dropped:
+            print(f"  dropped: {name}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .state import MergeState
+
+    state = MergeState.open(args.state)
+    count = state.prepare(
+        device=args.device, workers=args.workers, progress=default_progress(args.quiet)
+    )
+    if not args.quiet:
+        print(
+            f"prepared step {state.step + 1}: {count} decompositions stored with the state"
+            if count
+            else f"nothing to prepare for step {state.step + 1} (already prepared, or the "
+            "method or the state has nothing to compute ahead)"
+        )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .method_catalog import describe_methods
+
+    described = describe_methods()
+    if described is None:  # a method file the reader does not understand: ask the classes
+        from .methods import METHODS
+        from .methods.base import describe_config
+
+        listing = [
+            (name, METHODS[name].summary, describe_config(METHODS[name].config_class))
+            for name in sorted(METHODS)
+        ]
+    else:
+        listing = [(d.name, d.summary, d.parameters) for d in described]
+    for name, summary, parameters in listing:
+        print(f"{name}: {summary}")
+        for pname, ptype, default, help_text in parameters:
             print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
     return 0
 
@@ -324,7 +407,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verify_base_argument(p)
     p.add_argument("--quiet", action="store_true")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--as-lora",
+        type=int,
+        metavar="RANK",
+        help="write a PEFT LoRA adapter instead: the rank-RANK truncated SVD of each linear "
+        "weight's merged task vector",
+    )
+    lora.add_argument(
+        "--as-lora-energy",
+        type=float,
+        metavar="FRACTION",
+        help="as --as-lora, with per module the smallest rank keeping FRACTION of ‖τ‖²",
+    )
+    p.add_argument(
+        "--lora-drop-other",
+        action="store_true",
+        help="with --as-lora: leave out (and list) changed tensors outside the linear layers "
+        "instead of saving their modules whole (modules_to_save)",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "prepare",
+        help="compute the next step's decompositions now (OPCM), so the next add of the same "
+        "--device and --workers only projects; the result is the same, bit for bit",
+    )
+    p.add_argument("state")
+    p.add_argument("--device", default="cpu", help="where the next add will run its kernels")
+    p.add_argument("--workers", type=int, default=None, help="as the next add's --workers")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
@@ -358,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    # Merging on the fly: `watch` and `run` (arguments and bodies in mergestream.watch).
+    from .watch.commands import add_commands as add_watch_commands
+
+    add_watch_commands(sub)
     return parser
 
 
@@ -418,6 +537,12 @@ def _add_mapping_arguments(p: argparse.ArgumentParser) -> None:
         choices=EXTRA_POLICIES,
         default="error",
         help="checkpoint tensors the base lacks: refuse (error, the default) or leave them out",
+    )
+    group.add_argument(
+        "--force-base",
+        action="store_true",
+        help="merge a LoRA adapter whose base_model_name_or_path does not name the state's base "
+        "(its shapes are still checked)",
     )
 
 

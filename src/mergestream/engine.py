@@ -116,6 +116,11 @@ def load_task_vector(
     The result is the only float64 buffer of the tensor's size: the base is subtracted from the
     incoming tensor in place, chunk by chunk (see `add_chunked`).
     """
+    own_task_vector = getattr(checkpoint, "task_vector", None)
+    if own_task_vector is not None:  # a source that computes τ itself (a LoRA adapter: s·B·A)
+        task_vector = own_task_vector(info.name, device)
+        _check_finite(task_vector, checkpoint, info.name)
+        return task_vector
     incoming = checkpoint.get(info.name).to(
         device=device, dtype=COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
     )
@@ -132,6 +137,11 @@ def load_task_rows(
     device: torch.device,
 ) -> torch.Tensor:
     """Rows `start:stop` of `load_task_vector`'s result, reading only those rows."""
+    own_task_rows = getattr(checkpoint, "task_rows", None)
+    if own_task_rows is not None:  # a source that computes τ itself (see load_task_vector)
+        rows = own_task_rows(info.name, start, stop, device)
+        _check_finite(rows, checkpoint, info.name, rows=(start, stop), row_numel=_row_numel(info))
+        return rows
     incoming = checkpoint.get_rows(info.name, start, stop).to(
         device=device, dtype=COMPUTE_DTYPE, memory_format=torch.contiguous_format, copy=True
     )
@@ -702,3 +712,9 @@ def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202
                 yield window.pop(0).result()
         for future in window:
             yield future.result()
+
+
+# Passes outside a step that must run kernels exactly as a step does (MergeState.prepare: its
+# factors must equal, bit for bit, those the step would compute).
+ordered_map = _ordered_map
+single_threaded_kernels = _single_threaded_kernels

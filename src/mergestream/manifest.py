@@ -182,6 +182,13 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
                 problems.append(f"{file}: {problem}")
     if verify and not problems:
         problems = verify_parts(path, parts or [])
+    prepared = manifest.get("prepared")
+    if isinstance(prepared, dict) and prepared.get("generation") == generation:
+        info["prepared"] = {
+            "for_step": info["step"] + 1,
+            "tensors": prepared.get("tensors"),
+            "regime": prepared.get("regime"),
+        }
     info["health"] = {
         "ok": not problems,
         "problems": problems,

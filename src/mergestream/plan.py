@@ -27,6 +27,7 @@ import torch
 
 from . import engine
 from .io.checkpoint import TensorSource
+from .io.lora import LoraSource
 from .io.mapping import MappedSource
 from .io.safetensors_stream import dtype_name
 from .methods.base import TensorInfo
@@ -69,6 +70,8 @@ class Plan:
     export_bytes: int
     export_peak_memory_bytes: int
     warnings: list[str] = field(default_factory=list)
+    # A LoRA adapter: its ranks and options, and base tensor -> how the adapter changes it.
+    adapter: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +195,14 @@ def plan_add(
         export_bytes=sum(base.spec(n).nbytes for n in base.names()),
         export_peak_memory_bytes=runtime + export_peak,
         warnings=warnings,
+        adapter=_adapter_plan(source),
     )
+
+
+def _adapter_plan(source: TensorSource) -> dict[str, Any]:
+    if not isinstance(source, LoraSource):
+        return {}
+    return {**source.summary(), "touched": source.touched()}
 
 
 def format_plan(plan: Plan) -> str:
@@ -221,5 +231,21 @@ def format_plan(plan: Plan) -> str:
         + f"; an export takes {size(plan.export_bytes)}",
         f"  export:   about {size(plan.export_peak_memory_bytes)} of memory at peak",
     ]
+    lines += _format_adapter(plan.adapter, sum(plan.tensors[k] for k in ("projected", "added")))
     lines += [f"  warning:  {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _format_adapter(adapter: dict[str, Any], merged_tensors: int) -> list[str]:
+    """The lines of a plan that say which base tensors a LoRA adapter changes."""
+    if not adapter:
+        return []
+    touched: dict[str, str] = adapter["touched"]
+    scaling = f"alpha {adapter['lora_alpha']:g}" + (", rsLoRA" if adapter["use_rslora"] else "")
+    lines = [
+        f"  adapter:  LoRA rank {'/'.join(str(r) for r in adapter['ranks']) or '-'} ({scaling}) "
+        f"changes {len(touched)} of the base's {merged_tensors} merged tensors; the others get "
+        "a zero task vector"
+    ]
+    lines += [f"    {how:22s} {name}" for name, how in touched.items()]
+    return lines

@@ -92,23 +92,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a file's data, or a directory's entries (created, renamed, removed files), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root`, directories after their contents."""
     for directory, _, files in os.walk(root, topdown=False):
         for name in files:
             path = os.path.join(directory, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if not os.path.islink(path):
+                fsync_dir(path)
+        fsync_dir(directory)
 
 
 def link_kept_files(old: Path, new: Path, keep: Iterable[str]) -> None:
@@ -166,7 +166,7 @@ def publish_directory(out: Path, build: Callable[[Path], T], keep: Iterable[str]
     # `staging` now names the previous version (or nothing, for a first publish).
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
-        _fsync_directory(out.parent)
+        fsync_dir(out.parent)
     return result
 
 
@@ -185,11 +185,3 @@ def _switch(staging: Path, out: Path) -> None:
         os.rename(aside, out)
         raise
     os.rename(aside, staging)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,7 +17,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from .engine import (
     check_all_finite,
     check_compatible,
     default_workers,
+    ordered_map,
+    resolve_device,
     run_step,
+    single_threaded_kernels,
     tensor_infos,
 )
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
@@ -50,13 +54,22 @@ from .export import (
 )
 from .hashing import content_hash, file_stamps, header_fingerprint
 from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
+from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.safetensors_stream import dtype_name
-from .manifest import FORMAT, FORMAT_VERSION, check_format, state_status, summary
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_format,
+    generation_dir_name,
+    state_status,
+    summary,
+)
 from .methods import ContinualMethod, TensorInfo, get_method
-from .methods.base import COMPUTE_DTYPE, STATE_DTYPES
+from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
+from .prepare import kernel_regime, prepare_key, prepare_targets, usable_parts, write_prepared
 from .progress import Progress
 from .publish import publish_directory
 from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir, no_space_message
@@ -111,7 +124,7 @@ class MergeState:
         """
         path = Path(path)
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StateError(f"{path}: exists and is not an empty directory")
         base_path = Path(base).resolve()
@@ -156,7 +169,7 @@ class MergeState:
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk)."""
         resolved_method = _resolve_method(method, params)
-        base_source = open_checkpoint(base)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
         check_all_finite(
             base_source, tensor_infos(base_source, resolved_method.config.linear_rule()), "the base"
         )
@@ -273,6 +286,7 @@ class MergeState:
         progress: Progress | None = None,
         verify_base: bool = False,
         backend: str | Executor | None = None,
+        force_base: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -283,6 +297,9 @@ class MergeState:
         before the state changes. The base is checked against its recorded fingerprint (file
         headers); `verify_base` hashes its whole content as well.
 
+        A PEFT LoRA adapter folder is merged from its factors (`io.lora`); `force_base` merges
+        one whose `base_model_name_or_path` does not name this state's base.
+
         `backend="ray"` (or an executor such as `ray_backend.RayBackend(...)`) folds the step's
         tensors in tasks on a cluster instead of in this process (`distributed.py`), with the
         same results to the bit; it needs a state on disk and a checkpoint given by path.
@@ -292,8 +309,14 @@ class MergeState:
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged(verify=verify_base)
-            raw, source = self._open_input(checkpoint, mapping)
+            raw, source = self._open_input(checkpoint, mapping, force_base)
             cleanup.callback(raw.close)
+            if executor is not None and isinstance(raw, LoraAdapter):
+                raise ConfigError(
+                    f"{source.description}: backend {backend!r} merges full checkpoints; a LoRA "
+                    "adapter is merged by the local engine (from its factors, which keeps the "
+                    "step cheap): leave out --backend"
+                )
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
             in_memory = isinstance(self._storage, MemoryStorage)
             digest = None if in_memory and allow_duplicate else content_hash(raw, progress)
@@ -316,8 +339,17 @@ class MergeState:
             generation = (self._manifest["generation"] or 0) + 1
             method = self.method
 
+            # Prepared factors only save a local step time (they give the same bits); a
+            # distributed step recomputes in its tasks, and its driver may lack the device.
+            prepared = (
+                (lambda name: {})
+                if executor is not None
+                else self._prepared_reader(device, workers)
+            )
+
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
-                return self.state_tensors(info.name)  # still the previous generation here
+                # still the previous generation here, with its prepared factors if usable
+                return {**self.state_tensors(info.name), **prepared(info.name)}
 
             def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
                 return self.state_rows(info.name, start, stop)
@@ -353,6 +385,7 @@ class MergeState:
             manifest["step"] = step
             manifest["generation"] = generation
             manifest["parts"] = parts
+            manifest.pop("prepared", None)  # it belonged to the previous generation
             manifest["scalars"] = stats.scalars
             manifest["updated"] = _now()
             if base_stamps is not None:
@@ -371,6 +404,8 @@ class MergeState:
             notes = _dtype_notes(self._infos, source)
             if notes:
                 entry["notes"] = notes
+            if isinstance(source, LoraSource):
+                entry["adapter"] = source.summary()
             manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -441,12 +476,13 @@ class MergeState:
         add_prefix: str | None = None,
         missing: str = "error",
         extra: str = "error",
+        force_base: bool = False,
     ) -> Plan:
         """What `add` would do with these arguments, from headers alone; writes nothing.
         Raises the error `add` would raise for a checkpoint that does not fit the base."""
         self._reload_manifest()
         raw, source = self._open_input(
-            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra)
+            checkpoint, NameMapping(strip_prefix, add_prefix, missing, extra), force_base
         )
         try:
             return plan_add(
@@ -478,15 +514,115 @@ class MergeState:
             self._storage.use_parts(
                 generation, self.method.state_names, self._manifest.get("parts")
             )
+            prepared = self._manifest.get("prepared")
+            if isinstance(prepared, dict) and prepared.get("generation") == generation:
+                self._storage.use_parts(generation, (), prepared.get("parts") or [])
+
+    def _prepared_reader(
+        self, device: torch.device | str, workers: int | None
+    ) -> Callable[[str], dict[str, torch.Tensor]]:
+        """For a step run on `device` with `workers`: tensor name -> its prepared quantities
+        ({} where none are usable: none prepared, stale, or damaged, which is then warned
+        about once and recomputed by the step)."""
+        parts = usable_parts(self._manifest, kernel_regime(device, workers))
+        if parts is None:
+            return lambda name: {}
+        generation = self._manifest["generation"]
+        holders = {(part["state"], tensor) for part in parts for tensor in part.get("crc32") or {}}
+        damaged: list[str] = []
+
+        def read(name: str) -> dict[str, torch.Tensor]:
+            quantities = {}
+            for quantity in self.method.prepared_names:
+                kind = f"prepared.{quantity}"
+                if (kind, name) not in holders:
+                    return {}
+                try:
+                    quantities[PREPARED_PREFIX + quantity] = self._storage.read(
+                        generation, kind, name
+                    )
+                except StateError as err:
+                    if not damaged:
+                        damaged.append(name)
+                        warnings.warn(
+                            f"prepared factors not used, they are recomputed ({err})",
+                            stacklevel=2,
+                        )
+                    return {}
+            return quantities
+
+        return read
+
+    def prepare(
+        self,
+        *,
+        device: torch.device | str = "cpu",
+        workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Compute the next step's per-tensor preparations now (OPCM: the decompositions of
+        the running sums; `prepare.py`) and store them with the current generation, so that
+        the next `add` with the same `device` and `workers` only projects. Its result is the
+        same, bit for bit, as without. Returns how many tensors were prepared (0 when there is
+        nothing to prepare, or a valid preparation is already stored)."""
+        if self._path is None:
+            raise StateError(
+                "prepare stores its results with a state on disk; this one is in memory"
+            )
+        resolved = resolve_device(device)
+        count = default_workers(resolved) if workers is None else workers
+        with self._storage.lock(exclusive=True):
+            self._reload_manifest()
+            generation = self._manifest["generation"]
+            if generation is None or not self.method.prepared_names:
+                return 0
+            regime = kernel_regime(resolved, count)
+            if usable_parts(self._manifest, regime) is not None:
+                return 0
+            self._check_base_unchanged()
+            targets = prepare_targets(self.method, self._infos)
+
+            def compute(info: TensorInfo) -> Mapping[str, torch.Tensor]:
+                state = {k: v.to(resolved) for k, v in self.state_tensors(info.name).items()}
+                return self.method.prepare_tensor(info, state)
+
+            def map_in_order(fn, items):  # noqa: ANN001, ANN202 - as the engine runs kernels
+                with single_threaded_kernels(count > 1 and resolved.type == "cpu"):
+                    yield from ordered_map(fn, items, count)
+
+            parts = write_prepared(
+                self._path / generation_dir_name(generation),
+                self.method,
+                targets,
+                compute,
+                map_in_order=map_in_order,
+                progress=progress,
+            )
+            manifest = json.loads(json.dumps(self._manifest))
+            manifest["prepared"] = {
+                "generation": generation,
+                "key": prepare_key(manifest, regime),
+                "regime": regime,
+                "tensors": len(targets),
+                "parts": parts,
+            }
+            self._storage.commit(manifest)
+            self._manifest = manifest
+            self._use_generation()
+            return len(targets)
 
     def _open_input(
-        self, checkpoint: CheckpointLike, mapping: NameMapping
+        self, checkpoint: CheckpointLike, mapping: NameMapping, force_base: bool = False
     ) -> tuple[TensorSource, TensorSource]:
         """(the checkpoint as stored, the checkpoint in the base's names), checked against the
         base from headers alone, so a misfit is refused before anything is read or hashed."""
         raw = open_checkpoint(checkpoint)
         try:
-            source = apply_mapping(raw, mapping, self._base)
+            if isinstance(raw, LoraAdapter):  # task vectors from its factors, in base names
+                identity = base_identity(self._manifest["base"]["path"], self._base_dir)
+                source = raw.bind(self._base, mapping, identity, force_base)
+            else:
+                source = apply_mapping(raw, mapping, self._base)
             check_compatible(self._base, source)
         except BaseException:
             raw.close()
@@ -644,6 +780,15 @@ class MergeState:
                     f"{out}: cannot write the export ({err.strerror or err}); {out} is unchanged"
                 ) from None
         return out
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[TensorSource]:
+        """Hold the state still for a reader outside this class (the LoRA export): a shared
+        lock, the manifest read again, the base checked unchanged. Yields the base."""
+        with self._storage.lock(exclusive=False):
+            self._reload_manifest()
+            self._check_base_unchanged()
+            yield self._base
 
     def _check_export_target(self, out: Path) -> None:
         """Refuse an `out` whose replacement would touch the state or the base's files."""

@@ -44,6 +44,7 @@ from .manifest import (
     state_lock,
 )
 from .methods.base import TensorInfo
+from .publish import fsync_dir
 
 
 class GenerationWriter(Protocol):
@@ -208,24 +209,6 @@ def _device_and_free(path: Path) -> tuple[str, str]:
     except OSError:
         free = "an unknown number of bytes"
     return str(mount), free
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Make a file's data durable (for files written by other code, e.g. copies)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _DiskWriter:

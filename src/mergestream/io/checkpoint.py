@@ -10,6 +10,12 @@ Accepted on disk:
   PyTorch 1.6), or a directory with `pytorch_model.bin` or shards listed by
   `pytorch_model.bin.index.json`. These are opened with `torch.load(mmap=True, weights_only=True)`:
   nothing is unpickled but tensors and containers, and data is read when a tensor is asked for.
+  Each archive's structure is checked first (`torch_zip.py`: record sizes, tensor extents, and a
+  torch recent enough that its weights-only unpickler has no known bypass).
+
+A shard index may only name files inside its own folder (checked lexically, so symlinks in the
+folder may point elsewhere, as the Hugging Face cache's do), and it must say truthfully which
+shard holds each tensor. Messages name files and tensors but never quote bytes of a file.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ import mmap
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol
 
 import torch
 
 from ..errors import CheckpointError
 from .safetensors_stream import SafetensorsFile, TensorSpec
+from .torch_zip import check_torch_archive
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -187,26 +195,26 @@ class TorchSource(_ShardedSource):
 
 
 def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    # The archive's structure is checked first (record sizes, tensor extents, only tensors
+    # unpickled): torch.load(mmap=True) maps a truncated record without noticing.
+    check_torch_archive(path, _find_state_dict)
     try:
         loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for bad files
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = ""
-        if "mmap" in text or "zipfile" in text.lower() or "zip archive" in text.lower():
-            hint = (
-                "; mergestream reads the zip format that torch.save writes by default since "
-                "PyTorch 1.6 (re-save it with torch.save, or convert it to safetensors)"
-            )
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text}){hint}") from None
+        # torch's wording can quote bytes of the file and suggests weights_only=False: not passed on
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (torch.load failed with "
+            f"{type(err).__name__} on an archive whose structure checks out)"
+        ) from None
     state_dict = _find_state_dict(loaded)
     if state_dict is None:
         keys = list(loaded)[:8] if isinstance(loaded, Mapping) else []
         raise CheckpointError(
             f"{path}: holds no state dict (a mapping of names to tensors)"
             + (
-                f"; its top-level keys are {keys}"
+                f"; its top-level keys are {_short(keys)}"
                 if keys
                 else f"; it holds a {type(loaded).__name__}"
             )
@@ -267,56 +275,169 @@ def _release_pages(mapped: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------ finding files
 
 
-def _read_index(index: Path) -> list[str]:
+# An index lists one line per tensor: a few MB for the largest models.
+MAX_INDEX_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A checkpoint found on disk: its format, its weight files and, if it came with a shard
+    index, the index and its tensor -> shard map (checked against the shards once they are open)."""
+
+    kind: str  # "safetensors" | "torch"
+    files: list[Path]
+    index: Path | None = None
+    weight_map: dict[str, Path] | None = None
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """repr of a value from a file, cut short: messages name things, they do not dump them."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+def _shard_path(index: Path, tensor: str, shard: object) -> Path:
+    """The file `weight_map` names for `tensor`, refused unless it stays lexically inside the
+    index's folder. Symlinks inside the folder may point anywhere (Hugging Face caches link
+    shards to ../../blobs/): what is checked is the path the index wrote, not the link target."""
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: weight_map gives tensor {_short(tensor)} the "
+            f"shard {_short(shard)}, which is not a file name"
+        )
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
+        raise CheckpointError(
+            f"{index}: refusing shard {_short(shard)} (for tensor {_short(tensor)}): shard paths "
+            f"must stay inside the checkpoint's folder {index.parent}, so absolute paths and "
+            "'..' are not allowed"
+        )
+    return index.parent / posix
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from a Hugging Face shard index, every shard inside the
+    index's folder and present."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        if not shards or not all(isinstance(s, str) for s in shards):
-            raise ValueError("empty or malformed weight_map")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index}: not a valid checkpoint index ({err})") from None
-    missing = [s for s in shards if not (index.parent / s).is_file()]
+        raw = index.read_bytes() if index.stat().st_size <= MAX_INDEX_BYTES else None
+    except OSError as err:
+        raise CheckpointError(
+            f"{index}: cannot read ({err.strerror or type(err).__name__})"
+        ) from None
+    if raw is None:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: larger than {MAX_INDEX_BYTES} bytes"
+        )
+    try:
+        content = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: not UTF-8 text (at byte offset {err.start})"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: not JSON ({err.msg} at line {err.lineno}, "
+            f"column {err.colno})"
+        ) from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: its JSON is nested too deeply"
+        ) from None
+    expected = '(expected {"weight_map": {"tensor name": "shard file name", ...}})'
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise CheckpointError(f"{index}: not a valid checkpoint index: no weight_map {expected}")
+    weight_map = content["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        kind = "empty" if isinstance(weight_map, dict) else f"a {type(weight_map).__name__}"
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index: its weight_map is {kind} {expected}"
+        )
+    files = {tensor: _shard_path(index, tensor, shard) for tensor, shard in weight_map.items()}
+    shards = sorted(set(files.values()))
+    missing = [s for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(
-            f"{index}: shard {missing[0]!r} is missing"
+            f"{index}: shard {_short(str(missing[0].relative_to(index.parent)))} is missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    return shards
+    return files
 
 
-def resolve_checkpoint(path: Path) -> tuple[str, list[Path]]:
-    """("safetensors" | "torch", files) for the checkpoint at `path` (a file or a directory)."""
+def _from_index(kind: str, index: Path) -> _Resolved:
+    weight_map = _read_index(index)
+    return _Resolved(kind, sorted(set(weight_map.values())), index, weight_map)
+
+
+def _resolve(path: Path) -> _Resolved:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix == ".safetensors":
-            return "safetensors", [path]
+            return _Resolved("safetensors", [path])
         if path.suffix in TORCH_SUFFIXES:
-            return "torch", [path]
+            return _Resolved("torch", [path])
         if path.name == SAFETENSORS_INDEX:
-            return "safetensors", [path.parent / s for s in _read_index(path)]
+            return _from_index("safetensors", path)
         if path.name == TORCH_INDEX:
-            return "torch", [path.parent / s for s in _read_index(path)]
+            return _from_index("torch", path)
         raise CheckpointError(
             f"{path}: expected a .safetensors, .bin, .pt or .pth file, or a model directory"
         )
     for name, kind in ((SAFETENSORS_FILE, "safetensors"), (TORCH_FILE, "torch")):
         if (path / name).is_file():
-            return kind, [path / name]
+            return _Resolved(kind, [path / name])
     for name, kind in ((SAFETENSORS_INDEX, "safetensors"), (TORCH_INDEX, "torch")):
         if (path / name).is_file():
-            return kind, [path / s for s in _read_index(path / name)]
+            return _from_index(kind, path / name)
     safetensors = sorted(path.glob("*.safetensors"))
     if len(safetensors) == 1:
-        return "safetensors", safetensors
+        return _Resolved("safetensors", safetensors)
     torch_files = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
     if not safetensors and len(torch_files) == 1:
-        return "torch", torch_files
+        return _Resolved("torch", torch_files)
     found = len(safetensors) + len(torch_files)
     raise CheckpointError(
         f"{path}: no {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX} found"
         + (f" (and {found} other weight files, which is ambiguous)" if found else "")
     )
+
+
+def resolve_checkpoint(path: Path) -> tuple[str, list[Path]]:
+    """("safetensors" | "torch", files) for the checkpoint at `path` (a file or a directory)."""
+    resolved = _resolve(path)
+    return resolved.kind, resolved.files
+
+
+def _check_weight_map(index: Path, weight_map: dict[str, Path], source: _ShardedSource) -> None:
+    """The index must say truthfully which shard holds each tensor: a tensor it places in the
+    wrong shard, in no shard, or that it leaves out, means the index and shards do not belong
+    together (mixed downloads, a hand-edited index)."""
+    where = {name: source.file_of(name) for name in source.names()}
+
+    def shard(file: Path) -> str:
+        return _short(str(file.relative_to(index.parent)))
+
+    problems: list[str] = []
+    for tensor, file in weight_map.items():
+        held = where.get(tensor)
+        if held is None:
+            problems.append(
+                f"it places tensor {_short(tensor)} in shard {shard(file)}, but no shard it "
+                "lists holds it"
+            )
+        elif held != file:
+            problems.append(
+                f"it places tensor {_short(tensor)} in shard {shard(file)}, but shard "
+                f"{shard(held)} holds it"
+            )
+    for tensor, held in where.items():
+        if tensor not in weight_map:
+            problems.append(
+                f"shard {shard(held)} holds tensor {_short(tensor)}, which it does not list"
+            )
+    if problems:
+        more = f" (and {len(problems) - 1} more such problems)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{index}: the index does not match its shards: {problems[0]}{more}")
 
 
 def resolve_checkpoint_files(path: Path) -> list[Path]:
@@ -332,10 +453,23 @@ def open_checkpoint(checkpoint: CheckpointLike) -> TensorSource:
     if isinstance(checkpoint, Mapping):
         return MemorySource(checkpoint)
     path = Path(checkpoint)
-    kind, files = resolve_checkpoint(path)
-    if kind == "torch":
-        return TorchSource(files, description=str(path))
-    return SafetensorsSource(files, description=str(path))
+    from .lora import is_adapter_dir, open_adapter  # (lora imports this module)
+
+    if is_adapter_dir(path):  # a PEFT LoRA adapter: fitted to the base by MergeState
+        return open_adapter(path)
+    resolved = _resolve(path)
+    source: SafetensorsSource | TorchSource
+    if resolved.kind == "torch":
+        source = TorchSource(resolved.files, description=str(path))
+    else:
+        source = SafetensorsSource(resolved.files, description=str(path))
+    if resolved.index is not None and resolved.weight_map is not None:
+        try:
+            _check_weight_map(resolved.index, resolved.weight_map, source)
+        except BaseException:
+            source.close()
+            raise
+    return source
 
 
 def config_dir(checkpoint: CheckpointLike) -> Path | None:

@@ -301,17 +301,32 @@ class SafetensorsFile:
         file_size = os.fstat(self._fd).st_size
         if file_size < 8:
             raise self._fail(f"not a safetensors file (only {file_size} bytes)")
-        header_len = struct.unpack("<Q", os.pread(self._fd, 8, 0))[0]
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        header_len = struct.unpack("<Q", _pread_exact(self._fd, 8, 0))[0]
+        # The declared length is bytes of the file: it is compared, never quoted, so that a
+        # file opened by mistake (or by a hostile index) does not leak its content in a message.
+        if header_len > MAX_HEADER_BYTES:
             raise self._fail(
-                f"not a safetensors file, or truncated: its first 8 bytes declare a header of "
-                f"{header_len} bytes, the file has {file_size} bytes"
+                "not a safetensors file: its first 8 bytes do not declare a header length "
+                f"within the format's limit of {MAX_HEADER_BYTES} bytes"
+            )
+        if 8 + header_len > file_size:
+            raise self._fail(
+                "not a safetensors file, or truncated: the header length its first 8 bytes "
+                f"declare runs past the end of the file ({file_size} bytes)"
             )
         raw = _pread_exact(self._fd, header_len, 8)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as err:
-            raise self._fail(f"corrupt safetensors header ({err})") from None
+            header = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise self._fail(
+                f"corrupt safetensors header (not UTF-8 text at header byte {err.start})"
+            ) from None
+        except json.JSONDecodeError as err:
+            raise self._fail(
+                f"corrupt safetensors header (not JSON: {err.msg} at header byte {err.pos})"
+            ) from None
+        except RecursionError:
+            raise self._fail("corrupt safetensors header (JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt safetensors header (not a JSON object)")
         metadata = header.pop("__metadata__", None) or {}
@@ -328,18 +343,19 @@ class SafetensorsFile:
         for begin, end, name, spec in entries:
             if end - begin != spec.nbytes:
                 raise self._fail(
-                    f"corrupt header: tensor {name!r} is {dtype_name(spec.dtype)} "
+                    f"corrupt header: tensor {_short(name)} is {dtype_name(spec.dtype)} "
                     f"{list(spec.shape)} ({spec.nbytes} bytes) but its data_offsets span "
                     f"{end - begin} bytes"
                 )
             if begin < previous_end:
                 raise self._fail(
-                    f"corrupt header: the data of tensor {name!r} overlaps that of "
-                    f"{previous_name!r}"
+                    f"corrupt header: the data of tensor {_short(name)} overlaps that of "
+                    f"{_short(previous_name)}"
                 )
             if end > data_size:
                 raise self._fail(
-                    f"truncated: tensor {name!r} needs bytes up to {self._data_start + end} but "
+                    f"truncated: tensor {_short(name)} needs bytes up to "
+                    f"{self._data_start + end} but "
                     f"the file has only {file_size} (expected at least "
                     f"{self._data_start + entries[-1][1]}); was it copied or downloaded completely?"
                 )
@@ -348,25 +364,29 @@ class SafetensorsFile:
 
     def _check_entry(self, name: str, entry: object) -> tuple[int, int]:
         if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list):
-            raise self._fail(f"corrupt header: tensor {name!r} has no data_offsets")
+            raise self._fail(f"corrupt header: tensor {_short(name)} has no data_offsets")
         offsets = entry["data_offsets"]
         if (
             len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise self._fail(f"corrupt header: tensor {name!r} has data_offsets {offsets!r}")
+            raise self._fail(
+                f"corrupt header: tensor {_short(name)} has data_offsets {_short(offsets)}"
+            )
         return offsets[0], offsets[1]
 
     def _spec(self, name: str, entry: dict) -> TensorSpec:
         code = entry.get("dtype")
         if code not in CODE_DTYPES:
-            raise self._fail(f"tensor {name!r} has dtype {code}, which mergestream cannot read")
+            raise self._fail(
+                f"tensor {_short(name)} has dtype {_short(code)}, which mergestream cannot read"
+            )
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise self._fail(f"corrupt header: tensor {name!r} has shape {shape!r}")
+            raise self._fail(f"corrupt header: tensor {_short(name)} has shape {_short(shape)}")
         return TensorSpec(CODE_DTYPES[code], tuple(shape))
 
     def names(self) -> list[str]:
@@ -426,6 +446,12 @@ class SafetensorsFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """repr of a value from a header, cut short: messages name things, they do not dump them."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:

@@ -1,7 +1,8 @@
 """The contract every continual merge method fulfils, and its typed configuration.
 
 A method is a pure per-tensor rule plus a tiny state schema:
-- `state_names`: the per-parameter tensors it keeps (float32, one per floating-point tensor of the
+- `state_names`: the per-parameter tensors it keeps (in the state's dtype, float32 unless the
+  method or the user chooses float64; one per floating-point tensor of the
   base), e.g. OPCM's unscaled running sum.
 - scalars: a flat dict of floats kept in the manifest (step counts, norms, scales).
 - `update`: for one tensor, old state + incoming task vector -> new state, plus partial sums that
@@ -36,6 +37,9 @@ COMPUTE_DTYPE = torch.float64
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Scalars = dict[str, float]
+
+# State keys under which a prepared generation's factors reach `update` (see `prepare_tensor`).
+PREPARED_PREFIX = "prepared."
 
 
 def squared_norm(tensor: torch.Tensor) -> float:
@@ -178,6 +182,22 @@ class ContinualMethod(ABC):
         copies that nothing reads afterwards, so the method may update them in place (large
         tensors then need no second full-size buffer).
         """
+
+    # Per-tensor quantities a method can compute from the current state alone, ahead of the
+    # next step (`MergeState.prepare`), e.g. OPCM's decompositions. They reach `update` in
+    # `state` under PREPARED_PREFIX + name, and must give the same result bit for bit as
+    # computing them inside `update`.
+    prepared_names: ClassVar[tuple[str, ...]] = ()
+
+    def prepare_tensor(
+        self, info: TensorInfo, state: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The prepared quantities of one tensor (a subset of `prepared_names`), float64."""
+        return {}
+
+    def prepared_shapes(self, info: TensorInfo) -> dict[str, tuple[int, ...]]:
+        """The shapes `prepare_tensor` returns for this tensor, known from its info alone."""
+        return {}
 
     def streams_rows(self, info: TensorInfo) -> bool:
         """Whether `update_rows` can fold this tensor block by block. True for the default

@@ -1,11 +1,19 @@
 """MagMax (Marczak et al., ECCV 2024): per entry, the task-vector value of largest magnitude.
 
 A running fold: the state keeps, for every entry, the task-vector value of largest magnitude seen
-so far (float32 per tensor); an incoming value replaces it when |τ_t| ≥ |kept| (ties: the later
-model wins, as in the official release). The merged model is θ0 + c·τ_max, c = `scaling_factor`
-(default 0.5, the official 8-task setting). The comparison is made in float64 between the incoming
-task vector and the stored float32 value. Scalars: `merged_norm` (‖c·τ_max‖), `last_task_norm`
-(‖τ_t‖) and `last_replaced_fraction` (share of entries taken from model t).
+so far (in the state's precision, float32 by default). The merged model is θ0 + c·τ_max,
+c = `scaling_factor` (default 0.5, the official 8-task setting).
+
+The result does not depend on the order of the models, to the bit. Each incoming task vector is
+first rounded to the state's precision, and the comparison is then made between two values of
+that one precision: comparing the float64 incoming value with the rounded stored one would let
+the later of two near-equal magnitudes win. Equal magnitudes are settled by sign, not by arrival:
+the positive value (+0 over -0) is kept. This rule is a maximum under a total order of the
+rounded values, so any order of the same models keeps the same values. (The official release
+lets the later model win ties; ties between distinct fine-tuned weights are vanishingly rare.)
+
+Scalars: `merged_norm` (‖c·τ_max‖), `last_task_norm` (‖τ_t‖) and `last_replaced_fraction`
+(share of entries whose kept value now comes from model t).
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ from .base import (
     squared_norm,
 )
 from .registry import register_method
+
+
+def replaces(incoming: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Where `incoming` takes the place of `kept` (both of one dtype): a larger magnitude, or an
+    equal magnitude with a positive sign against a negative one. Symmetric in its arguments up
+    to identical values, so the fold's result does not depend on the order of the models."""
+    incoming_abs, kept_abs = incoming.abs(), kept.abs()
+    positive_over_negative = torch.signbit(kept) & ~torch.signbit(incoming)
+    return (incoming_abs > kept_abs) | ((incoming_abs == kept_abs) & positive_over_negative)
 
 
 @dataclass(frozen=True)
@@ -54,13 +71,14 @@ class MagMax(ContinualMethod):
         task_vector: torch.Tensor,
         scalars: Scalars,
     ) -> TensorUpdate:
+        incoming = self.stored(task_vector)
         if step == 1:
-            new_max = self.stored(task_vector)
+            new_max = incoming
             replaced = float(task_vector.numel())
         else:
-            kept = state["max"].to(COMPUTE_DTYPE)
-            take = task_vector.abs() >= kept.abs()
-            new_max = self.stored(torch.where(take, task_vector, kept))
+            kept = self.stored(state["max"])
+            take = replaces(incoming, kept)
+            new_max = torch.where(take, incoming, kept)
             replaced = float(take.sum())
         return TensorUpdate(
             state={"max": new_max},

@@ -1,6 +1,7 @@
 """OPCM: orthogonal projection + adaptive scaling (Tang et al., arXiv 2501.09522).
 
-State: the unscaled running sum S of projected task vectors (float32 per tensor) and three scalars:
+State: the unscaled running sum S of projected task vectors (float64 per tensor by default, since
+OPCM amplifies round-off at every step; float32 on request) and three scalars:
 `norm_sum` (Σ‖τ_i‖ over the models so far, global norms), `scale` (λ) and `merged_norm` (‖S‖).
 The merged model is θ0 + S/λ, with λ = ‖S‖ / mean‖τ_i‖, so it always sits at the mean task-vector
 distance from the base. Step 1 stores S = τ_1 and λ = 1. Each later step projects the task vector
@@ -30,6 +31,7 @@ from ..linalg import (
 )
 from .base import (
     COMPUTE_DTYPE,
+    PREPARED_PREFIX,
     ContinualMethod,
     MethodConfig,
     RowBlocks,
@@ -75,9 +77,12 @@ def project_in_place(
     alpha: float,
     zero_diagonal: bool = True,
     decomposition: Decomposition = "gram",
+    decomposed: RightSingular | None = None,
 ) -> float:
     """`opcm_project` that overwrites `task_vector` with τ' and returns ‖τ − τ'‖² (the squared
-    norm of what the projection removed). Peak extra memory: n×n matrices and one row block."""
+    norm of what the projection removed). Peak extra memory: n×n matrices and one row block.
+    `decomposed` is `decompose_running_sum(running_sum, decomposition)` when it was computed
+    ahead of time (a prepared generation); the result is the same bits either way."""
     if running_sum.shape != task_vector.shape or running_sum.ndim != 2:
         raise ValueError(
             f"opcm_project needs two matrices of one shape, got {tuple(running_sum.shape)} "
@@ -88,7 +93,9 @@ def project_in_place(
     s = running_sum.mT if transposed else running_sum
     tau = task_vector.mT if transposed else task_vector
 
-    z = removal_matrix(right_singular(s, decomposition), s.mT @ tau, alpha, zero_diagonal)
+    if decomposed is None:
+        decomposed = right_singular(s, decomposition)
+    z = removal_matrix(decomposed, s.mT @ tau, alpha, zero_diagonal)
     if z is None:
         return 0.0
     removed_sq = 0.0
@@ -98,6 +105,15 @@ def project_in_place(
         removed_sq += squared_norm(removed)
         tau[start : start + rows] -= removed
     return removed_sq
+
+
+def decompose_running_sum(
+    running_sum: torch.Tensor, decomposition: Decomposition = "gram"
+) -> RightSingular:
+    """The singular values and right singular vectors of S in its tall orientation: what a
+    step's projection of this weight needs, computable before the next task vector arrives."""
+    tall = running_sum.mT if running_sum.shape[0] < running_sum.shape[1] else running_sum
+    return right_singular(tall, decomposition)
 
 
 def removal_matrix(
@@ -221,6 +237,9 @@ class OPCM(ContinualMethod):
     # OPCM's projection amplifies round-off of the stored sum at every step (the split and the
     # singular bases are recomputed from it), so its state is kept in float64 by default.
     default_state_dtype = torch.float64
+    # The decomposition of each projected weight's running sum, computed ahead of the next step
+    # (`mergestream prepare`), so that a step only projects: see `prepare_tensor`.
+    prepared_names = ("v", "sigma")
     config: OPCMConfig
 
     def initial_scalars(self) -> Scalars:
@@ -245,7 +264,12 @@ class OPCM(ContinualMethod):
             if info.projected:
                 cfg = self.config
                 removed_sq = project_in_place(
-                    running_sum, task_vector, cfg.alpha, cfg.zero_diagonal, cfg.decomposition
+                    running_sum,
+                    task_vector,
+                    cfg.alpha,
+                    cfg.zero_diagonal,
+                    cfg.decomposition,
+                    _prepared(state),
                 )
             new_sum = self.stored(running_sum.add_(task_vector))
         return TensorUpdate(
@@ -256,6 +280,24 @@ class OPCM(ContinualMethod):
                 "removed_norm_sq": removed_sq,
             },
         )
+
+    def prepare_tensor(
+        self, info: TensorInfo, state: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """V and σ of the running sum of a projected weight (float64), exactly as `update`
+        would compute them from the same stored sum."""
+        if not info.projected:
+            return {}
+        decomposed = decompose_running_sum(
+            state["sum"].to(COMPUTE_DTYPE), self.config.decomposition
+        )
+        return {"v": decomposed.v, "sigma": decomposed.sigma}
+
+    def prepared_shapes(self, info: TensorInfo) -> dict[str, tuple[int, ...]]:
+        if not info.projected:
+            return {}
+        n = min(info.shape)
+        return {"v": (n, n), "sigma": (n,)}
 
     def streams_rows(self, info: TensorInfo) -> bool:
         # A projected weight streams in its tall orientation only: its rows are then the long
@@ -296,3 +338,12 @@ class OPCM(ContinualMethod):
         self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
     ) -> torch.Tensor:
         return state["sum"].to(COMPUTE_DTYPE) / scalars["scale"]
+
+
+def _prepared(state: Mapping[str, torch.Tensor]) -> RightSingular | None:
+    """The decomposition a prepared generation holds for this tensor, if any. The rank is
+    the number of nonzero singular values: `linalg` sets every unresolved one to exactly 0."""
+    v, sigma = state.get(PREPARED_PREFIX + "v"), state.get(PREPARED_PREFIX + "sigma")
+    if v is None or sigma is None:
+        return None
+    return RightSingular(sigma=sigma, v=v, rank=int((sigma != 0).sum()))

@@ -1,0 +1,288 @@
+"""The merged model as a PEFT LoRA adapter: the truncated SVD of each linear weight's task vector.
+
+    export_lora(state, "merged-adapter/", rank=16)       # or energy=0.9
+    PeftModel.from_pretrained(base_model, "merged-adapter/")
+
+For every linear weight (the tensors OPCM projects: 2-D `weight`s that are not embeddings) whose
+merged task vector τ is not zero, the adapter stores the best rank-r approximation of τ
+(Eckart–Young): with τ = U·diag(σ)·Vᵀ, B = U_r·diag(√σ_r) and A = diag(√σ_r)·V_rᵀ, so that
+B·A = τ_r at scaling 1 (lora_alpha = r for every module). The rank is fixed, or per module the
+smallest that keeps a fraction `energy` of ‖τ‖² (then `rank_pattern` / `alpha_pattern` carry the
+ranks). The model card gives, per module, the rank and the fraction of ‖τ‖ retained.
+
+Nothing that changed is lost silently: a changed bias of an adapted layer goes into lora_B's bias
+(`lora_bias`); every other changed tensor (norms, embeddings, heads, biases of other layers) is
+saved whole through `modules_to_save` (its module's parameters, merged), or, with
+`drop_other=True`, listed in the card and the returned report as dropped.
+
+Layers that store their weight as (in, out), GPT-2's `Conv1D`, need `fan_in_fan_out`; it is taken
+from the LoRA adapters in the ledger (or given). The folder is written beside OUT and switched into
+place, so OUT is either absent or complete. The factors and the tensors saved whole are held in
+memory until the file is written (the adapter is small next to the model, unless many large
+tensors changed outside the linear layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .classify import default_is_linear_weight
+from .errors import ConfigError, MergestreamError
+from .io.lora import ADAPTER_CONFIG, PEFT_PREFIX
+from .publish import publish_directory
+
+if TYPE_CHECKING:
+    from .state import MergeState
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """τ ≈ B·A at rank `rank`; `retained` = ‖B·A‖ / ‖τ‖ (1 when τ has rank ≤ `rank`)."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+    rank: int
+    retained: float
+
+
+def truncated_factors(
+    task_vector: torch.Tensor, rank: int | None = None, energy: float | None = None
+) -> LowRankFactors:
+    """Balanced factors of the best rank-r approximation of a 2-D `task_vector` (float64).
+
+    Exactly one of `rank` (capped at the matrix's smaller side) and `energy` (the smallest rank
+    keeping that fraction of ‖τ‖², in (0, 1]) chooses r."""
+    if (rank is None) == (energy is None):
+        raise ConfigError("give either a rank or an energy target for the LoRA export")
+    tau = task_vector.to(torch.float64)
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    squares = s.square()
+    total = float(squares.sum())
+    if rank is not None:
+        r = max(1, min(rank, s.numel()))
+    else:
+        assert energy is not None
+        kept = torch.cumsum(squares, 0)
+        # the first r with kept[r-1] ≥ energy·total (small slack: float64 sums of σ²)
+        r = int((kept < energy * total * (1 - 1e-12)).sum()) + 1
+        r = min(max(r, 1), s.numel())
+    root = s[:r].sqrt()
+    b = u[:, :r] * root
+    a = root[:, None] * vh[:r]
+    retained = math.sqrt(float(squares[:r].sum()) / total) if total > 0 else 1.0
+    return LowRankFactors(b=b, a=a, rank=r, retained=retained)
+
+
+@dataclass
+class ModuleExport:
+    module: str
+    rank: int
+    retained: float
+    bias: bool = False
+
+
+@dataclass
+class LoraExport:
+    """What `export_lora` wrote: LoRA modules, modules saved whole, tensors dropped."""
+
+    path: Path
+    modules: list[ModuleExport] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    fan_in_fan_out: bool = False
+
+
+def export_lora(
+    state: MergeState,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    drop_other: bool = False,
+    fan_in_fan_out: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoraExport:
+    """Write the state's merge as a PEFT LoRA adapter folder `out` (see the module docstring).
+
+    `dtype` is that of the LoRA factors (and lora_B biases); tensors saved whole keep the base's
+    dtype."""
+    if rank is not None and rank < 1:
+        raise ConfigError(f"LoRA export rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConfigError(f"LoRA export energy must be in (0, 1], got {energy}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergestreamError(f"{out}: exists and is not an empty directory")
+    with state.reading() as base:
+        ledger = state.ledger
+        if fan_in_fan_out is None:
+            fan_in_fan_out = _ledger_fan_in_fan_out(ledger)
+        infos = {i.name: i for i in state.infos}
+        report = LoraExport(path=out, fan_in_fan_out=fan_in_fan_out)
+        tensors: dict[str, torch.Tensor] = {}
+        changed_other: dict[str, torch.Tensor] = {}  # name -> τ, saved whole or dropped
+        changed_bias: dict[str, torch.Tensor] = {}
+        factors: dict[str, LowRankFactors] = {}
+        for name, tau in state.task_vectors():
+            if not bool(tau.any()):
+                continue
+            if len(infos[name].shape) == 2 and default_is_linear_weight(name):
+                matrix = tau.t() if fan_in_fan_out else tau  # B·A is (out, in)
+                factors[name.removesuffix(".weight")] = truncated_factors(matrix, rank, energy)
+            elif name.endswith(".bias"):
+                changed_bias[name.removesuffix(".bias")] = tau
+            else:
+                changed_other[name] = tau
+        # A changed bias of a LoRA module goes into lora_B's bias; any other changed bias is
+        # another tensor of its module.
+        lora_bias = any(module in factors for module in changed_bias)
+        for module, bias in changed_bias.items():
+            if module not in factors:
+                changed_other[module + ".bias"] = bias
+        for module, f in factors.items():
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.a.to(dtype).contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.b.to(dtype).contiguous()
+            has_bias = module in changed_bias
+            if lora_bias:
+                bias = changed_bias.get(module)
+                if bias is None:
+                    bias = torch.zeros(f.b.shape[0], dtype=torch.float64)
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.to(dtype)
+            report.modules.append(ModuleExport(module, f.rank, f.retained, has_bias))
+        saved_whole = _modules_of(changed_other)
+        if drop_other:
+            report.dropped = sorted(changed_other)
+        else:
+            report.modules_to_save = saved_whole
+            # PEFT saves and loads such a module's parameters together: the unchanged ones too.
+            for name in base.names():
+                if name.rpartition(".")[0] in saved_whole and name in infos:
+                    merged = base.get(name).to(torch.float64)
+                    if name in changed_other:
+                        merged += changed_other[name]
+                    # as a full model's export would: in the base's dtype
+                    tensors[f"{PEFT_PREFIX}{name}"] = merged.to(base.spec(name).dtype)
+        if not tensors:
+            raise MergestreamError(
+                f"{out}: the merged model equals the base (every task vector is zero); there is "
+                "no adapter to write"
+            )
+        config = _adapter_config(state, report, lora_bias)
+        card = _model_card(state, report, rank, energy, ledger)
+        _write_atomically(out, tensors, config, card)
+    return report
+
+
+def _ledger_fan_in_fan_out(ledger: list[dict[str, Any]]) -> bool:
+    """Whether the merged LoRA adapters stored their layers' weights as (in, out)."""
+    flags = {bool(e["adapter"]["fan_in_fan_out"]) for e in ledger if e.get("adapter")}
+    if len(flags) > 1:
+        raise ConfigError(
+            "the merged LoRA adapters disagree on fan_in_fan_out; pass fan_in_fan_out to say how "
+            "the base's linear layers store their weights"
+        )
+    return flags.pop() if flags else False
+
+
+def _modules_of(names: Iterable[str]) -> list[str]:
+    return sorted({n.rpartition(".")[0] for n in names})
+
+
+def _adapter_config(state: MergeState, report: LoraExport, lora_bias: bool) -> dict[str, Any]:
+    ranks = [m.rank for m in report.modules]
+    default_rank = max(set(ranks), key=ranks.count) if ranks else 1
+    # Scaling 1 everywhere: lora_alpha equals each module's rank.
+    pattern = {re.escape(m.module): m.rank for m in report.modules if m.rank != default_rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": state.status()["base"],
+        "r": default_rank,
+        "lora_alpha": default_rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": [m.module for m in report.modules] or None,
+        "modules_to_save": report.modules_to_save or None,
+        "fan_in_fan_out": report.fan_in_fan_out,
+        "lora_bias": lora_bias,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _model_card(
+    state: MergeState,
+    report: LoraExport,
+    rank: int | None,
+    energy: float | None,
+    ledger: list[dict[str, Any]],
+) -> str:
+    status = state.status()
+    method = status["method"]
+    params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
+    chosen = f"rank {rank}" if rank is not None else f"per module, {energy:g} of ‖τ‖² kept"
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [mergestream, lora, merge]",
+        "---",
+        "",
+        "# Merged LoRA adapter",
+        "",
+        f"Written by mergestream {__version__}: the {method['name']} merge ({params}) of "
+        f"{status['step']} inputs into the base `{status['base']}`, as a LoRA adapter whose "
+        f"B·A is the truncated SVD of each linear weight's merged task vector ({chosen}).",
+        "",
+        "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
+        "",
+        "## Modules",
+        "",
+        "| module | rank | ‖τ‖ retained | bias |",
+        "|---|---:|---:|---|",
+    ]
+    for m in report.modules:
+        lines.append(f"| {m.module} | {m.rank} | {m.retained:.6f} | {'yes' if m.bias else ''} |")
+    lines += ["", "## Other changed tensors", ""]
+    if report.modules_to_save:
+        lines.append("Saved whole (`modules_to_save`): " + ", ".join(report.modules_to_save))
+    if report.dropped:
+        lines.append(
+            "Dropped (changed by the merge, not in this adapter): " + ", ".join(report.dropped)
+        )
+    if not report.modules_to_save and not report.dropped:
+        lines.append("None: the merge changed only the adapted layers.")
+    lines += ["", "## Inputs", ""]
+    for entry in ledger:
+        kind = " (LoRA adapter)" if entry.get("adapter") else ""
+        lines.append(f"{entry['step']}. `{entry['path']}`{kind} sha256 `{entry['sha256']}`")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(
+    out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str
+) -> None:
+    """Write the folder beside `out` and switch it in whole (`publish.publish_directory`)."""
+
+    def build(staging: Path) -> None:
+        save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "README.md").write_text(card)
+
+    publish_directory(out, build)

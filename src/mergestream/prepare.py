@@ -1,0 +1,143 @@
+"""Prepared generations: the next step's expensive part, computed before its checkpoint lands.
+
+Most of an OPCM step is spent decomposing each projected weight's running sum S, which is known
+as soon as the previous step is committed. `MergeState.prepare` computes those decompositions
+(the method's `prepare_tensor`) in idle time and stores them with the current generation, so a
+step that finds them only projects with matrix products.
+
+Stored beside the generation's own files, as part files of their own
+(`gen-000007/prepared-v.safetensors`, one per prepared quantity), and recorded in the manifest:
+
+    "prepared": {"generation": 7, "key": "<sha256>", "regime": {...}, "parts": [...]}
+
+The key covers everything the factors depend on: the generation's part records (their
+checksums), the method and its parameters, the state's precision, and the regime the kernels
+run in (device, and whether they run single-threaded: a multi-threaded LAPACK call may round
+differently). A step uses the factors only when the key equals the one it computes for itself;
+otherwise (a stale record, another device or worker count) it decomposes as usual. Factors that
+fail their checksums on read are not trusted either: the step recomputes them. A step with
+prepared factors gives the same bits as one without; tests check it with `torch.equal`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import default_workers, is_streamed, resolve_device
+from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from .methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
+from .progress import NoProgress, Progress
+from .publish import fsync_dir
+
+PREPARED_FILE = "prepared-{}.safetensors"
+
+
+def kernel_regime(device: torch.device | str, workers: int | None) -> dict[str, Any]:
+    """How the step's kernels will run (see the module docstring): the engine runs whole
+    tensors single-threaded when several workers share the CPU."""
+    resolved = resolve_device(device)
+    count = default_workers(resolved) if workers is None else workers
+    single = count > 1 and resolved.type == "cpu"
+    return {
+        "device": resolved.type,
+        "single_threaded": single,
+        "threads": 1 if single else torch.get_num_threads(),
+    }
+
+
+def prepare_key(manifest: Mapping[str, Any], regime: Mapping[str, Any]) -> str:
+    """What prepared factors of the manifest's current generation depend on, hashed."""
+    basis = {
+        "generation": manifest["generation"],
+        "parts": manifest.get("parts"),
+        "method": manifest["method"],
+        "state_dtype": manifest["state_dtype"],
+        "regime": dict(regime),
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+
+def usable_parts(manifest: Mapping[str, Any], regime: Mapping[str, Any]) -> list[dict] | None:
+    """The prepared parts a step in `regime` may use, or None (none, or stale)."""
+    prepared = manifest.get("prepared")
+    if not isinstance(prepared, dict) or prepared.get("generation") != manifest["generation"]:
+        return None
+    if prepared.get("key") != prepare_key(manifest, regime):
+        return None
+    parts = prepared.get("parts")
+    return parts if isinstance(parts, list) else None
+
+
+def prepare_targets(method: ContinualMethod, infos: list[TensorInfo]) -> list[TensorInfo]:
+    """Tensors with prepared quantities: those the method prepares and that a step holds whole
+    (tensors folded by row blocks decompose from block sums inside their own pass)."""
+    return [
+        info
+        for info in infos
+        if method.prepared_shapes(info) and not (is_streamed(info) and method.streams_rows(info))
+    ]
+
+
+def write_prepared(
+    directory: Path,
+    method: ContinualMethod,
+    targets: list[TensorInfo],
+    compute: Callable[[TensorInfo], Mapping[str, torch.Tensor]],
+    *,
+    map_in_order: Callable[
+        [Callable[[TensorInfo], Mapping[str, torch.Tensor]], list[TensorInfo]], Any
+    ],
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Compute every target's prepared quantities (`map_in_order(compute, targets)`, in
+    storage order) and write them as part files into the generation `directory`, each under a
+    temporary name renamed into place once complete and fsync'd. Returns the part records."""
+    progress = progress or NoProgress()
+    names = method.prepared_names
+    specs: dict[str, list[tuple[str, TensorSpec]]] = {n: [] for n in names}
+    for info in targets:
+        for name, shape in method.prepared_shapes(info).items():
+            specs[name].append((info.name, TensorSpec(COMPUTE_DTYPE, shape)))
+    writers: dict[str, StreamingSafetensorsWriter] = {}
+    finals = {n: directory / PREPARED_FILE.format(n) for n in names}
+    try:
+        for name in names:
+            writers[name] = StreamingSafetensorsWriter(
+                finals[name].with_name(finals[name].name + ".tmp"),
+                specs[name],
+                metadata={"format": "mergestream-prepared", "quantity": name},
+            )
+        progress.start("prepare", len(targets), 0)
+        try:
+            for info, quantities in zip(targets, map_in_order(compute, targets), strict=True):
+                for name, tensor in quantities.items():
+                    writers[name].write(info.name, tensor.to("cpu", COMPUTE_DTYPE).contiguous())
+                progress.advance(1, 0)
+        finally:
+            progress.finish()
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+            writer.path.unlink(missing_ok=True)
+        raise
+    parts = []
+    for name, writer in writers.items():
+        os.replace(writer.path, finals[name])
+        parts.append(
+            {
+                "file": f"{directory.name}/{finals[name].name}",
+                "state": f"prepared.{name}",
+                **writer.checksums(),
+            }
+        )
+    fsync_dir(directory)
+    return parts
