@@ -66,6 +66,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .state import MergeState
 
     state = MergeState.open(args.state)
+    backend = _backend(args)
     for checkpoint in args.checkpoints:
         stats = state.add(
             checkpoint,
@@ -74,6 +75,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=default_progress(args.quiet),
             verify_base=args.verify_base,
+            backend=backend,
             force_base=args.force_base,
             **_mapping(args),
         )
@@ -81,6 +83,18 @@ def cmd_add(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s ({scalars})")
     return 0
+
+
+def _backend(args: argparse.Namespace) -> object:
+    """None for this process's engine; a Ray executor for --backend ray (Ray is imported only
+    then)."""
+    if args.backend != "ray":
+        if args.ray_address is not None or args.ray_cpus_per_task is not None:
+            raise ConfigError("--ray-address and --ray-cpus-per-task need --backend ray")
+        return None
+    from .ray_backend import RayBackend
+
+    return RayBackend(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task or 1)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -348,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_verify_base_argument(p)
     _add_mapping_arguments(p)
+    _add_backend_arguments(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -482,6 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_suite_commands(sub)  # bench-suite init/check, finetune
     return parser
+
+
+def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where the step's tensors are folded: this process (local), or tasks on a Ray "
+        "cluster (ray; pip install 'mergestream[ray]'; every node must see the state, the base "
+        "and the checkpoints at the same paths)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, a "
+        "cluster started on this machine, or a new local one)",
+    )
+    p.add_argument(
+        "--ray-cpus-per-task",
+        type=float,
+        default=None,
+        help="CPUs Ray reserves for each task (default 1); with --device cuda each task also "
+        "takes one GPU",
+    )
 
 
 def _add_verify_base_argument(p: argparse.ArgumentParser) -> None:

@@ -241,53 +241,149 @@ def run_step(
     each kernel runs single-threaded: a decomposition of one matrix scales poorly over threads,
     while independent tensors scale almost perfectly. The results do not depend on how many
     workers ran.
+
+    The step is three parts that other executors (`ray_backend.py`) reuse as they are:
+    `prepare_step_scalars`, `fold_tensors` over any subset of the tensors, and
+    `finish_step_scalars` over the per-tensor partial sums in storage order.
     """
     started = time.perf_counter()
+    device = resolve_device(device)
+    check_compatible(base, checkpoint)
+    if read_state_rows is None or write_state_rows is None:
+        read_state_rows = write_state_rows = None  # every tensor is processed whole
+    step_scalars = prepare_step_scalars(
+        method,
+        step,
+        scalars,
+        infos,
+        base,
+        checkpoint,
+        read_state,
+        read_state_rows=read_state_rows,
+        device=device,
+    )
+    progress = progress or NoProgress()
+    total_bytes = sum(tensor_nbytes(i) for i in infos)
+    progress.start(f"step {step}", len(infos), total_bytes)
+    try:
+        partials = [
+            more
+            for _, more in fold_tensors(
+                method,
+                step,
+                step_scalars,
+                infos,
+                base,
+                checkpoint,
+                read_state,
+                write_state,
+                read_state_rows=read_state_rows,
+                write_state_rows=write_state_rows,
+                device=device,
+                workers=workers,
+                progress=progress,
+            )
+        ]
+    finally:
+        progress.finish()
+    new_scalars = finish_step_scalars(method, checkpoint, step, scalars, partials)
+    return StepStats(
+        step=step,
+        scalars=new_scalars,
+        seconds=time.perf_counter() - started,
+        tensors=len(infos),
+        projected=sum(i.projected for i in infos),
+    )
+
+
+def prepare_step_scalars(
+    method: ContinualMethod,
+    step: int,
+    scalars: Scalars,
+    infos: list[TensorInfo],
+    base: TensorSource,
+    checkpoint: TensorSource,
+    read_state: StateReader,
+    *,
+    read_state_rows: StateRowReader | None = None,
+    device: torch.device | str = "cpu",
+) -> Scalars:
+    """The scalars every tensor's `update` sees: the previous ones plus what the method's
+    read-only preparation passes find (`ContinualMethod.prepare_step`; most methods make none).
+    A pass reads one tensor, or one row block of a large tensor, at a time."""
+    device = resolve_device(device)
+
+    def pass_over_tensors() -> Iterator[StepTensor]:
+        for info in infos:
+            if not (read_state_rows is not None and _streams(method, info)):
+                yield StepTensor(
+                    info,
+                    _on_device(read_state(info), device),
+                    load_task_vector(info, base, checkpoint, device),
+                )
+                continue
+            for start, stop in row_blocks(info.shape):
+                yield StepTensor(
+                    info.rows(start, stop),
+                    _on_device(read_state_rows(info, start, stop), device),
+                    load_task_rows(info, base, checkpoint, start, stop, device),
+                )
+
+    step_scalars = dict(scalars)
+    step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
+    _check_scalars_finite(method, checkpoint, step, step_scalars, "its preparation pass")
+    return step_scalars
+
+
+def fold_tensors(
+    method: ContinualMethod,
+    step: int,
+    step_scalars: Scalars,
+    infos: list[TensorInfo],
+    base: TensorSource,
+    checkpoint: TensorSource,
+    read_state: StateReader,
+    write_state: StateWriter,
+    *,
+    read_state_rows: StateRowReader | None = None,
+    write_state_rows: StateRowWriter | None = None,
+    device: torch.device | str = "cpu",
+    workers: int | None = None,
+    progress: Progress | None = None,
+    single_threaded: bool | None = None,
+) -> Iterator[tuple[TensorInfo, Scalars]]:
+    """Run the method's update over `infos` (any subset of the step's tensors, in their order):
+    write each tensor's new state and yield (tensor, its partial sums) in the order of `infos`.
+
+    `step_scalars` come from `prepare_step_scalars`. Each tensor's state and partial sums depend
+    only on that tensor's inputs, never on which other tensors share the call, so the tensors of
+    one step may be folded by several calls (processes, machines) and give the same bits.
+
+    Whole tensors run single-threaded kernels when `single_threaded` (default: when more than
+    one worker runs on the CPU); row-streamed tensors use torch's thread count. The float64
+    reductions of the kernels round differently with another thread count, so a process that
+    must give another's bits sets both as that process did.
+    """
     device = resolve_device(device)
     if workers is None:
         workers = default_workers(device)
     progress = progress or NoProgress()
-    check_compatible(base, checkpoint)
     can_stream = read_state_rows is not None and write_state_rows is not None
 
-    def on_device(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in state.items()}
-
     def streamed(info: TensorInfo) -> _StreamedTensor | None:
-        if not (can_stream and is_streamed(info) and method.streams_rows(info)):
+        if not (can_stream and _streams(method, info)):
             return None
         assert read_state_rows is not None and write_state_rows is not None
         return _StreamedTensor(
             info, method, base, checkpoint, read_state_rows, write_state_rows, device
         )
 
-    def pass_over_tensors() -> Iterator[StepTensor]:
-        for info in infos:
-            rows = streamed(info)
-            if rows is None:
-                yield StepTensor(
-                    info,
-                    on_device(read_state(info)),
-                    load_task_vector(info, base, checkpoint, device),
-                )
-                continue
-            for start, stop in rows.blocks:
-                yield StepTensor(
-                    info.rows(start, stop),
-                    rows.state_rows(start, stop),
-                    rows.task_rows(start, stop),
-                )
-
-    step_scalars = dict(scalars)
-    step_scalars.update(method.prepare_step(step, scalars, pass_over_tensors))
-    _check_scalars_finite(method, checkpoint, step, step_scalars, "its preparation pass")
-
     own_streams = workers > 1 and device.type == "cuda"
 
     def process(info: TensorInfo) -> TensorUpdate:
         with _worker_stream(device) if own_streams else contextlib.nullcontext():
             task_vector = load_task_vector(info, base, checkpoint, device)
-            state = on_device(read_state(info))
+            state = _on_device(read_state(info), device)
             update = method.update(info, step, state, task_vector, step_scalars)
             for key, tensor in update.state.items():
                 _check_state(method, info, key, tensor, info.shape)
@@ -298,41 +394,53 @@ def run_step(
             on_host = {k: v.to("cpu") for k, v in update.state.items()}
         return TensorUpdate(state=on_host, partials=update.partials)
 
-    partials: Scalars = {}
-
-    def accumulate(more: Scalars) -> None:
-        for key, value in more.items():
-            partials[key] = partials.get(key, 0.0) + value
-
     if own_streams:
         _warm_cuda_linalg(device)
-    total_bytes = sum(_nbytes(i) for i in infos)
-    progress.start(f"step {step}", len(infos), total_bytes)
-    try:
-        for segment, rows in _segments(infos, streamed):
-            if rows is not None:  # one large tensor, alone, with every core
-                more = method.update_rows(rows.info, step, rows, step_scalars)
-                _check_partials_finite(checkpoint, rows.info, more, None)
-                accumulate(more)
-                progress.advance(1, _nbytes(rows.info))
-                continue
-            with _single_threaded_kernels(workers > 1 and device.type == "cpu"):
-                results = _ordered_map(process, segment, workers)
-                for info, update in zip(segment, results, strict=True):
-                    write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
-                    accumulate(update.partials)
-                    progress.advance(1, _nbytes(info))
-    finally:
-        progress.finish()
-    new_scalars = method.finish_step(step, scalars, partials)
+    for segment, rows in _segments(infos, streamed):
+        if rows is not None:  # one large tensor, alone, with every core
+            more = method.update_rows(rows.info, step, rows, step_scalars)
+            _check_partials_finite(checkpoint, rows.info, more, None)
+            progress.advance(1, tensor_nbytes(rows.info))
+            yield rows.info, more
+            continue
+        if single_threaded is None:
+            single_threaded = workers > 1 and device.type == "cpu"
+        with _single_threaded_kernels(single_threaded):
+            results = _ordered_map(process, segment, workers)
+            for info, update in zip(segment, results, strict=True):
+                write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
+                progress.advance(1, tensor_nbytes(info))
+                yield info, update.partials
+
+
+def finish_step_scalars(
+    method: ContinualMethod,
+    checkpoint: TensorSource,
+    step: int,
+    scalars: Scalars,
+    partials: list[Scalars],
+) -> Scalars:
+    """The scalars after the step, from every tensor's partial sums given in storage order.
+
+    The sums are formed one tensor after another in that order, whoever computed the partials,
+    so the step's scalars are the same bits for every executor and schedule."""
+    total: Scalars = {}
+    for more in partials:
+        for key, value in more.items():
+            total[key] = total.get(key, 0.0) + value
+    new_scalars = method.finish_step(step, scalars, total)
     _check_scalars_finite(method, checkpoint, step, new_scalars, "the step")
-    return StepStats(
-        step=step,
-        scalars=new_scalars,
-        seconds=time.perf_counter() - started,
-        tensors=len(infos),
-        projected=sum(i.projected for i in infos),
-    )
+    return new_scalars
+
+
+def _on_device(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def _streams(method: ContinualMethod, info: TensorInfo) -> bool:
+    """Whether the engine folds this tensor by row blocks (given the state can be read and
+    written by rows)."""
+    return is_streamed(info) and method.streams_rows(info)
 
 
 def is_streamed(info: TensorInfo) -> bool:
@@ -579,7 +687,8 @@ def _row_numel(info: TensorInfo) -> int:
     return _numel(info.shape[1:])
 
 
-def _nbytes(info: TensorInfo) -> int:
+def tensor_nbytes(info: TensorInfo) -> int:
+    """Bytes of one tensor in the base's dtype."""
     return _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
 
 

@@ -25,7 +25,10 @@ from typing import Any
 import torch
 
 from . import __version__
+from .distributed import Executor, resolve_backend, run_distributed_step
 from .engine import (
+    StateReader,
+    StateRowReader,
     StepStats,
     check_all_finite,
     check_compatible,
@@ -282,6 +285,7 @@ class MergeState:
         workers: int | None = None,
         progress: Progress | None = None,
         verify_base: bool = False,
+        backend: str | Executor | None = None,
         force_base: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
@@ -295,13 +299,24 @@ class MergeState:
 
         A PEFT LoRA adapter folder is merged from its factors (`io.lora`); `force_base` merges
         one whose `base_model_name_or_path` does not name this state's base.
+
+        `backend="ray"` (or an executor such as `ray_backend.RayBackend(...)`) folds the step's
+        tensors in tasks on a cluster instead of in this process (`distributed.py`), with the
+        same results to the bit; it needs a state on disk and a checkpoint given by path.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
+        executor = self._executor(backend, checkpoint)
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged(verify=verify_base)
             raw, source = self._open_input(checkpoint, mapping, force_base)
             cleanup.callback(raw.close)
+            if executor is not None and isinstance(raw, LoraAdapter):
+                raise ConfigError(
+                    f"{source.description}: backend {backend!r} merges full checkpoints; a LoRA "
+                    "adapter is merged by the local engine (from its factors, which keeps the "
+                    "step cheap): leave out --backend"
+                )
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
             in_memory = isinstance(self._storage, MemoryStorage)
             digest = None if in_memory and allow_duplicate else content_hash(raw, progress)
@@ -324,7 +339,13 @@ class MergeState:
             generation = (self._manifest["generation"] or 0) + 1
             method = self.method
 
-            prepared = self._prepared_reader(device, workers)
+            # Prepared factors only save a local step time (they give the same bits); a
+            # distributed step recomputes in its tasks, and its driver may lack the device.
+            prepared = (
+                (lambda name: {})
+                if executor is not None
+                else self._prepared_reader(device, workers)
+            )
 
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
                 # still the previous generation here, with its prepared factors if usable
@@ -333,30 +354,31 @@ class MergeState:
             def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
                 return self.state_rows(info.name, start, stop)
 
-            writer = self._storage.begin(
-                generation, method.state_names, self._infos, method.state_dtype
-            )
-            try:
-                stats = run_step(
+            if executor is not None:
+                assert isinstance(self._storage, DiskStorage)  # checked by _executor
+                stats, parts = run_distributed_step(
+                    executor,
+                    self._storage,
                     method,
                     step,
                     self.scalars,
                     self._infos,
                     self._base,
                     source,
+                    (self._manifest["base"]["path"], str(Path(checkpoint).resolve())),
+                    mapping,
+                    generation,
+                    (self._manifest["generation"], self._manifest.get("parts")),
                     read_state,
-                    writer.put,
-                    read_state_rows=read_state_rows,
-                    write_state_rows=writer.put_rows,
-                    device=device,
+                    read_state_rows,
+                    device=str(device),
                     workers=workers,
                     progress=progress,
                 )
-                writer.close()
-                parts = writer.parts()
-            except BaseException:
-                writer.abort()
-                raise
+            else:
+                stats, parts = self._local_step(
+                    step, generation, source, read_state, read_state_rows, device, workers, progress
+                )
             manifest = json.loads(json.dumps(self._manifest))
             manifest["format_version"] = FORMAT_VERSION
             manifest["mergestream_version"] = __version__
@@ -388,6 +410,63 @@ class MergeState:
             self._storage.commit(manifest)
             self._manifest = manifest
             return stats
+
+    def _executor(
+        self, backend: str | Executor | None, checkpoint: CheckpointLike
+    ) -> Executor | None:
+        """The executor of `add(backend=...)`, or None for this process's engine; refuses what
+        a cluster cannot reach (a state or checkpoint that lives in memory)."""
+        if backend is None or backend == "local":
+            return None
+        if isinstance(self._storage, MemoryStorage):
+            raise ConfigError(
+                f"backend {backend!r} needs a state on disk (its tasks write the new generation "
+                "into the state directory); this state lives in memory"
+            )
+        if isinstance(checkpoint, Mapping):
+            raise ConfigError(
+                f"backend {backend!r} needs the checkpoint as a path that every node can read; "
+                "an in-memory state dict cannot be sent to its tasks"
+            )
+        return resolve_backend(backend)
+
+    def _local_step(
+        self,
+        step: int,
+        generation: int,
+        source: TensorSource,
+        read_state: StateReader,
+        read_state_rows: StateRowReader,
+        device: torch.device | str,
+        workers: int | None,
+        progress: Progress | None,
+    ) -> tuple[StepStats, list[dict[str, Any]]]:
+        """One step in this process: run_step into a new generation (removed on failure)."""
+        method = self.method
+        writer = self._storage.begin(
+            generation, method.state_names, self._infos, method.state_dtype
+        )
+        try:
+            stats = run_step(
+                method,
+                step,
+                self.scalars,
+                self._infos,
+                self._base,
+                source,
+                read_state,
+                writer.put,
+                read_state_rows=read_state_rows,
+                write_state_rows=writer.put_rows,
+                device=device,
+                workers=workers,
+                progress=progress,
+            )
+            writer.close()
+            return stats, writer.parts()
+        except BaseException:
+            writer.abort()
+            raise
 
     def plan(
         self,

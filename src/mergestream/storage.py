@@ -222,6 +222,7 @@ class _DiskWriter:
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
+        file_names: Mapping[str, str] | None = None,
     ):
         self.storage_path = storage_path
         self.directory = directory
@@ -231,8 +232,9 @@ class _DiskWriter:
         try:
             with _writing(self.directory, self.needed):
                 for state_name in state_names:
+                    file_name = (file_names or {}).get(state_name, f"{state_name}.safetensors")
                     self.writers[state_name] = StreamingSafetensorsWriter(
-                        directory / f"{state_name}.safetensors",
+                        directory / file_name,
                         specs,
                         metadata={"format": "mergestream-state", "state": state_name},
                     )
@@ -282,6 +284,51 @@ class _DiskWriter:
         for writer in self.writers.values():
             writer.abort()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PartWriter(_DiskWriter):
+    """Writes some of a generation's tensors into part files of their own, one per state kind
+    (`<state>.<part>.safetensors`): the share of one task when several processes, perhaps on
+    several machines, write one generation together. Only files inside the generation's
+    directory are touched. Each file is written under a temporary name private to this writer
+    and renamed when complete, so a task that runs again (a retry after its process died) ends
+    with one whole file of the same content, never a torn one."""
+
+    def __init__(
+        self,
+        directory: Path,
+        part: str,
+        state_names: tuple[str, ...],
+        infos: list[TensorInfo],
+        dtype: torch.dtype,
+    ):
+        self.final_names = {s: f"{s}.{part}.safetensors" for s in state_names}
+        suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
+        temporary = {s: name + suffix for s, name in self.final_names.items()}
+        super().__init__(directory.parent, directory, state_names, infos, dtype, temporary)
+
+    def close(self) -> None:
+        with _writing(self.directory, self.needed):
+            for state_name, writer in self.writers.items():
+                writer.close()
+                os.replace(writer.path, self.directory / self.final_names[state_name])
+            fsync_dir(self.directory)
+
+    def parts(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "file": f"{self.directory.name}/{self.final_names[state_name]}",
+                "state": state_name,
+                **writer.checksums(),
+            }
+            for state_name, writer in self.writers.items()
+        ]
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+            with contextlib.suppress(OSError):
+                writer.path.unlink()
 
 
 class _RowChain:
@@ -453,6 +500,32 @@ class DiskStorage:
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
         return _DiskWriter(self.path, directory, state_names, infos, dtype)
+
+    def begin_parts(self, generation: int) -> Path:
+        """A fresh, empty directory for `generation`, to be filled by `PartWriter`s (of other
+        processes, say); the caller records their parts and calls `seal_parts` before commit."""
+        directory = self.path / generation_dir_name(generation)
+        with _writing(directory):
+            if directory.exists():
+                shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
+            directory.mkdir()
+            fsync_dir(self.path)
+        return directory
+
+    def seal_parts(self, directory: Path) -> None:
+        """Make the entries of a generation written by `PartWriter`s durable (each writer
+        synced its files and their names), before the manifest that names them."""
+        with _writing(directory):
+            fsync_dir(directory)
+            fsync_dir(directory.parent)
+
+    def discard_parts(self, directory: Path) -> None:
+        """Remove a generation begun with `begin_parts` that will not be committed."""
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close the files opened for reading (a later read opens them again)."""
+        self._close_handles()
 
     def commit(self, manifest: dict[str, Any]) -> None:
         # The lock file exists from the first commit on, so later commands never add files to a

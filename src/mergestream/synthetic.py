@@ -41,6 +41,28 @@ def transformer_shapes(
     return shapes
 
 
+def llama_shapes(
+    layers: int = 2, hidden: int = 32, intermediate: int = 64, kv: int = 16, vocab: int = 100
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a small LLaMA-like decoder (grouped-query attention with `kv`
+    key/value rows, gated MLP, untied output head)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (hidden, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
 def make_base(
     shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:

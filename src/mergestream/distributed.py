@@ -1,0 +1,488 @@
+"""One merge step spread over many processes: the plan, a task's work, and the reduction.
+
+An executor (`ray_backend.RayBackend`, or `SerialExecutor` in this process) runs tasks; this
+module says what a task is and what the driver does around them, without importing any
+cluster library:
+
+- The driver plans from file headers only (`plan_tasks`): every floating-point tensor of the
+  base goes to exactly one task; the costliest tensors (row-streamed ones, the largest projected
+  weights) get a task of their own and come first, small ones share a task.
+- A task carries paths and tensor names (`StepJob`, `TaskSpec`), never tensor data. The process
+  running it opens the base, the checkpoint and the previous generation itself (a filesystem
+  shared by every machine), folds its tensors with the local engine's own code
+  (`engine.fold_tensors`), writes its share of the new generation as part files of its own
+  (`storage.PartWriter`: temporary name, fsync, rename) and returns each tensor's partial sums
+  and the parts' checksums (`TaskResult`).
+- The driver adds the partial sums up in storage order (`engine.finish_step_scalars`), whatever
+  order the tasks finished in, so the step's scalars, and every stored tensor, are the same bits
+  as the local engine's. It then commits the manifest as a local step does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import engine
+from .engine import (
+    StepStats,
+    finish_step_scalars,
+    fold_tensors,
+    is_streamed,
+    prepare_step_scalars,
+    tensor_infos,
+    tensor_nbytes,
+)
+from .errors import ConfigError, MergestreamError, StateError
+from .hashing import header_fingerprint
+from .io.checkpoint import TensorSource, open_checkpoint
+from .io.mapping import NameMapping, apply_mapping
+from .manifest import generation_dir_name
+from .methods import ContinualMethod, TensorInfo, get_method
+from .methods.base import STATE_DTYPES, Scalars
+from .progress import NoProgress, Progress
+from .storage import DiskStorage, PartWriter
+
+# The plan aims at this many tasks per slot (a slot runs one task at a time), so that slots
+# that finish early pick up more work instead of idling behind a straggler.
+TASKS_PER_SLOT = 4
+
+# A test hook for fault injection: when this names a directory, each task writes a file
+# "<part>.<pid>" there after folding its first tensor and waits until a file "go" appears.
+PAUSE_DIR_ENV = "MERGESTREAM_TASK_PAUSE_DIR"
+
+
+@dataclass(frozen=True)
+class StepJob:
+    """Everything a task needs besides its tensor names: paths and small metadata only."""
+
+    state_path: str
+    generation: int  # the generation being written
+    previous_generation: int | None
+    previous_parts: list[dict[str, Any]] | None
+    method: str
+    params: dict[str, Any]
+    state_dtype: str
+    step: int
+    step_scalars: Scalars
+    base_path: str
+    checkpoint_path: str
+    mapping: NameMapping
+    device: str
+    attempt: str  # distinguishes the part files of this run of the step from any other
+    # Kernel threads as a local step on the driver would use them: `threads` for a tensor
+    # streamed by row blocks, and one thread for whole tensors when `workers` > 1. MKL's float64
+    # reductions (norms, products) round differently with another thread count, so tasks that
+    # used their own would not give the local engine's bits. `task_cpus` whole tensors are
+    # folded at once in a task (when they run single-threaded; that does not change the bits).
+    threads: int = 1
+    workers: int = 1
+    task_cpus: int = 1
+    # Fingerprints of the files' headers as the driver sees them (`hashing.header_fingerprint`):
+    # a node that sees other files at the same paths is refused instead of merging them.
+    base_headers: str | None = None
+    checkpoint_headers: str | None = None
+    # The engine's streaming constants as the driver planned with them, so that every process
+    # cuts tensors into the same row blocks.
+    stream_min_elements: int = 0
+    row_block_elements: int = 0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    part: str  # names the task's part files: "<state>.<part>.safetensors"
+    names: tuple[str, ...]  # tensors of the base, in storage order
+    cost: float  # estimated work, for ordering and reports
+
+
+@dataclass
+class TaskResult:
+    part: str
+    partials: list[tuple[str, Scalars]]  # per tensor, in the task's order
+    parts: list[dict[str, Any]]  # manifest records of the files written
+    seconds: float
+    host: str = ""
+    pid: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class Executor(Protocol):
+    """Runs the tasks of one step somewhere and returns their results (any order)."""
+
+    def slots(self, device: str) -> int:
+        """How many tasks can run at once."""
+        ...
+
+    def run(self, job: StepJob, tasks: Sequence[TaskSpec]) -> Iterator[TaskResult]:
+        """Run every task; yield each result as it completes. Raise if a task fails for good."""
+        ...
+
+
+class SerialExecutor:
+    """Runs the tasks one after another in this process (the plumbing without a cluster)."""
+
+    def slots(self, device: str) -> int:
+        return 1
+
+    def run(self, job: StepJob, tasks: Sequence[TaskSpec]) -> Iterator[TaskResult]:
+        for task in tasks:
+            yield run_task(job, task)
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+def tensor_cost(info: TensorInfo) -> float:
+    """Relative work of folding one tensor: a projected matrix costs a decomposition,
+    m·n·min(m, n); anything else is elementwise, its number of entries."""
+    numel = float(torch.Size(info.shape).numel())
+    if info.projected and len(info.shape) == 2:
+        return numel * min(info.shape)
+    return numel
+
+
+def plan_tasks(infos: Sequence[TensorInfo], method: ContinualMethod, slots: int) -> list[TaskSpec]:
+    """Tasks covering every tensor once, costliest first.
+
+    A tensor streamed by row blocks, or one costing at least a task's share of the step (the
+    total over `TASKS_PER_SLOT` tasks per slot), is a task of its own; the rest are packed, in
+    descending cost, into tasks of about that share. The plan depends only on the headers and
+    `slots`, never on timing; the result of the step does not depend on the plan at all."""
+    order = {info.name: index for index, info in enumerate(infos)}
+    costs = {info.name: tensor_cost(info) for info in infos}
+    total = sum(costs.values())
+    share = total / max(1, slots * TASKS_PER_SLOT)
+    by_cost = sorted(infos, key=lambda i: (-costs[i.name], order[i.name]))
+    groups: list[list[TensorInfo]] = []
+    current: list[TensorInfo] = []
+    current_cost = 0.0
+    for info in by_cost:
+        alone = costs[info.name] >= share or (is_streamed(info) and method.streams_rows(info))
+        if alone:
+            groups.append([info])
+            continue
+        current.append(info)
+        current_cost += costs[info.name]
+        if current_cost >= share:
+            groups.append(current)
+            current, current_cost = [], 0.0
+    if current:
+        groups.append(current)
+    groups.sort(key=lambda g: -sum(costs[i.name] for i in g))
+    return [
+        TaskSpec(
+            part=f"part-{index:05d}",
+            names=tuple(i.name for i in sorted(group, key=lambda i: order[i.name])),
+            cost=sum(costs[i.name] for i in group),
+        )
+        for index, group in enumerate(groups)
+    ]
+
+
+# ------------------------------------------------------------------------------------ task
+
+
+def run_task(job: StepJob, task: TaskSpec) -> TaskResult:
+    """Fold the task's tensors into part files of the new generation (in a worker process)."""
+    started = time.perf_counter()
+    # Per process, set from the driver's values: every process cuts the same row blocks.
+    engine.STREAM_MIN_ELEMENTS = job.stream_min_elements
+    engine.ROW_BLOCK_ELEMENTS = job.row_block_elements
+    state_dir = Path(job.state_path)
+    directory = state_dir / generation_dir_name(job.generation)
+    if not directory.is_dir():
+        raise StateError(
+            f"{directory}: the new generation's directory is not visible on "
+            f"{socket.gethostname()}; every machine of the cluster must see the state, the "
+            "base and the checkpoint at the same paths (a shared filesystem)"
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _run_task(job, task, directory, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> TaskResult:
+    state_dir = directory.parent
+    method = get_method(job.method, **job.params)
+    method.state_dtype = STATE_DTYPES[job.state_dtype]
+    base = open_checkpoint(Path(job.base_path))
+    raw = open_checkpoint(Path(job.checkpoint_path))
+    storage = DiskStorage(state_dir)
+    try:
+        _check_same_files(job, base, raw)
+        source = apply_mapping(raw, job.mapping, base)
+        by_name = {i.name: i for i in tensor_infos(base, method.config.linear_rule())}
+        unknown = [n for n in task.names if n not in by_name]
+        if unknown:
+            raise StateError(
+                f"{job.base_path}: task {task.part} names tensor {unknown[0]!r}, which is not a "
+                "floating-point tensor of the base here; the machines see different files"
+            )
+        infos = [by_name[n] for n in task.names]
+        read_state, read_state_rows = _state_readers(storage, job, method)
+        writer = PartWriter(
+            directory, f"{job.attempt}.{task.part}", method.state_names, infos, method.state_dtype
+        )
+        try:
+            partials = []
+            for info, more in fold_tensors(
+                method,
+                job.step,
+                job.step_scalars,
+                infos,
+                base,
+                source,
+                read_state,
+                writer.put,
+                read_state_rows=read_state_rows,
+                write_state_rows=writer.put_rows,
+                device=job.device,
+                workers=job.task_cpus if job.workers > 1 else 1,
+                single_threaded=job.workers > 1 and torch.device(job.device).type == "cpu",
+            ):
+                partials.append((info.name, more))
+                if len(partials) == 1:
+                    _pause_for_tests(task.part)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        parts = writer.parts()
+        bytes_read = sum(
+            tensor_nbytes(i) + source.spec(i.name).nbytes for i in infos
+        ) + _state_bytes(job, infos)
+    finally:
+        storage.close()
+        raw.close()
+        base.close()
+    return TaskResult(
+        part=task.part,
+        partials=partials,
+        parts=parts,
+        seconds=time.perf_counter() - started,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        bytes_read=bytes_read,
+        bytes_written=sum(int(p["bytes"]) for p in parts),
+    )
+
+
+def _check_same_files(job: StepJob, base: TensorSource, checkpoint: TensorSource) -> None:
+    for what, path, source, expected in (
+        ("base", job.base_path, base, job.base_headers),
+        ("checkpoint", job.checkpoint_path, checkpoint, job.checkpoint_headers),
+    ):
+        if expected is not None and header_fingerprint(source.files()) != expected:
+            raise StateError(
+                f"{path}: the {what} seen on {socket.gethostname()} differs from the one the "
+                "driver planned with (other file headers at the same path); every machine of "
+                "the cluster must see the same files"
+            )
+
+
+def _state_readers(storage: DiskStorage, job: StepJob, method: ContinualMethod):  # noqa: ANN202
+    """(read_state, read_state_rows) over the previous generation ({} at step 1)."""
+    previous = job.previous_generation
+    if previous is not None:
+        storage.use_parts(previous, method.state_names, job.previous_parts)
+
+    def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
+        if previous is None:
+            return {}
+        return {s: storage.read(previous, s, info.name) for s in method.state_names}
+
+    def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
+        if previous is None:
+            return {}
+        return {
+            s: storage.read_rows(previous, s, info.name, start, stop) for s in method.state_names
+        }
+
+    return read_state, read_state_rows
+
+
+def _state_bytes(job: StepJob, infos: list[TensorInfo]) -> int:
+    """Bytes of the previous state read for these tensors (0 at the first step)."""
+    if job.previous_generation is None:
+        return 0
+    per_entry = torch.empty((), dtype=STATE_DTYPES[job.state_dtype]).element_size()
+    kinds = len(get_method(job.method, **job.params).state_names)
+    return kinds * per_entry * sum(torch.Size(i.shape).numel() for i in infos)
+
+
+def _pause_for_tests(part: str) -> None:
+    directory = os.environ.get(PAUSE_DIR_ENV)
+    if not directory:
+        return
+    Path(directory, f"{part}.{os.getpid()}").touch()
+    while not Path(directory, "go").exists():
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def run_distributed_step(
+    executor: Executor,
+    storage: DiskStorage,
+    method: ContinualMethod,
+    step: int,
+    scalars: Scalars,
+    infos: list[TensorInfo],
+    base: TensorSource,
+    checkpoint: TensorSource,
+    job_paths: tuple[str, str],
+    mapping: NameMapping,
+    generation: int,
+    previous: tuple[int | None, list[dict[str, Any]] | None],
+    read_state: engine.StateReader,
+    read_state_rows: engine.StateRowReader,
+    *,
+    device: str = "cpu",
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[StepStats, list[dict[str, Any]]]:
+    """One step with its tensors folded by `executor`'s tasks; returns the step's statistics and
+    the generation's parts for the manifest (the caller commits). `previous` is the previous
+    generation and its parts (the manifest's), or (None, None) at the first step. On any
+    failure the new generation's directory is removed and the state stays at its previous step.
+
+    A method's preparation passes (TIES's whole-model top-k) run here, in the driver, reading
+    one tensor or one row block at a time: their memory is bounded by constants, not by the
+    model, and they read the model once or a few times more.
+
+    Tasks run their kernels with this process's thread counts (`StepJob.threads`, `workers`
+    as in `run_step`): that is what makes their results the local engine's bits.
+    """
+    started = time.perf_counter()
+    base_path, checkpoint_path = job_paths
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r}: {err}") from None
+    step_scalars = prepare_step_scalars(
+        method,
+        step,
+        scalars,
+        infos,
+        base,
+        checkpoint,
+        read_state,
+        read_state_rows=read_state_rows,
+        device="cpu",
+    )
+    job = StepJob(
+        state_path=str(Path(storage.path).resolve()),
+        generation=generation,
+        previous_generation=previous[0],
+        previous_parts=previous[1],
+        method=method.name,
+        params=method.config.to_dict(),
+        state_dtype=next(k for k, v in STATE_DTYPES.items() if v == method.state_dtype),
+        step=step,
+        step_scalars=step_scalars,
+        base_path=base_path,
+        checkpoint_path=checkpoint_path,
+        mapping=mapping,
+        device=device,
+        attempt=os.urandom(4).hex(),
+        threads=torch.get_num_threads(),
+        workers=workers or engine.default_workers(torch.device(device)),
+        task_cpus=max(1, int(getattr(executor, "cpus_per_task", 1))),
+        base_headers=header_fingerprint(base.files()),
+        checkpoint_headers=header_fingerprint(checkpoint.files()),
+        stream_min_elements=engine.STREAM_MIN_ELEMENTS,
+        row_block_elements=engine.ROW_BLOCK_ELEMENTS,
+    )
+    tasks = plan_tasks(infos, method, executor.slots(device))
+    progress = progress or NoProgress()
+    directory = storage.begin_parts(generation)
+    try:
+        progress.start(f"step {step}", len(infos), sum(tensor_nbytes(i) for i in infos))
+        try:
+            results = list(_collect(executor.run(job, tasks), infos, progress))
+        finally:
+            progress.finish()
+        by_name = _partials_by_name(results, infos, tasks)
+        new_scalars = finish_step_scalars(
+            method, checkpoint, step, scalars, [by_name[i.name] for i in infos]
+        )
+        parts = sorted((p for r in results for p in r.parts), key=lambda p: p["file"])
+        _remove_strays(directory, parts)
+        storage.seal_parts(directory)
+    except BaseException:
+        storage.discard_parts(directory)
+        raise
+    stats = StepStats(
+        step=step,
+        scalars=new_scalars,
+        seconds=time.perf_counter() - started,
+        tensors=len(infos),
+        projected=sum(i.projected for i in infos),
+    )
+    return stats, parts
+
+
+def _collect(
+    results: Iterable[TaskResult], infos: list[TensorInfo], progress: Progress
+) -> Iterator[TaskResult]:
+    by_name = {i.name: i for i in infos}
+    for result in results:
+        done = [by_name[name] for name, _ in result.partials if name in by_name]
+        progress.advance(len(done), sum(tensor_nbytes(i) for i in done))
+        yield result
+
+
+def _partials_by_name(
+    results: list[TaskResult], infos: list[TensorInfo], tasks: Sequence[TaskSpec]
+) -> dict[str, Scalars]:
+    """Each tensor's partial sums; refuses results that miss or repeat a tensor."""
+    by_name: dict[str, Scalars] = {}
+    for result in results:
+        for name, partials in result.partials:
+            if name in by_name:
+                raise MergestreamError(f"tensor {name!r} was folded by two tasks of the step")
+            by_name[name] = partials
+    missing = [i.name for i in infos if i.name not in by_name]
+    if missing or len(results) != len(tasks):
+        raise MergestreamError(
+            f"the step's tasks returned {len(results)} of {len(tasks)} results"
+            + (f"; tensor {missing[0]!r} was not folded" if missing else "")
+        )
+    return by_name
+
+
+def _remove_strays(directory: Path, parts: list[dict[str, Any]]) -> None:
+    """Remove files of the new generation that no part names: the temporary files of task
+    attempts whose process died (their task ran again and wrote its own)."""
+    named = {Path(p["file"]).name for p in parts}
+    for item in directory.iterdir():
+        if item.name not in named:
+            item.unlink()
+
+
+def resolve_backend(backend: object, **options: Any) -> Executor:
+    """An executor from `add(backend=...)`: an executor object, or "ray" (options go to
+    `RayBackend`); "local" or None mean the in-process engine and never get here."""
+    if backend == "ray":
+        from .ray_backend import RayBackend  # Ray is imported only when asked for
+
+        return RayBackend(**options)
+    if isinstance(backend, str):
+        raise MergestreamError(f"unknown backend {backend!r}; available: local, ray")
+    if options:
+        raise TypeError("backend options go with backend='ray', not with a backend object")
+    if not (hasattr(backend, "run") and hasattr(backend, "slots")):
+        raise TypeError(f"backend must be 'local', 'ray' or an executor, got {backend!r}")
+    return backend  # type: ignore[return-value]
