@@ -44,6 +44,9 @@ METHODS = {
     "magmax": {},
     "average": {},
     "task_arithmetic": {},
+    "iso_c": {},
+    "tsv_m": {},
+    "dop": {"num_steps": 20},  # the reference's Adam loop, shortened: the same code either way
 }
 SHAPES = llama_shapes(layers=2, hidden=32, intermediate=64, kv=16, vocab=128)
 
