@@ -108,7 +108,10 @@ def _resolved(sigma: torch.Tensor, v: torch.Tensor, rtol: float) -> RightSingula
     resolved = sigma > rtol * top
     rank = int(resolved.sum())
     sigma = torch.where(resolved, sigma, torch.zeros_like(sigma))
-    return RightSingular(sigma=sigma, v=v, rank=rank)
+    # Contiguous, whatever view the solver returned (eigh's columns are flipped, the SVD's V is
+    # a transpose): the products with V then round the same as with a V read back from disk
+    # (a prepared generation), so prepared and unprepared steps agree bit for bit.
+    return RightSingular(sigma=sigma.contiguous(), v=v.contiguous(), rank=rank)
 
 
 def split_index(sigma: torch.Tensor, alpha: float) -> int:
