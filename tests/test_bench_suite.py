@@ -261,9 +261,13 @@ def test_parquet_with_pyarrow(tmp_path: Path) -> None:
     rows = _reviews(20)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     task = S.load_task_data(
-        S.load_suite(_suite(tmp_path, "tasks:\n  - name: a\n    data: d.parquet\n")).tasks[0]
+        S.load_suite(
+            _suite(tmp_path, "split: {n_test: 6}\ntasks:\n  - name: a\n    data: d.parquet\n")
+        ).tasks[0]
     )
-    assert len(task.train) + len(task.test) == 20
+    assert len(task.test) == 6 and len(task.train) + len(task.test) == 20
+    read = sorted(e[0] for e in [*task.train, *task.test])
+    assert read == sorted(r["text"] for r in rows)
 
 
 def test_builtin_rejects_data_keys_and_wrong_class_count(tmp_path: Path) -> None:
