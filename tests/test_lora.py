@@ -114,7 +114,15 @@ def test_factors_and_options_read_as_configured() -> None:
 # ------------------------------------------------------------------------------ merging
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# TSV-M keeps the top half of each task vector's singular triplets. A LoRA task vector of rank
+# r < min(m, n)/2 then contributes null-space triplets whose vectors are whatever the SVD picks
+# (exact zeros from B·A, round-off from base + τ − base), and TSV-M's orthogonalisation mixes
+# them into the real ones: the two inputs, equal to round-off, give results 10-50% apart. The
+# comparison means nothing for it, so it is left out here.
+PAIRWISE_ILL_POSED_ON_LOW_RANK = {"tsv_m"}
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - PAIRWISE_ILL_POSED_ON_LOW_RANK))
 def test_mixed_stream_equals_merging_the_full_models(zoo: Zoo, method: str, monkeypatch) -> None:
     """Adapters and a full checkpoint in one stream give the merge of PEFT's merged models."""
 
@@ -132,8 +140,9 @@ def test_mixed_stream_equals_merging_the_full_models(zoo: Zoo, method: str, monk
         ours.add(item, allow_duplicate=True)
         reference.add(full, allow_duplicate=True)
     expected = dict(reference.task_vectors())
-    for name, tau in ours.task_vectors():
-        assert _relative_error(tau, expected[name]) <= MERGE_TOLERANCE, (method, name)
+    errors = {name: _relative_error(tau, expected[name]) for name, tau in ours.task_vectors()}
+    for name, error in errors.items():
+        assert error <= MERGE_TOLERANCE, (method, name, error)
     for key, value in ours.scalars.items():
         assert value == pytest.approx(reference.scalars[key], rel=MERGE_TOLERANCE), key
 

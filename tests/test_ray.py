@@ -53,9 +53,14 @@ SHAPES = llama_shapes(layers=2, hidden=32, intermediate=64, kv=16, vocab=128)
 
 @pytest.fixture(scope="module")
 def cluster():
+    # ray.init installs its own SIGTERM/SIGINT handlers in this process and shutdown leaves
+    # them: put back what was there, so later tests see the process's usual handlers.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture
