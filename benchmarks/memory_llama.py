@@ -35,6 +35,8 @@ import time
 import zlib
 from pathlib import Path
 
+from mergestream.synthetic import llama_shapes
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs the command line in the measured process and reports that process's own peak RSS.
@@ -94,26 +96,6 @@ PRESETS = {
     # Seconds, for checking the script itself.
     "toy": dict(layers=2, hidden=64, intermediate=160, kv=32, vocab=500),
 }
-
-
-def llama_shapes(
-    layers: int, hidden: int, intermediate: int, kv: int, vocab: int
-) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (hidden, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, hidden)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 def llama_config(layers: int, hidden: int, intermediate: int, kv: int, vocab: int) -> dict:
