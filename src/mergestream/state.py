@@ -791,11 +791,15 @@ class MergeState:
             yield self._base
 
     def _check_export_target(self, out: Path) -> None:
-        """Refuse an `out` whose replacement would touch the state or the base's files."""
+        """Refuse an `out` whose replacement would touch the state or the base's files: `out`
+        may be none of them nor hold one, and may not lie inside the state directory."""
         target = Path(os.path.realpath(out))
+        state_dir = Path(os.path.realpath(self._path)) if self._path is not None else None
+        if state_dir is not None and state_dir in target.parents:
+            raise MergestreamError(f"{out}: cannot export into the state directory")
         protected: list[tuple[Path, str]] = []
-        if self._path is not None:
-            protected.append((Path(os.path.realpath(self._path)), "the state directory"))
+        if state_dir is not None:
+            protected.append((state_dir, "the state directory"))
         if self._base_dir is not None:
             protected.append((Path(os.path.realpath(self._base_dir)), "the base model's directory"))
         for file in self._base.files():
@@ -807,8 +811,6 @@ class MergeState:
                     f"{out}: cannot export there: it would replace {what}; choose another "
                     "output directory"
                 )
-            if path in target.parents and what == "the state directory":
-                raise MergestreamError(f"{out}: cannot export into the state directory")
 
 
 def _dtype_notes(infos: list[TensorInfo], source: TensorSource) -> list[str]:
