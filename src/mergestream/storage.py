@@ -217,14 +217,12 @@ class _DiskWriter:
 
     def __init__(
         self,
-        storage_path: Path,
         directory: Path,
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
         file_names: Mapping[str, str] | None = None,
     ):
-        self.storage_path = storage_path
         self.directory = directory
         specs = [(i.name, TensorSpec(dtype, i.shape)) for i in infos]
         self.needed = len(state_names) * sum(spec.nbytes for _, spec in specs)
@@ -305,7 +303,7 @@ class PartWriter(_DiskWriter):
         self.final_names = {s: f"{s}.{part}.safetensors" for s in state_names}
         suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
         temporary = {s: name + suffix for s, name in self.final_names.items()}
-        super().__init__(directory.parent, directory, state_names, infos, dtype, temporary)
+        super().__init__(directory, state_names, infos, dtype, temporary)
 
     def close(self) -> None:
         with _writing(self.directory, self.needed):
@@ -499,7 +497,7 @@ class DiskStorage:
             if directory.exists():
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
-        return _DiskWriter(self.path, directory, state_names, infos, dtype)
+        return _DiskWriter(directory, state_names, infos, dtype)
 
     def begin_parts(self, generation: int) -> Path:
         """A fresh, empty directory for `generation`, to be filled by `PartWriter`s (of other
