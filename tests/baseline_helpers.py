@@ -58,6 +58,33 @@ def task_vector(base: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tens
     return {n: model[n].to(torch.float64) - base[n].to(torch.float64) for n in floating(base)}
 
 
+def pairwise_history(
+    base: Tensors,
+    models: Sequence[Tensors],
+    combine_2d,  # noqa: ANN001 - (m, τ) -> merged, for 2-D tensors
+    c: float = 1.0,
+    stored: torch.dtype = torch.float32,
+) -> list[Tensors]:
+    """A pairwise continual method (Iso-C, TSV-M) over the whole model, float64: m = c·τ_1, then
+    m ← c·combine_2d(m, τ_t) for 2-D tensors and c·(m + τ_t)/2 for the others, m rounded to
+    `stored` between steps (as the state keeps it). Returns m after every step."""
+    names = floating(base)
+    m: Tensors | None = None
+    history = []
+    for model in models:
+        tau = task_vector(base, model)
+        if m is None:
+            new = {n: c * tau[n] for n in names}
+        else:
+            new = {
+                n: c * (combine_2d(m[n], tau[n]) if tau[n].ndim == 2 else (m[n] + tau[n]) / 2)
+                for n in names
+            }
+        m = {n: v.to(stored).double() for n, v in new.items()}
+        history.append(m)
+    return history
+
+
 def merged_task_vectors(
     base: Tensors, models: Sequence[Tensors], method: str, **params: object
 ) -> Tensors:

@@ -11,8 +11,8 @@ from baseline_helpers import (
     check_cli,
     check_listed,
     check_resume,
-    floating,
     make_stream,
+    pairwise_history,
     task_vector,
     write_models,
 )
@@ -35,24 +35,8 @@ def flattened_spectrum(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference(base, models, c=1.0, stored=torch.float32):
-    """The continual Iso-C of the reference, whole model, float64, m rounded to `stored` between
-    steps (as the state keeps it). Returns m after every step."""
-    names = floating(base)
-    m, history = None, []
-    for model in models:
-        tau = task_vector(base, model)
-        if m is None:
-            new = {n: c * tau[n] for n in names}
-        else:
-            new = {}
-            for n in names:
-                if tau[n].ndim == 2:
-                    new[n] = c * flattened_spectrum(m[n] + tau[n])
-                else:
-                    new[n] = c * (m[n] + tau[n]) / 2
-        m = {n: v.to(stored).double() for n, v in new.items()}
-        history.append(m)
-    return history
+    """The continual Iso-C of the reference, whole model, float64 (see `pairwise_history`)."""
+    return pairwise_history(base, models, lambda m, tau: flattened_spectrum(m + tau), c, stored)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from baseline_helpers import (
     check_cli,
     check_listed,
     check_resume,
-    floating,
     make_stream,
+    pairwise_history,
     task_vector,
     write_models,
 )
@@ -53,20 +53,8 @@ def tsv_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def reference(base, models, c=1.0, stored=torch.float32):
-    names = floating(base)
-    m, history = None, []
-    for model in models:
-        tau = task_vector(base, model)
-        if m is None:
-            new = {n: c * tau[n] for n in names}
-        else:
-            new = {
-                n: c * (tsv_reference(m[n], tau[n]) if tau[n].ndim == 2 else (m[n] + tau[n]) / 2)
-                for n in names
-            }
-        m = {n: v.to(stored).double() for n, v in new.items()}
-        history.append(m)
-    return history
+    """The continual TSV-M, whole model, float64 (see `pairwise_history`)."""
+    return pairwise_history(base, models, tsv_reference, c, stored)
 
 
 # The truncation of each step follows the previous step's singular subspaces, so round-off
