@@ -87,7 +87,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         recipe = suite_recipe(
-            suite, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed
+            suite,
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
         )
         results = build_suite_zoo(
             args.out,
@@ -147,6 +153,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="fine-tuning seed")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train a PEFT LoRA adapter of this rank per task (on every attention and MLP "
+        "weight) instead of the whole encoder; needs peft",
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank")
     p.add_argument("--eval-every", type=int, default=0, help="record test accuracy every N")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

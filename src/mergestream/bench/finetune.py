@@ -91,6 +91,21 @@ class Recipe:
     seed: int = 0
     optimizer: str = "AdamW"
     schedule: str = "linear warm-up, cosine decay to 0"
+    # LoRA instead of full fine-tuning when lora_rank > 0: a PEFT adapter on lora_targets
+    # (every attention and MLP weight of a BERT encoder), scaling lora_alpha / lora_rank.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: twice the rank, so both ranks share the scaling 2
+    lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("a LoRA recipe needs at least one target module")
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha or 2.0 * self.lora_rank
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``."""
@@ -234,12 +249,33 @@ def finetune(
 
 
 def _is_done(task_dir: Path) -> bool:
-    return (task_dir / "finetune.json").is_file() and (task_dir / "model.safetensors").is_file()
+    weights = ("model.safetensors", "adapter_model.safetensors")
+    return (task_dir / "finetune.json").is_file() and any((task_dir / w).is_file() for w in weights)
 
 
 def _save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def with_lora(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """``model`` wrapped in a fresh PEFT LoRA adapter of the recipe's rank and targets: only
+    the adapter's factors train, and saving the result writes a PEFT adapter folder."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA fine-tuning needs peft: pip install 'mergestream[lora]'") from None
+    config = LoraConfig(
+        r=recipe.lora_rank,
+        lora_alpha=recipe.effective_lora_alpha,
+        target_modules=list(recipe.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    # PEFT draws A's initial values from torch's generator: seeded, so adapters are
+    # reproducible like full fine-tunes.
+    torch.manual_seed(recipe.seed)
+    return get_peft_model(model, config)
 
 
 def _smoothed_curve(losses: list[float], points: int = 50) -> list[tuple[int, float]]:
@@ -299,10 +335,11 @@ def _zoo_meta(out: Path, meta: dict[str, Any]) -> None:
     path = out / "zoo.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("encoder", "pooling", "num_hidden_layers", "max_length"):
-            if key in old and old[key] != meta[key]:
+        built = {"lora_rank": 0, **old}  # zoos from before LoRA recipes hold full fine-tunes
+        for key in ("encoder", "pooling", "num_hidden_layers", "max_length", "lora_rank"):
+            if key in built and built[key] != meta[key]:
                 raise ValueError(
-                    f"{out} was built with {key} {old[key]!r}, this suite asks for {meta[key]!r}; "
+                    f"{out} was built with {key} {built[key]!r}, this asks for {meta[key]!r}; "
                     "build into another folder"
                 )
         meta = {**old, **meta, "tasks": list(dict.fromkeys(old.get("tasks", []) + meta["tasks"]))}
@@ -355,6 +392,7 @@ def build_suite_zoo(
             "pooling": pooling,
             "num_hidden_layers": int(model.config.num_hidden_layers),
             "max_length": recipe.max_length,
+            "lora_rank": recipe.lora_rank,
             "tasks": suite.names,
             "suite": str(suite.path) if suite.path else None,
         },
@@ -384,6 +422,8 @@ def build_suite_zoo(
         report(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip().replace("\n", "\n    "))
         model, tokenizer = load_encoder(pretrained_dir, device=device)
         head = build_head(model, tokenizer, task, max_length=recipe.max_length, pooling=pooling)
+        if recipe.lora_rank:
+            model = with_lora(model, recipe)  # B starts at 0: still the pretrained encoder
         evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
         acc0 = evaluator.accuracy(task, head)
         log.info(
@@ -437,8 +477,11 @@ def build_suite_zoo(
         }
         tmp = out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        _save_model(model, tokenizer, tmp)
-        save_pooling(tmp, pooling, int(model.config.hidden_size))
+        if recipe.lora_rank:  # the adapter alone: `mergestream add` reads it as it is
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            _save_model(model, tokenizer, tmp)
+            save_pooling(tmp, pooling, int(model.config.hidden_size))
         from safetensors.torch import save_file
 
         save_file({"head": head.cpu().contiguous()}, str(tmp / "head.safetensors"))
@@ -474,6 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=None, help=f"default {Recipe.max_length}")
     p.add_argument("--seed", type=int, default=None, help=f"default {Recipe.seed}")
     p.add_argument("--logit-scale", type=float, default=None, help=f"default {LOGIT_SCALE}")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train a PEFT LoRA adapter of this rank per task instead of the whole encoder",
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank")
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--max-train", type=int, default=5000)
     p.add_argument("--eval-every", type=int, default=0, help="record test accuracy every N")
@@ -505,7 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASK_NAMES]
     if unknown:
         p.error(f"unknown tasks {unknown}; known: {', '.join(TASK_NAMES)}")
-    out = args.out or cache_root(args.cache) / ("zoo-tiny" if args.tiny else "zoo")
+    default_name = "zoo-tiny" if args.tiny else "zoo"
+    if args.lora_rank:
+        default_name += f"-lora{args.lora_rank}"
+    out = args.out or cache_root(args.cache) / default_name
     given = {
         "steps": args.steps,
         "lr": args.lr,
@@ -513,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_length": args.max_length,
         "seed": args.seed,
         "logit_scale": args.logit_scale,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
     }
     recipe = dataclasses.replace(
         TINY_RECIPE if args.tiny else Recipe(), **{k: v for k, v in given.items() if v is not None}

@@ -21,14 +21,14 @@ def _pm(mean: float, std: float) -> str:
 def markdown_table(results: Mapping[str, Any]) -> str:
     """ACC and BWT (mean ± std over task orders) and mean final per-task accuracy per method."""
     tasks: list[str] = results["meta"]["tasks"]
-    header = ["method", "ACC (%)", "BWT (%)", *tasks]
+    header = ["method", "ACC (%)", "BWT (%)", *tasks, "merge s/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     reference = results["reference"]
     for label in ("pretrained", "individual"):
         per_task = reference[label]
         mean = sum(per_task[t] for t in tasks) / len(tasks)
         cells = [label if label == "pretrained" else "individual fine-tuned", _pct(mean), "–"]
-        lines.append("| " + " | ".join(cells + [_pct(per_task[t]) for t in tasks]) + " |")
+        lines.append("| " + " | ".join(cells + [_pct(per_task[t]) for t in tasks] + ["–"]) + " |")
     for label, entry in results["methods"].items():
         accs = [run["acc"] for run in entry["runs"]]
         bwts = [run["bwt"] for run in entry["runs"] if run.get("bwt") is not None]
@@ -37,7 +37,44 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         per_task = [
             sum(run["final"][t] for run in entry["runs"]) / len(entry["runs"]) for t in tasks
         ]
-        lines.append("| " + " | ".join([label, acc, bwt, *map(_pct, per_task)]) + " |")
+        seconds = f"{merge_seconds_per_step(entry):.2f}"
+        lines.append("| " + " | ".join([label, acc, bwt, *map(_pct, per_task), seconds]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_seconds_per_step(entry: Mapping[str, Any]) -> float:
+    """Mean time of one merge step (`MergeState.add`) over a method's runs."""
+    runs = entry["runs"]
+    return sum(run["merge_seconds"] / len(run["order"]) for run in runs) / len(runs)
+
+
+def removed_fractions(results: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Per OPCM method: the mean over task orders, at each step, of the fraction of the
+    incoming task vector's norm that the projection removed (`last_removed_fraction`)."""
+    out = {}
+    for label, entry in results["methods"].items():
+        per_run = [
+            [scalars.get("last_removed_fraction") for scalars in run.get("step_scalars", [])]
+            for run in entry["runs"]
+        ]
+        if not per_run or not per_run[0] or any(f is None for r in per_run for f in r):
+            continue
+        steps = min(len(r) for r in per_run)
+        out[label] = [sum(r[t] for r in per_run) / len(per_run) for t in range(steps)]
+    return out
+
+
+def removed_table(results: Mapping[str, Any]) -> str:
+    """Markdown: the fraction of each incoming task vector OPCM's projection removed, by step."""
+    fractions = removed_fractions(results)
+    if not fractions:
+        return ""
+    steps = max(len(f) for f in fractions.values())
+    header = ["method", *(f"step {t}" for t in range(1, steps + 1))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, values in fractions.items():
+        cells = [f"{100 * v:.1f}" for v in values] + [""] * (steps - len(values))
+        lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +191,14 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
         "",
         markdown_table(results),
     ]
+    removed = removed_table(results)
+    if removed:
+        text += [
+            "Share of each incoming task vector's norm removed by OPCM's projection (%, mean "
+            "over task orders):",
+            "",
+            removed,
+        ]
     sweep = alpha_table(results)
     if sweep:
         text += ["OPCM alpha sweep:", "", sweep]

@@ -124,15 +124,25 @@ class Zoo:
         fit = self.fits.get(task)
         if fit is not None:
             return load_fitted(self.checkpoint(task), fit)
-        return load_file(str(self.checkpoint(task) / "model.safetensors"))
+        folder = self.checkpoint(task)
+        if (folder / ADAPTER_WEIGHTS).is_file():
+            # base + 1·τ through the engine: the adapter's own model, with τ = s·B·A formed
+            # in float64 exactly as every merge of the benchmark forms it.
+            state = MergeState.in_memory(self.pretrained, "task_arithmetic", scaling_factor=1.0)
+            state.add(folder)
+            return state.state_dict()
+        return load_file(str(folder / "model.safetensors"))
+
+
+# The weights of a task fine-tuned with a LoRA recipe: a PEFT adapter folder.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _stored_task(task_dir: Path) -> bool:
     """A task folder written by the zoo builder (head and test split stored with it)."""
     return all(
-        (task_dir / f).is_file()
-        for f in ("finetune.json", "head.safetensors", "test.json", "model.safetensors")
-    )
+        (task_dir / f).is_file() for f in ("finetune.json", "head.safetensors", "test.json")
+    ) and any((task_dir / w).is_file() for w in ("model.safetensors", ADAPTER_WEIGHTS))
 
 
 def _zoo_task_order(root: Path, available: list[str]) -> list[str]:
@@ -263,15 +273,49 @@ class ZooEvaluator:
         model, tokenizer = load_encoder(zoo.pretrained, device=device)
         self.zoo = zoo
         self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling)
-        self.evaluations = 0
+        self.evaluations = 0  # task evaluations run
+        self.reused = 0  # task evaluations answered from an earlier one of the same weights
+        # (weights fingerprint, task) -> accuracy. Order-independent methods reach the same
+        # final model in every order: scoring it once per task gives the same numbers.
+        self._scores: dict[tuple[str, str], float] = {}
+        self._loaded: str | None = None
 
     def accuracies(
         self, state_dict: dict[str, torch.Tensor] | None, tasks: Sequence[str]
     ) -> dict[str, float]:
-        if state_dict is not None:
-            self.evaluator.load_state_dict(state_dict)
-        self.evaluations += len(tasks)
-        return {t: self.evaluator.accuracy(self.zoo.test_sets[t], self.zoo.heads[t]) for t in tasks}
+        # Without a state dict the model's current weights are scored: the last loaded, or
+        # the pretrained encoder it was created with.
+        if state_dict is None:
+            key = self._loaded or "pretrained"
+        else:
+            key = weights_fingerprint(state_dict)
+        scores = {}
+        for task in tasks:
+            known = self._scores.get((key, task))
+            if known is not None:
+                self.reused += 1
+                scores[task] = known
+                continue
+            if self._loaded != key:
+                if state_dict is not None:
+                    self.evaluator.load_state_dict(state_dict)
+                self._loaded = key
+            self.evaluations += 1
+            score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
+            self._scores[(key, task)] = scores[task] = score
+        return scores
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A digest of every tensor's name, dtype, shape and bytes."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=20)
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _merge_and_evaluate(
@@ -284,11 +328,13 @@ def _merge_and_evaluate(
     state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
     matrix: list[list[float | None]] = []
     merge_seconds = 0.0
+    step_scalars: list[dict[str, float]] = []
     final: dict[str, float] = {}
     for step, task in enumerate(order, start=1):
         started = time.perf_counter()
         state.add(zoo.checkpoint(task), allow_duplicate=True, **zoo.add_options(task))
         merge_seconds += time.perf_counter() - started
+        step_scalars.append(dict(state.scalars))
         last = step == len(order)
         if not (full_matrix or last):
             continue
@@ -304,6 +350,7 @@ def _merge_and_evaluate(
         "acc": sum(final.values()) / len(final),
         "merge_seconds": round(merge_seconds, 3),
         "scalars": state.scalars,
+        "step_scalars": step_scalars,
     }
     if full_matrix:
         run["matrix"] = matrix
@@ -386,6 +433,7 @@ def run_benchmark(
             "matrix_orders": matrix_orders,
             "seed": seed,
             "evaluations": evaluator.evaluations,
+            "evaluations_reused": evaluator.reused,
             "seconds": round(time.perf_counter() - started, 1),
         },
         "reference": reference,

@@ -46,7 +46,18 @@ DEFAULT_MAX_LENGTH = 32  # as mergestream.bench.encoder.DEFAULT_MAX_LENGTH (no t
 DEFAULT_TEMPLATES = ("{}", "a text about {}.", "an example of {}.")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 # Recipe fields a suite's `finetune:` section may set (see mergestream.bench.finetune.Recipe).
-FINETUNE_KEYS = ("steps", "lr", "batch_size", "warmup_frac", "weight_decay", "logit_scale", "seed")
+FINETUNE_KEYS = (
+    "steps",
+    "lr",
+    "batch_size",
+    "warmup_frac",
+    "weight_decay",
+    "logit_scale",
+    "seed",
+    "lora_rank",
+    "lora_alpha",
+)
+_INTEGER_FINETUNE_KEYS = ("steps", "batch_size", "seed", "lora_rank")
 
 _SUITE_KEYS = ("encoder", "pooling", "max_length", "data_cache", "split", "finetune", "tasks")
 _SPLIT_KEYS = ("n_test", "max_train", "seed", "balance")
@@ -310,8 +321,9 @@ def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
     finetune_reader.check_keys(FINETUNE_KEYS)
     recipe: dict[str, float | int] = {}
     for key in FINETUNE_KEYS:
-        kinds: tuple[type, ...] = (int,) if key in ("steps", "batch_size", "seed") else (int, float)
-        if key not in ("steps", "batch_size", "seed") and isinstance(finetune_map.get(key), str):
+        integer = key in _INTEGER_FINETUNE_KEYS
+        kinds: tuple[type, ...] = (int,) if integer else (int, float)
+        if not integer and isinstance(finetune_map.get(key), str):
             # YAML 1.1 reads `1e-4` (no dot) as a string.
             with contextlib.suppress(ValueError):
                 finetune_map[key] = float(finetune_map[key])
@@ -776,6 +788,8 @@ finetune:
   steps: 300
   lr: 1.0e-4
   batch_size: 32
+  # lora_rank: 8          # a PEFT LoRA adapter per task instead of the whole encoder
+                          # (needs peft; lora_alpha defaults to twice the rank)
 
 tasks:
   # A file with a text and a label column: CSV, TSV, JSONL or Parquet (Parquet needs
