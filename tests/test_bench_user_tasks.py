@@ -253,6 +253,63 @@ def test_a_zoo_of_checkpoints_fine_tuned_elsewhere(project: Path, zoo: Path) -> 
         assert mine[0]["matrix"] == entry["runs"][0]["matrix"], label
 
 
+def _as_classifier_adapter(src: Path, dst: Path, base: Path) -> None:
+    """``src``'s PEFT adapter re-saved as one made on a sequence-classification model: target
+    modules under ``bert.``, a trained ``classifier`` in ``modules_to_save``, and the base
+    named by its path."""
+    dst.mkdir(parents=True)
+    factors = load_file(str(src / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    tensors = {prefix + "bert." + k.removeprefix(prefix): v for k, v in factors.items()}
+    hidden = next(v for k, v in factors.items() if "lora_A" in k).shape[1]
+    tensors[prefix + "classifier.weight"] = torch.ones(2, hidden)
+    tensors[prefix + "classifier.bias"] = torch.ones(2)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    config["modules_to_save"] = ["classifier"]
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_a_zoo_of_lora_adapters_and_adapters_made_elsewhere(project: Path) -> None:
+    """`finetune --lora-rank` builds a zoo of adapters from the suite; the same adapters,
+    saved as if made on a classification model elsewhere, give the same benchmark."""
+    pytest.importorskip("peft")
+    lora_zoo = project / "zoo-lora"
+    args = ["finetune", str(project / "suite.yaml"), "--out", str(lora_zoo), "--quiet"]
+    # LoRA on a random tiny encoder needs a larger rate than the suite's full fine-tuning.
+    assert main([*args, "--lora-rank", "4", "--lr", "3e-2"]) == 0
+    for name in ("sentiment", "topics"):
+        config = json.loads((lora_zoo / name / "adapter_config.json").read_text())
+        assert config["r"] == 4 and not (lora_zoo / name / "model.safetensors").exists()
+    elsewhere = project / "elsewhere-lora"
+    _as_classifier_adapter(lora_zoo / "sentiment", elsewhere / "sentiment", project / "encoder")
+    _as_classifier_adapter(lora_zoo / "topics", elsewhere / "ckpt-topics", project / "encoder")
+    fit = fit_checkpoint(project / "encoder", elsewhere / "sentiment")
+    assert fit.strip_prefix == "bert." and fit.ignored == ("classifier.bias", "classifier.weight")
+    suite_path = project / "elsewhere-lora.yaml"
+    suite_path.write_text(
+        SUITE.replace("class_names:", "checkpoint: elsewhere-lora/ckpt-topics\n    class_names:")
+    )
+    kwargs = {"orders": 2, "matrix_orders": 1, "alphas": (), "log": lambda _: None}
+    theirs = run_benchmark(elsewhere, suite=load_suite(suite_path), **kwargs)
+    ours = run_benchmark(lora_zoo, suite=load_suite(project / "suite.yaml"), **kwargs)
+    assert theirs["reference"] == ours["reference"]
+    individual = ours["reference"]["individual"]
+    assert any(individual[t] > ours["reference"]["pretrained"][t] for t in individual)
+    for label, entry in ours["methods"].items():
+        mine = theirs["methods"][label]["runs"]
+        assert [r["acc"] for r in mine] == [r["acc"] for r in entry["runs"]], label
+    # An adapter whose targets the base lacks is refused with the task's line.
+    broken = project / "elsewhere-lora" / "broken"
+    _as_classifier_adapter(lora_zoo / "topics", broken, project / "encoder")
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["r"] = 2  # the stored factors have rank 4
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SuiteError, match="adapter .*broken does not fit the base encoder"):
+        fit_checkpoint(project / "encoder", broken, "here")
+
+
 def test_a_checkpoint_of_another_model_is_refused(project: Path, tmp_path: Path) -> None:
     other = build_tiny_encoder(tmp_path / "other", hidden=16)
     body = SUITE.replace("encoder: encoder", f"encoder: {project / 'encoder'}")

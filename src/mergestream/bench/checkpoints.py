@@ -18,6 +18,7 @@ import torch
 
 from mergestream.bench.suite import SuiteError
 from mergestream.io.checkpoint import open_checkpoint
+from mergestream.io.lora import LoraAdapter, is_adapter_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,8 @@ def fit_checkpoint(
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise SuiteError(f"{lead}checkpoint {checkpoint} not found")
+    if is_adapter_dir(checkpoint):
+        return _fit_adapter(Path(base), checkpoint, lead)
     base_source = open_checkpoint(Path(base))
     try:
         source = open_checkpoint(checkpoint)
@@ -108,3 +111,49 @@ def load_fitted(checkpoint: str | os.PathLike[str], fit: CheckpointFit) -> dict[
         }
     finally:
         source.close()
+
+
+def _fit_adapter(base: Path, checkpoint: Path, lead: str) -> CheckpointFit:
+    """How a PEFT LoRA adapter maps onto ``base``: the prefix its target modules carry in
+    front of the base's names (an adapter made on ``BertForSequenceClassification`` targets
+    ``bert.encoder...``), and its whole tensors the base lacks (a classifier) to ignore. The
+    fit is then checked the way ``mergestream add`` checks it (names, shapes, base name)."""
+    from mergestream.errors import MergestreamError
+    from mergestream.state import MergeState
+
+    base_source = open_checkpoint(base)
+    try:
+        source = open_checkpoint(checkpoint)
+    except Exception as exc:
+        base_source.close()
+        raise SuiteError(f"{lead}cannot read adapter {checkpoint}: {exc}") from None
+    try:
+        assert isinstance(source, LoraAdapter)
+        base_names = set(base_source.names())
+        targets = [m + ".weight" for m in source.modules()] + list(source.full_tensors())
+        prefixes = [_prefix_onto(name, base_names) for name in targets]
+        found = sorted({p for p in prefixes if p is not None}, key=len)
+        prefix = found[0] if found else ""
+        ignored = tuple(
+            sorted(n for n in source.full_tensors() if n.removeprefix(prefix) not in base_names)
+        )
+    finally:
+        base_source.close()
+        source.close()
+    fit = CheckpointFit(prefix or None, ignored)
+    try:
+        MergeState.in_memory(base, "task_arithmetic").plan(checkpoint, **fit.add_options)
+    except MergestreamError as exc:
+        raise SuiteError(
+            f"{lead}adapter {checkpoint} does not fit the base encoder: {exc}"
+        ) from None
+    return fit
+
+
+def _prefix_onto(name: str, base_names: set[str]) -> str | None:
+    """The shortest ``p`` with ``name == p + b`` for a base tensor name ``b``."""
+    parts = name.split(".")
+    for cut in range(len(parts)):
+        if ".".join(parts[cut:]) in base_names:
+            return "".join(part + "." for part in parts[:cut])
+    return None

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..io.lora import is_adapter_dir
 from ..state import MergeState
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
 from .encoder import pooling_of
@@ -121,16 +122,16 @@ class Zoo:
 
     def individual_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         """The task's own fine-tuned encoder, in the base's tensor names."""
-        fit = self.fits.get(task)
-        if fit is not None:
-            return load_fitted(self.checkpoint(task), fit)
         folder = self.checkpoint(task)
-        if (folder / ADAPTER_WEIGHTS).is_file():
+        if is_adapter_dir(folder):
             # base + 1·τ through the engine: the adapter's own model, with τ = s·B·A formed
             # in float64 exactly as every merge of the benchmark forms it.
             state = MergeState.in_memory(self.pretrained, "task_arithmetic", scaling_factor=1.0)
-            state.add(folder)
+            state.add(folder, **self.add_options(task))
             return state.state_dict()
+        fit = self.fits.get(task)
+        if fit is not None:
+            return load_fitted(folder, fit)
         return load_file(str(folder / "model.safetensors"))
 
 
