@@ -10,7 +10,7 @@ import pytest
 import torch
 from baseline_helpers import make_stream
 
-from mergestream import engine, merge
+from mergestream import MergeState, engine, merge
 
 # With these limits every 2-D tensor of the test models and the MLP's 24-entry bias reach the
 # streaming size (the bias in blocks of 10 entries, the matrices in blocks of one row).
@@ -74,3 +74,22 @@ def check_gpu_equals_cpu(method: str, params: dict) -> None:
             continue
         scale = float((tensor - base[name].double()).norm())
         assert float((gpu[name] - tensor).norm()) <= 1e-9 * max(scale, 1e-30), name
+
+
+def check_roles_follow_the_shape_rule(method: str) -> None:
+    """`status --tensors` roles: every floating 2-D tensor is a matrix of the method (embedding
+    tables included, as its reference decides by shape), the rest is merged elementwise; the
+    default rule (OPCM's) leaves embedding tables out."""
+    base, _ = make_stream(1)
+    roles = MergeState.in_memory(base, method).classification()
+    default = MergeState.in_memory(base, "opcm").classification()
+    embeddings = [
+        n for n, t in base.items() if "embeddings" in n and t.ndim == 2 and t.is_floating_point()
+    ]
+    assert embeddings
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            assert roles[name] == "copied", name
+        else:
+            assert roles[name] == ("projected" if tensor.ndim == 2 else "added"), name
+    assert all(default[n] == "added" for n in embeddings)

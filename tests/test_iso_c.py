@@ -16,7 +16,11 @@ from baseline_helpers import (
     task_vector,
     write_models,
 )
-from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
+from pairwise_helpers import (
+    check_gpu_equals_cpu,
+    check_roles_follow_the_shape_rule,
+    check_streaming_keeps_matrices_whole,
+)
 
 from mergestream import ConfigError, MergeState, merge
 from mergestream.methods import IsoC, iso_c_combine
@@ -88,6 +92,10 @@ def test_combine_of_a_wide_and_a_degenerate_pair():
     row = torch.randn(1, 5, generator=g, dtype=torch.float64)  # one σ: the sum itself
     assert torch.allclose(iso_c_combine(row, row), 2 * row, rtol=1e-12)
     assert iso_c_combine(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 4)
+
+
+def test_tensor_roles_follow_the_shape_rule():
+    check_roles_follow_the_shape_rule("iso_c")
 
 
 def test_streaming_holds_matrices_whole(monkeypatch):

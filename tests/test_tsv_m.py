@@ -17,7 +17,11 @@ from baseline_helpers import (
     task_vector,
     write_models,
 )
-from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
+from pairwise_helpers import (
+    check_gpu_equals_cpu,
+    check_roles_follow_the_shape_rule,
+    check_streaming_keeps_matrices_whole,
+)
 
 from mergestream import ConfigError, MergeState, merge
 from mergestream.methods import TsvM, tsv_m_combine
@@ -99,6 +103,10 @@ def test_shapes_odd_ranks_and_a_single_row():
     assert torch.equal(tsv_m_combine(row, row), torch.zeros(1, 6, dtype=torch.float64))
     vector = torch.randn(6, generator=g, dtype=torch.float64)
     assert torch.equal(tsv_m_combine(vector, -vector), torch.zeros(6, dtype=torch.float64))
+
+
+def test_tensor_roles_follow_the_shape_rule():
+    check_roles_follow_the_shape_rule("tsv_m")
 
 
 def test_streaming_holds_matrices_whole(monkeypatch):

@@ -53,6 +53,15 @@ class LinearRule:
         return default_is_linear_weight(name)
 
 
+@dataclass(frozen=True)
+class EveryMatrixRule(LinearRule):
+    """Every floating-point 2-D tensor, embedding tables included: the rule of methods that
+    decide by shape alone, as the reference code of continual Iso-C and TSV-M does."""
+
+    def is_linear(self, name: str, spec: TensorSpec) -> bool:
+        return len(spec.shape) == 2 and spec.dtype.is_floating_point
+
+
 def default_is_linear_weight(name: str) -> bool:
     """The name half of the default rule (the caller has checked the tensor is 2-D)."""
     module, _, leaf = name.rpartition(".")

@@ -38,10 +38,9 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    MethodConfig,
     param,
 )
-from .pairwise import PairwiseMerge
+from .pairwise import PairwiseConfig, PairwiseMerge
 from .registry import register_method
 
 
@@ -59,7 +58,7 @@ def iso_c_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class IsoCConfig(MethodConfig):
+class IsoCConfig(PairwiseConfig):
     scaling_factor: float = param(
         1.0, "c: merged = base + c·ISO(merged task vector, incoming task vector)"
     )

@@ -40,10 +40,9 @@ import torch
 
 from .base import (
     COMPUTE_DTYPE,
-    MethodConfig,
     param,
 )
-from .pairwise import PairwiseMerge
+from .pairwise import PairwiseConfig, PairwiseMerge
 from .registry import register_method
 
 
@@ -77,7 +76,7 @@ def tsv_m_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TsvMConfig(MethodConfig):
+class TsvMConfig(PairwiseConfig):
     scaling_factor: float = param(
         1.0, "c: merged = base + c·TSV(merged task vector, incoming task vector)"
     )
