@@ -29,6 +29,20 @@ def test_selection_by_name_label_and_all():
     assert select_methods(["all"]) == DEFAULT_METHODS + OPTIONAL_METHODS
 
 
+def test_every_row_has_its_own_short_name():
+    rows = DEFAULT_METHODS + OPTIONAL_METHODS
+    names = [spec.name for spec in rows]
+    assert len(names) == len(set(names)) and all("," not in n for n in names)
+    for spec in rows:
+        if spec.name != spec.method:  # a variant's own name picks that row alone
+            assert select_methods([spec.name]) == (spec,), spec.name
+        else:  # a method name picks every row of the method
+            assert select_methods([spec.name]) == tuple(s for s in rows if s.method == spec.method)
+    assert len(select_methods(["opcm"])) == 4
+    picked = select_methods(["dop-exact", "tsv_m", "opcm-paper"])
+    assert [s.name for s in picked] == ["opcm-paper", "tsv_m", "dop-exact"]
+
+
 def test_unknown_name_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="'nope'"):
         select_methods(["opcm", "nope"])

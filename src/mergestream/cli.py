@@ -469,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated method names or table labels (default: the standard set; "
-        "'dop' adds DOP's reference Adam optimisation, 'all' everything)",
+        help="comma-separated rows: a row's name (opcm-paper, dop-exact, dop-adam, ...), a "
+        "method name (all its rows) or a table label; default: the standard set; 'dop' adds "
+        "DOP's reference Adam optimisation, 'all' everything",
     )
     p.add_argument("--orders", type=int, default=10, help="seeded task orders (final ACC)")
     p.add_argument(

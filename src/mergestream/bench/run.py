@@ -40,9 +40,14 @@ from .suite import Suite, load_task_data
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    label: str
+    label: str  # the row of the results table
     method: str
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    key: str = ""  # a short name for `--methods` (labels may hold commas); default: method
+
+    @property
+    def name(self) -> str:
+        return self.key or self.method
 
 
 DEFAULT_METHODS: tuple[MethodSpec, ...] = (
@@ -51,37 +56,47 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("TIES (c=0.3, top 20%)", "ties", {"scaling_factor": 0.3, "threshold": 20}),
     MethodSpec("MagMax (c=0.5)", "magmax", {"scaling_factor": 0.5}),
     MethodSpec("OPCM (alpha=0.5)", "opcm", {"alpha": 0.5, "zero_diagonal": True}),
-    MethodSpec("OPCM paper variant", "opcm", {"alpha": 0.5, "zero_diagonal": False}),
-    MethodSpec("ablation: scaling only", "opcm", {"project_exclude": "."}),
-    MethodSpec("ablation: projection only", "opcm", {"alpha": 0.5, "adaptive_scaling": False}),
+    MethodSpec("OPCM paper variant", "opcm", {"alpha": 0.5, "zero_diagonal": False}, "opcm-paper"),
+    MethodSpec("ablation: scaling only", "opcm", {"project_exclude": "."}, "opcm-scaling-only"),
+    MethodSpec(
+        "ablation: projection only",
+        "opcm",
+        {"alpha": 0.5, "adaptive_scaling": False},
+        "opcm-projection-only",
+    ),
     MethodSpec("Iso-C (c=1.0)", "iso_c", {"scaling_factor": 1.0}),
     MethodSpec("TSV-M (c=1.0)", "tsv_m", {"scaling_factor": 1.0}),
-    MethodSpec("DOP, exact solver (alpha=0.8)", "dop", {"solver": "exact", "alpha": 0.8}),
+    MethodSpec(
+        "DOP, exact solver (alpha=0.8)", "dop", {"solver": "exact", "alpha": 0.8}, "dop-exact"
+    ),
 )
 # Selected by name only (`--methods`): DOP's reference optimisation, 200 Adam steps per linear
 # weight per merge, takes minutes per step on a CPU where every other method takes seconds.
 OPTIONAL_METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec("DOP (reference: MGDA + EMA, Adam)", "dop", {}),
+    MethodSpec("DOP (reference: MGDA + EMA, Adam)", "dop", {}, "dop-adam"),
 )
 
 
 def select_methods(tokens: Sequence[str] | None) -> tuple[MethodSpec, ...]:
-    """The methods a benchmark runs: the defaults, or those whose label or method name is among
-    `tokens` (`all`: the defaults and the optional ones), in the order of the tables."""
+    """The methods a benchmark runs: the defaults, or those named in `tokens` (in the order of
+    the tables). A token is a row's short name (`opcm`, `opcm-paper`, `dop-exact`, ...), its
+    label, or a method name, which takes every row of that method (`dop`: both solvers);
+    `all` takes the defaults and the optional rows."""
     if not tokens:
         return DEFAULT_METHODS
     known = DEFAULT_METHODS + OPTIONAL_METHODS
     wanted = set(tokens)
     if "all" in wanted:
         return known
-    unknown = wanted - {s.label for s in known} - {s.method for s in known}
+    names = {s.label for s in known} | {s.method for s in known} | {s.name for s in known}
+    unknown = wanted - names
     if unknown:
-        names = sorted({s.method for s in known})
+        shown = ", ".join(dict.fromkeys(s.name for s in known))
         raise ValueError(
-            f"unknown benchmark method {sorted(unknown)[0]!r}; use a method name "
-            f"({', '.join(names)}), a label of the results table, or all"
+            f"unknown benchmark method {sorted(unknown)[0]!r}; use a row's name ({shown}), "
+            "a method name, a label of the results table, or all"
         )
-    return tuple(s for s in known if s.label in wanted or s.method in wanted)
+    return tuple(s for s in known if s.label in wanted or s.method in wanted or s.name in wanted)
 
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
