@@ -146,3 +146,17 @@ def test_evaluator_scores_the_same_weights_once(lora_zoo: Path) -> None:
     fresh = ZooEvaluator(zoo)
     pretrained = load_file(str(zoo.pretrained / "model.safetensors"))
     assert fresh.accuracies(None, tasks) == ZooEvaluator(zoo).accuracies(pretrained, tasks)
+
+
+def test_a_lora_recipe_defaults_to_its_own_rate(tmp_path: Path) -> None:
+    from mergestream.bench.suite import load_suite
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text("finetune:\n  lora_rank: 16\ntasks:\n  - builtin: rt_sentiment\n")
+    suite = load_suite(suite_file)
+    recipe = FT.suite_recipe(suite)
+    assert (recipe.lora_rank, recipe.lr, recipe.effective_lora_alpha) == (16, FT.LORA_LR, 32.0)
+    assert FT.suite_recipe(suite, lr=5e-4).lr == 5e-4  # a given rate is kept
+    assert FT.suite_recipe(suite, lora_rank=0).lr == FT.Recipe().lr  # full fine-tuning
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        FT.Recipe(lora_rank=-1)

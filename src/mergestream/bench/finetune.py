@@ -29,6 +29,13 @@ The defaults (lr 1e-4, 300 steps, max length 32) come from a pilot on a shared 2
 At 3e-5 accuracy stalls well below what 1e-4 reaches in the same steps; at 1e-4 the harder
 tasks plateau between 150 and 250 steps.
 
+With ``lora_rank`` set (``--lora-rank R``) each task trains a PEFT LoRA adapter instead: rank R
+on every attention and MLP weight, ``lora_alpha`` 2R, no dropout on the adapter, the rest of the
+recipe unchanged, and the task folder holds the adapter (``adapter_config.json``,
+``adapter_model.safetensors``) in place of a full model. Its default rate, 1e-3, comes from a
+pilot on austen_book at rank 8 (accuracy at step 100 / 200 / 300): lr 5e-4 .494 / .606 / .632,
+lr 1e-3 .550 / .646 / .648; full fine-tuning at 1e-4 reaches .684.
+
 Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
 ``python -m mergestream.bench.finetune --tasks all --steps N --out DIR`` for the built-in
 tasks; ``--tiny`` builds a one-layer zoo on small data fixtures in seconds.
@@ -115,6 +122,10 @@ class Recipe:
         progress = (step - warmup) / max(1, self.steps - warmup)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
+
+# The default learning rate of a LoRA recipe (see the module docstring): adapters start from
+# B = 0 and learn through rank-R factors, so they need a larger rate than the whole encoder.
+LORA_LR = 1e-3
 
 # The tiny zoo's recipe: few, large steps on a one-layer encoder (measured to lift the test
 # accuracy of every tiny task on the fixtures).
@@ -327,6 +338,8 @@ def suite_recipe(suite: Suite, **overrides: Any) -> Recipe:
     that are not None."""
     given = {**suite.finetune, "max_length": suite.max_length}
     given.update({k: v for k, v in overrides.items() if v is not None})
+    if given.get("lora_rank") and "lr" not in given:
+        given["lr"] = LORA_LR
     return dataclasses.replace(Recipe(), **given)
 
 
@@ -512,7 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="zoo folder (default: <cache>/zoo)")
     p.add_argument("--cache", type=Path, default=None, help="data cache folder")
     p.add_argument("--steps", type=int, default=None, help=f"default {Recipe.steps}")
-    p.add_argument("--lr", type=float, default=None, help=f"default {Recipe.lr}")
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"default {Recipe.lr}; {LORA_LR} with --lora-rank"
+    )
     p.add_argument("--batch-size", type=int, default=None, help=f"default {Recipe.batch_size}")
     p.add_argument("--max-length", type=int, default=None, help=f"default {Recipe.max_length}")
     p.add_argument("--seed", type=int, default=None, help=f"default {Recipe.seed}")
@@ -569,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha,
     }
+    if args.lora_rank and args.lr is None and not args.tiny:
+        given["lr"] = LORA_LR
     recipe = dataclasses.replace(
         TINY_RECIPE if args.tiny else Recipe(), **{k: v for k, v in given.items() if v is not None}
     )

@@ -789,7 +789,8 @@ finetune:
   lr: 1.0e-4
   batch_size: 32
   # lora_rank: 8          # a PEFT LoRA adapter per task instead of the whole encoder
-                          # (needs peft; lora_alpha defaults to twice the rank)
+                          # (needs peft; lora_alpha defaults to twice the rank, and lr,
+                          # when left out, to 1e-3)
 
 tasks:
   # A file with a text and a label column: CSV, TSV, JSONL or Parquet (Parquet needs
