@@ -200,7 +200,7 @@ def test_finetune_resumes_and_reports_progress(
     other_pooling = project / "mean.yaml"
     other_pooling.write_text("pooling: mean\n" + SUITE)
     assert main(["finetune", str(other_pooling), "--out", str(zoo), "--quiet"]) == 2
-    assert "was built with pooling 'cls', this suite asks for 'mean'" in capsys.readouterr().err
+    assert "was built with pooling 'cls', this asks for 'mean'" in capsys.readouterr().err
 
 
 def test_bench_with_the_suite(project: Path, zoo: Path, tmp_path: Path) -> None:
