@@ -160,3 +160,25 @@ def test_a_lora_recipe_defaults_to_its_own_rate(tmp_path: Path) -> None:
     assert FT.suite_recipe(suite, lora_rank=0).lr == FT.Recipe().lr  # full fine-tuning
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         FT.Recipe(lora_rank=-1)
+
+
+def test_a_diagonal_matrix_gives_the_same_bwt_with_fewer_evaluations(lora_zoo: Path) -> None:
+    methods = select_methods(["OPCM (alpha=0.5)"])
+    kwargs = {"methods": methods, "orders": 1, "matrix_orders": 1, "alphas": ()}
+    whole = run_benchmark(lora_zoo, log=lambda _: None, **kwargs)
+    diagonal = run_benchmark(lora_zoo, log=lambda _: None, diagonal_only=True, **kwargs)
+    full_run = whole["methods"]["OPCM (alpha=0.5)"]["runs"][0]
+    cut_run = diagonal["methods"]["OPCM (alpha=0.5)"]["runs"][0]
+    assert cut_run["bwt"] == full_run["bwt"] and cut_run["final"] == full_run["final"]
+    steps = len(full_run["order"])
+    for t, row in enumerate(cut_run["matrix"][:-1]):
+        assert row[t] == full_run["matrix"][t][t]
+        assert all(a is None for i, a in enumerate(row) if i != t)
+    assert cut_run["matrix"][-1] == full_run["matrix"][-1]
+    # the reference scores, then one task per step and all of them at the end
+    assert diagonal["meta"]["matrix_diagonal_only"] is True
+    spent = diagonal["meta"]["evaluations"] + diagonal["meta"]["evaluations_reused"]
+    assert spent == 2 * steps + (steps - 1) + steps
+    written = write_report(diagonal, lora_zoo.parent / "diagonal-report")
+    assert "accuracy_per_step" not in written  # no whole triangle, no per-step curve
+    assert written["accuracy_matrix"].read_bytes()[:4] == b"\x89PNG"

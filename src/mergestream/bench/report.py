@@ -93,7 +93,13 @@ def step_curves(results: Mapping[str, Any]) -> dict[str, list[float]]:
     tasks merged so far, after each step."""
     curves = {}
     for label, entry in results["methods"].items():
-        matrices = [run["matrix"] for run in entry["runs"] if run.get("matrix")]
+        # Only whole lower triangles (a diagonal-only run has no per-step curve).
+        matrices = [
+            run["matrix"]
+            for run in entry["runs"]
+            if run.get("matrix")
+            and all(a is not None for t, row in enumerate(run["matrix"]) for a in row[: t + 1])
+        ]
         if not matrices:
             continue
         steps = len(matrices[0])

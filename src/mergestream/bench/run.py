@@ -6,6 +6,9 @@ add`), and the merged encoder is evaluated with the frozen zero-shot heads. On t
 `matrix_orders` orders it is evaluated after every step on the tasks merged so far (the accuracy
 matrix, hence BWT and the curves); on the others only the final model is evaluated on all tasks
 (ACC), which keeps the cost of ten orders affordable.
+With `diagonal_only` those orders evaluate, after each step, only the task just merged:
+enough for BWT (each task right after its merge, and every task at the end) without the
+per-step curves.
 
 Zoo layout (written by `mergestream finetune`): `<zoo>/pretrained/` and one `<zoo>/<task>/` per
 task with the fine-tuned model, `head.safetensors`, `test.json` (the test split) and
@@ -340,6 +343,7 @@ def _merge_and_evaluate(
     spec: MethodSpec,
     order: list[str],
     full_matrix: bool,
+    diagonal_only: bool = False,
 ) -> dict[str, Any]:
     state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
     matrix: list[list[float | None]] = []
@@ -354,10 +358,12 @@ def _merge_and_evaluate(
         last = step == len(order)
         if not (full_matrix or last):
             continue
-        evaluated = order if last else order[:step]
+        # BWT needs each task right after its merge and all tasks at the end: with
+        # diagonal_only the other entries of the matrix are not evaluated (left None).
+        evaluated = order if last else [task] if diagonal_only else order[:step]
         accs = evaluator.accuracies(state.state_dict(), evaluated)
         if full_matrix:
-            matrix.append([accs[t] for t in order[:step]] + [None] * (len(order) - step))
+            matrix.append([accs.get(t) for t in order[:step]] + [None] * (len(order) - step))
         if last:
             final = accs
     run: dict[str, Any] = {
@@ -382,6 +388,7 @@ def run_benchmark(
     methods: Sequence[MethodSpec] = DEFAULT_METHODS,
     orders: int = 10,
     matrix_orders: int = 3,
+    diagonal_only: bool = False,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     sweep_orders: int = 3,
     seed: int = 0,
@@ -411,7 +418,11 @@ def run_benchmark(
         log(f"[{number}/{len(methods)}] {spec.label}: {len(all_orders)} orders")
         runs = []
         for index, order in enumerate(all_orders):
-            runs.append(_merge_and_evaluate(zoo, evaluator, spec, order, index < matrix_orders))
+            runs.append(
+                _merge_and_evaluate(
+                    zoo, evaluator, spec, order, index < matrix_orders, diagonal_only
+                )
+            )
         accs = [r["acc"] for r in runs]
         bwts = [r["bwt"] for r in runs if "bwt" in r]
         results_methods[spec.label] = {"method": spec.method, "params": spec.params, "runs": runs}
@@ -447,6 +458,7 @@ def run_benchmark(
             "tasks": zoo.tasks,
             "orders": orders,
             "matrix_orders": matrix_orders,
+            "matrix_diagonal_only": diagonal_only,
             "seed": seed,
             "evaluations": evaluator.evaluations,
             "evaluations_reused": evaluator.reused,
