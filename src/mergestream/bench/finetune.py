@@ -76,6 +76,7 @@ from mergestream.bench.encoder import (
 from mergestream.bench.splits import SplitConfig
 from mergestream.bench.suite import Suite, builtin_suite, load_task_data
 from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, describe
+from mergestream.io.lora import ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +260,15 @@ def finetune(
 # Zoo
 
 
+# The weights a fine-tuned task folder holds: the whole encoder, or the PEFT adapter a LoRA
+# recipe saves (safetensors, as `save_pretrained` writes it).
+TASK_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", ADAPTER_WEIGHTS[0])
+
+
 def _is_done(task_dir: Path) -> bool:
-    weights = ("model.safetensors", "adapter_model.safetensors")
-    return (task_dir / "finetune.json").is_file() and any((task_dir / w).is_file() for w in weights)
+    return (task_dir / "finetune.json").is_file() and any(
+        (task_dir / w).is_file() for w in TASK_WEIGHT_FILES
+    )
 
 
 def _save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:

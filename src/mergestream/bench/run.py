@@ -33,10 +33,13 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..hashing import sha256_tensors
+from ..io.checkpoint import MemorySource
 from ..io.lora import is_adapter_dir
 from ..state import MergeState
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
 from .encoder import pooling_of
+from .finetune import TASK_WEIGHT_FILES
 from .protocol import backward_transfer, final_accuracy, mean_std, task_orders
 from .suite import Suite, load_task_data
 
@@ -153,15 +156,11 @@ class Zoo:
         return load_file(str(folder / "model.safetensors"))
 
 
-# The weights of a task fine-tuned with a LoRA recipe: a PEFT adapter folder.
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 def _stored_task(task_dir: Path) -> bool:
     """A task folder written by the zoo builder (head and test split stored with it)."""
     return all(
         (task_dir / f).is_file() for f in ("finetune.json", "head.safetensors", "test.json")
-    ) and any((task_dir / w).is_file() for w in ("model.safetensors", ADAPTER_WEIGHTS))
+    ) and any((task_dir / w).is_file() for w in TASK_WEIGHT_FILES)
 
 
 def _zoo_task_order(root: Path, available: list[str]) -> list[str]:
@@ -326,15 +325,8 @@ class ZooEvaluator:
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A digest of every tensor's name, dtype, shape and bytes."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=20)
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """A digest of every tensor's name, dtype, shape and bytes, whatever the dict's order."""
+    return sha256_tensors(MemorySource({name: state_dict[name] for name in sorted(state_dict)}))
 
 
 def _merge_and_evaluate(
