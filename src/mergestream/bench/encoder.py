@@ -326,17 +326,23 @@ class Evaluator:
             self._cache[key] = cached
         return cached
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Copy ``state_dict`` into the model. Keys may carry a ``bert.`` prefix; only
-        non-persistent buffers may be missing."""
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> tuple[str, ...]:
+        """Copy ``state_dict`` into the model and return the names it ignored.
+
+        Keys may carry a ``bert.`` prefix. Tensors the encoder does not use (the pooler a
+        plain ``BertModel.save_pretrained`` writes, which the evaluated encoder leaves out) are
+        ignored, as ``add --extra ignore`` leaves them out; a missing parameter is an error
+        (only non-persistent buffers may be missing)."""
         sd = {k.removeprefix("bert."): v for k, v in state_dict.items()}
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
         params = {n for n, _ in self.model.named_parameters()}
         missing_params = [k for k in missing if k in params]
-        if unexpected or missing_params:
+        if missing_params:
             raise KeyError(
-                f"state dict mismatch: missing {missing_params}, unexpected {unexpected}"
+                f"state dict mismatch: the encoder's parameters {missing_params[:3]} "
+                f"({len(missing_params)} in all) are missing"
             )
+        return tuple(sorted(unexpected))
 
     def predict(
         self,

@@ -285,11 +285,15 @@ def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str
 class ZooEvaluator:
     """Accuracy of merged state dicts on the zoo's tasks, with one reusable encoder."""
 
-    def __init__(self, zoo: Zoo, device: str = "cpu"):
+    def __init__(
+        self, zoo: Zoo, device: str = "cpu", log: Callable[[str], None] = lambda _: None
+    ):
         from .encoder import Evaluator, load_encoder
 
         model, tokenizer = load_encoder(zoo.pretrained, device=device)
         self.zoo = zoo
+        self.log = log
+        self._ignored: set[str] = set()  # unused tensors already named in the log
         self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling)
         self.evaluations = 0  # task evaluations run
         self.reused = 0  # task evaluations answered from an earlier one of the same weights
@@ -316,12 +320,24 @@ class ZooEvaluator:
                 continue
             if self._loaded != key:
                 if state_dict is not None:
-                    self.evaluator.load_state_dict(state_dict)
+                    self._report_ignored(self.evaluator.load_state_dict(state_dict))
                 self._loaded = key
             self.evaluations += 1
             score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
             self._scores[(key, task)] = scores[task] = score
         return scores
+
+    def _report_ignored(self, names: Sequence[str]) -> None:
+        """Name, once, the merged tensors the evaluated encoder has no place for (a BERT
+        folder's pooler): they are merged like the rest and left out of scoring."""
+        new = [n for n in names if n not in self._ignored]
+        if not new:
+            return
+        self._ignored.update(new)
+        shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+        self.log(
+            f"ignored {len(new)} tensors the encoder does not use (merged, not scored): {shown}"
+        )
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -391,7 +407,7 @@ def run_benchmark(
     """Run the protocol (see the module docstring) and return the results dict."""
     started = time.perf_counter()
     zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log)
-    evaluator = ZooEvaluator(zoo, device=device)
+    evaluator = ZooEvaluator(zoo, device=device, log=log)
     all_orders = task_orders(zoo.tasks, orders, seed=seed)
 
     reference = {"pretrained": evaluator.accuracies(None, zoo.tasks), "individual": {}}
