@@ -11,6 +11,7 @@ from mergestream.bench.splits import (
     SplitConfig,
     balanced_quota,
     dedupe,
+    group_fit,
     proportional_quota,
     split_examples,
 )
@@ -146,3 +147,24 @@ def test_dedupe_and_group_length_check() -> None:
         split_examples("t", [("a", 0), ("b", 1), ("c", 0)], 2, groups=["x", "y"])
     with pytest.raises(ValueError):
         SplitConfig(n_test=-1)
+
+
+def test_group_fit_finds_the_smallest_n_test_that_takes_a_whole_group() -> None:
+    # Groups of 6, 8 and 10 examples, half of either class.
+    data, groups = [], []
+    for g, size in enumerate((10, 6, 8)):
+        data += [(f"g{g} text {i}", i % 2) for i in range(size)]
+        groups += [f"g{g}"] * size
+    config = SplitConfig(n_test=4, max_train=None)
+    assert split_examples("t", data, 2, config, groups=groups).test == []
+    fit = group_fit(data, 2, config, groups)
+    assert fit.examples == 24 and fit.quota == [2, 2] and fit.group_sizes == [6, 8, 10]
+    assert fit.fitting_n_test == 6  # quota [3, 3]: the group of 6 fits
+    for n_test in (5, 6):
+        split = split_examples(
+            "t", data, 2, SplitConfig(n_test=n_test, max_train=None), groups=groups
+        )
+        assert bool(split.test) == (n_test >= fit.fitting_n_test)
+    # A separate test file: its groups count, not the training file's.
+    fit = group_fit(data, 2, config, groups, test_examples=data[:10], test_groups=groups[:10])
+    assert fit.examples == 10 and fit.group_sizes == [10] and fit.fitting_n_test == 10

@@ -283,3 +283,95 @@ def test_builtin_rejects_data_keys_and_wrong_class_count(tmp_path: Path) -> None
 def test_unquoted_exponent_learning_rate(tmp_path: Path) -> None:
     body = "finetune: {lr: 3e-4, steps: 10}\ntasks:\n  - builtin: rt_sentiment\n"
     assert S.load_suite(_suite(tmp_path, body)).finetune == {"lr": 3e-4, "steps": 10}
+
+
+def test_latin1_csv_names_the_file_and_line(tmp_path: Path, capsys) -> None:
+    rows = "".join(f"a good film number {i},positive\nbad one {i},negative\n" for i in range(6))
+    data = ("text,label\n" + rows + "un film très bon,positive\n").encode("latin-1")
+    (tmp_path / "d.csv").write_bytes(data)
+    path = _suite(tmp_path, "tasks:\n  - name: a\n    data: d.csv\n")
+    message = _error(tmp_path, path.read_text(), load_data=True)
+    assert message == (
+        f"{tmp_path / 'd.csv'}:14: not UTF-8 (byte 0xe8 at column 11); re-save the file as UTF-8"
+    )
+    # The same line through the command, without a traceback.
+    assert main(["bench-suite", "check", str(path)]) == 2
+    assert capsys.readouterr().err == f"mergestream: error: {message}\n"
+
+
+def test_latin1_jsonl_and_suite_file_name_the_line(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(4)]
+    lines.append('{"text": "caf\xe9", "label": 1}')
+    (tmp_path / "d.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
+    message = _error(tmp_path, "tasks:\n  - name: a\n    data: d.jsonl\n", load_data=True)
+    assert message.startswith(f"{tmp_path / 'd.jsonl'}:5: not UTF-8 (byte 0xe9")
+    suite = tmp_path / "latin.yaml"
+    suite.write_bytes("# caf\xe9\ntasks:\n  - builtin: rt_sentiment\n".encode("latin-1"))
+    with pytest.raises(S.SuiteError, match=f"^{suite}:1: not UTF-8 .*re-save the file as UTF-8"):
+        S.load_suite(suite)
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit(tmp_path: Path) -> None:
+    long_text = "a long good document " * 10_000  # 210000 characters, over 131072
+    rows = [*_reviews(20), {"text": long_text, "label": "positive", "movie": "m0"}]
+    _write_csv(tmp_path / "d.csv", rows)
+    path = _suite(tmp_path, "split: {n_test: 6}\ntasks:\n  - name: a\n    data: d.csv\n")
+    task = S.load_task_data(S.load_suite(path).tasks[0])
+    texts = {t for t, _ in task.train + task.test}
+    assert len(texts) == 21 and long_text.strip() in texts
+
+
+def test_a_quote_never_closed_is_not_taken_as_the_rest_of_the_file(tmp_path: Path) -> None:
+    body = "".join(f"good film {i},positive\nbad film {i},negative\n" for i in range(5))
+    (tmp_path / "d.csv").write_text(f'text,label\n{body}"an open quote,positive\n{body}')
+    message = _error(tmp_path, "tasks:\n  - name: a\n    data: d.csv\n", load_data=True)
+    assert message.startswith(f"{tmp_path / 'd.csv'}:12: a quoted field opened on this line")
+    assert "never closed" in message
+
+
+def test_a_label_only_in_the_test_file_fails_check(tmp_path: Path, capsys) -> None:
+    _write_csv(tmp_path / "train.csv", _reviews(20))
+    test_rows = _reviews(6)
+    test_rows[3] = {**test_rows[3], "label": "mixed"}
+    _write_csv(tmp_path / "test.csv", test_rows)
+    body = "tasks:\n  - name: a\n    train: train.csv\n    test: test.csv\n"
+    path = _suite(tmp_path, body)
+    assert main(["bench-suite", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"mergestream: error: {tmp_path / 'test.csv'}:5: task 'a': label 'mixed' is only in "
+        f"the test file, never in {tmp_path / 'train.csv'}, so it can never be learned"
+    )
+    assert f"the suite entry is at {path}:2" in err and "all valid" not in err
+    # Listed in class_names, it is meant: accepted.
+    path.write_text(body + "    class_names: [negative, positive, mixed]\n")
+    assert main(["bench-suite", "check", str(path)]) == 0
+
+
+def test_a_grouped_split_with_too_large_groups_says_why_the_test_set_is_empty(
+    tmp_path: Path,
+) -> None:
+    # Two groups of 20, each with 10 examples of either class.
+    rows = [{**r, "movie": f"m{i // 2 % 2}"} for i, r in enumerate(_reviews(40))]
+    _write_csv(tmp_path / "d.csv", rows)
+    body = "split: {n_test: 10}\ntasks:\n  - name: a\n    data: d.csv\n    group_column: movie\n"
+    message = _error(tmp_path, body, load_data=True)
+    assert message == (
+        f"{tmp_path / 'suite.yaml'}:3: task 'a': the test set is empty: group_column 'movie' "
+        "keeps each group on one side, and no group fits the test quota: n_test 10 of 40 "
+        "examples (25%) asks for negative 5, positive 5, while the 2 groups hold 20 to 20 "
+        "examples (the smallest is 50% of them); set n_test to 20 or more, group by a column "
+        "with smaller groups, or drop group_column"
+    )
+    # What it says works.
+    (tmp_path / "suite.yaml").write_text(body.replace("n_test: 10", "n_test: 20"))
+    task = S.load_task_data(S.load_suite(tmp_path / "suite.yaml").tasks[0])
+    assert len(task.test) == 20 and len(task.train) == 20
+    # Each group holds all of one class: only n_test 40, every example, takes one in.
+    rows = [{**r, "movie": f"m{i % 2}"} for i, r in enumerate(_reviews(40))]
+    _write_csv(tmp_path / "d.csv", rows)
+    message = _error(tmp_path, body, load_data=True)
+    assert message.endswith(
+        "the 2 groups hold 20 to 20 examples (the smallest is 50% of them); group by a "
+        "column with smaller groups, or drop group_column"
+    )

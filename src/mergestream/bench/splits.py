@@ -197,6 +197,93 @@ def _sample_groups(
     return taken, chosen
 
 
+def _quota(config: SplitConfig) -> Quota:
+    return balanced_quota if config.balance else proportional_quota
+
+
+Triples = list[tuple[str, int, Hashable]]
+
+
+def _sources(
+    examples: Iterable[tuple[str, int]],
+    groups: Sequence[Hashable] | None,
+    test_examples: Iterable[tuple[str, int]] | None,
+    test_groups: Sequence[Hashable] | None,
+) -> tuple[Triples, Triples]:
+    """The deduplicated (text, label, group) triples to train on and to draw the test set
+    from (the same list unless the source has its own test examples)."""
+    examples = list(examples)
+    grouped = groups is not None
+    if grouped:
+        if len(groups) != len(examples):
+            raise ValueError(f"{len(groups)} groups for {len(examples)} examples")
+        data = _dedupe_grouped((t, y, g) for (t, y), g in zip(examples, groups, strict=True))
+    else:
+        data = [(t, y, None) for t, y in dedupe(examples)]
+    if test_examples is None:
+        return data, data
+    test_examples = list(test_examples)
+    if not grouped:
+        return data, [(t, y, None) for t, y in dedupe(test_examples)]
+    if test_groups is None or len(test_groups) != len(test_examples):
+        raise ValueError("grouped test examples need one group each")
+    return data, _dedupe_grouped(
+        (t, y, g) for (t, y), g in zip(test_examples, test_groups, strict=True)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupFit:
+    """How whole groups fit a grouped split's test set (see :func:`group_fit`).
+
+    Attributes:
+        examples: examples the test set is drawn from, after deduplication.
+        quota: test examples per class that ``n_test`` asks for.
+        group_sizes: examples per group, smallest first.
+        fitting_n_test: the smallest ``n_test`` at which at least one whole group fits every
+            class's quota, so that the test set is not empty.
+    """
+
+    examples: int
+    quota: list[int]
+    group_sizes: list[int]
+    fitting_n_test: int
+
+
+def group_fit(
+    examples: Iterable[tuple[str, int]],
+    num_classes: int,
+    config: SplitConfig,
+    groups: Sequence[Hashable],
+    *,
+    test_examples: Iterable[tuple[str, int]] | None = None,
+    test_groups: Sequence[Hashable] | None = None,
+) -> GroupFit:
+    """Group sizes against the test quota of a grouped split, to explain an empty test set.
+
+    A group goes to the test set only when its examples of every class fit that class's
+    quota of ``n_test``; when every group is larger than its share, none does. This finds the
+    smallest ``n_test`` that lets one group in (at most the number of examples, where the
+    quota is every example)."""
+    _, source = _sources(examples, groups, test_examples, test_groups)
+    quota = _quota(config)
+    counts = [0] * num_classes
+    needs: dict[Hashable, list[int]] = {}
+    for _, y, g in source:
+        counts[y] += 1
+        needs.setdefault(g, [0] * num_classes)[y] += 1
+    sizes = sorted(sum(need) for need in needs.values())
+    distinct = {tuple(need) for need in needs.values()}
+    fitting = len(source)
+    # Only on the error path: a plain scan upwards from the smallest group's size.
+    for n in range(sizes[0] if sizes else 0, len(source) + 1):
+        q = quota(counts, n)
+        if any(all(a <= b for a, b in zip(need, q, strict=True)) for need in distinct):
+            fitting = n
+            break
+    return GroupFit(len(source), quota(counts, config.n_test), sizes, fitting)
+
+
 def split_examples(
     name: str,
     examples: Iterable[tuple[str, int]],
@@ -211,26 +298,9 @@ def split_examples(
     docstring says. ``groups`` (and ``test_groups`` for ``test_examples``) give each example's
     group, aligned with the examples."""
     rng = random.Random(f"{name}:{config.seed}")
-    quota: Quota = balanced_quota if config.balance else proportional_quota
-    examples = list(examples)
+    quota = _quota(config)
     grouped = groups is not None
-    if grouped:
-        if len(groups) != len(examples):
-            raise ValueError(f"{len(groups)} groups for {len(examples)} examples")
-        data = _dedupe_grouped((t, y, g) for (t, y), g in zip(examples, groups, strict=True))
-    else:
-        data = [(t, y, None) for t, y in dedupe(examples)]
-    test_source = data
-    if test_examples is not None:
-        test_examples = list(test_examples)
-        if grouped:
-            if test_groups is None or len(test_groups) != len(test_examples):
-                raise ValueError("grouped test examples need one group each")
-            test_source = _dedupe_grouped(
-                (t, y, g) for (t, y), g in zip(test_examples, test_groups, strict=True)
-            )
-        else:
-            test_source = [(t, y, None) for t, y in dedupe(test_examples)]
+    data, test_source = _sources(examples, groups, test_examples, test_groups)
 
     held_groups: set[Hashable] = set()
     if grouped:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergestream.bench.splits import SplitConfig, split_examples
+from mergestream.bench.splits import GroupFit, SplitConfig, group_fit, split_examples
 from mergestream.bench.tasks import (
     DEFAULT_MAX_TRAIN,
     DEFAULT_N_TEST,
@@ -37,6 +38,7 @@ from mergestream.bench.tasks import (
     builtin_examples,
 )
 from mergestream.errors import ConfigError
+from mergestream.yaml_lines import line_loader
 
 log = logging.getLogger(__name__)
 
@@ -181,35 +183,8 @@ class Suite:
 # YAML with line numbers
 
 
-class _Map(dict):  # type: ignore[type-arg]
-    """A YAML mapping that remembers its line and the line of each key."""
-
-    line: int = 0
-    key_lines: dict[Any, int]
-
-
 def _yaml_loader() -> type:
-    import yaml
-
-    class LineLoader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
-        loader.flatten_mapping(node)
-        out = _Map()
-        out.line = node.start_mark.line + 1
-        out.key_lines = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in out:
-                raise SuiteError(f"{loader.name}:{line}: {key!r} is given twice")
-            out[key] = loader.construct_object(value_node, deep=True)
-            out.key_lines[key] = line
-        return out
-
-    LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return LineLoader
+    return line_loader(SuiteError)
 
 
 class _Reader:
@@ -267,6 +242,8 @@ def load_suite(path: str | os.PathLike[str]) -> Suite:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SuiteError(f"{path}: suite file not found") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return parse_suite(text, path)
 
 
@@ -548,21 +525,95 @@ def read_rows(path: Path, columns: Sequence[str]) -> Iterator[Row]:
         raise SuiteError(f"{path}: unknown format (expected {', '.join(DATA_SUFFIXES)})")
 
 
+def not_utf8(path: Path) -> SuiteError:
+    """The error for a file that does not decode as UTF-8, naming its first bad line.
+
+    The decoder reads ahead in blocks, so where it failed says nothing about the line: the
+    file is scanned again line by line (a newline byte never occurs inside a UTF-8
+    character, so lines decode independently)."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return SuiteError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                    f"{exc.start + 1}); re-save the file as UTF-8"
+                )
+    return SuiteError(f"{path}: not UTF-8; re-save the file as UTF-8")
+
+
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+# Python's csv module refuses fields over 131072 characters by default. A text column may
+# hold a whole document (only its first max_length tokens are used), and no field can be
+# longer than its file, so the limit is raised to the file's size (at most what a C long
+# holds everywhere). The default limit also stopped a quote that is never closed from
+# swallowing the rest of a large file; _check_last_quote keeps that guard.
+_FIELD_LIMIT_CAP = 2**31 - 1
+
+
+def _allow_fields_of(path: Path) -> None:
+    size = min(path.stat().st_size, _FIELD_LIMIT_CAP)
+    if size > csv.field_size_limit():
+        csv.field_size_limit(size)
+
+
 def _read_csv(path: Path, columns: Sequence[str], delimiter: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    _allow_fields_of(path)
+    with _utf8(path), open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
-        header = reader.fieldnames or []
-        for col in columns:
-            if col not in header:
-                raise SuiteError(f"{path}:1: no column {col!r} (columns: {', '.join(header)})")
-        start = 2
-        for record in reader:
-            yield f"{path}:{start}", record
-            start = reader.line_num + 1
+        start = 1
+        last: dict[str, Any] | None = None
+        last_start = start
+        try:
+            header = reader.fieldnames or []
+            for col in columns:
+                if col not in header:
+                    raise SuiteError(f"{path}:1: no column {col!r} (columns: {', '.join(header)})")
+            start = 2
+            for record in reader:
+                yield f"{path}:{start}", record
+                last, last_start = record, start
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise SuiteError(f"{path}:{start}: not valid CSV: {exc}") from None
+    if last is not None and any(_multiline(v) for v in last.values()):
+        _check_last_quote(path, last_start, delimiter)
+
+
+def _multiline(value: Any) -> bool:
+    return isinstance(value, str) and ("\n" in value or "\r" in value)
+
+
+def _check_last_quote(path: Path, line: int, delimiter: str) -> None:
+    """Refuse a CSV whose last record opens a quote that is never closed.
+
+    Python's csv reader, in its default lenient mode, ends such a record at the end of the
+    file, silently taking every line after the quote as one field. Only the last record can
+    be affected, and only when it spans several lines, so only then is it read again, from
+    its first line, in strict mode, which reports the missing quote."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        tail = itertools.islice(fh, line - 1, None)
+        try:
+            for _ in csv.reader(tail, delimiter=delimiter, strict=True):
+                pass
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise SuiteError(
+                    f"{path}:{line}: a quoted field opened on this line is never closed (it "
+                    'runs to the end of the file); add the closing quote (")'
+                ) from None
 
 
 def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig") as fh:
+    with _utf8(path), open(path, encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -605,6 +656,7 @@ _WS = re.compile(r"\s+")
 class _FileExamples:
     examples: list[tuple[str, int]]
     groups: list[str] | None
+    first_row: dict[int, str]  # where each label is first seen ("file:line")
 
 
 def _read_examples(
@@ -617,6 +669,7 @@ def _read_examples(
         columns.append(source.group_column)
     examples: list[tuple[str, int]] = []
     groups: list[str] | None = [] if source.group_column else None
+    first_row: dict[int, str] = {}
     empty = 0
     for where, record in read_rows(path, columns):
         text = record[source.text_column]
@@ -631,7 +684,9 @@ def _read_examples(
         raw_label = record[source.label_column]
         if raw_label is None or label_key(raw_label) == "":
             raise SuiteError(f"{where}: task {spec.name!r}: the label is missing")
-        examples.append((text, labeller(raw_label, where)))
+        label = labeller(raw_label, where)
+        examples.append((text, label))
+        first_row.setdefault(label, where)
         if groups is not None:
             group = record[source.group_column]  # type: ignore[index]
             if group is None or label_key(group) == "":
@@ -641,7 +696,7 @@ def _read_examples(
         log.warning("%s: %s: skipped %d rows with empty text", spec.name, path, empty)
     if not examples:
         raise spec.error(f"{path} holds no examples")
-    return _FileExamples(examples, groups)
+    return _FileExamples(examples, groups, first_row)
 
 
 def _labels_in(spec: TaskSpec, paths: Sequence[Path]) -> list[str]:
@@ -689,6 +744,28 @@ def _labeller(spec: TaskSpec, class_names: Sequence[str]) -> Callable[[Any, str]
     return label_of
 
 
+def _refuse_test_only_labels(
+    spec: TaskSpec, class_names: Sequence[str], train: _FileExamples, test: _FileExamples
+) -> None:
+    """A label of the test file that no training example has is never learned, so its test
+    examples only lower the score. Classes come from the data when the suite lists no
+    class_names, so such a label is most likely a typo or a stray row; listing it in
+    class_names says it is meant."""
+    unseen = sorted(set(test.first_row) - set(train.first_row))
+    if not unseen:
+        return
+    source = spec.source
+    assert isinstance(source, FileSource)
+    label = class_names[unseen[0]]
+    more = f" (and {len(unseen) - 1} more labels)" if len(unseen) > 1 else ""
+    raise SuiteError(
+        f"{test.first_row[unseen[0]]}: task {spec.name!r}: label {label!r}{more} is only in "
+        f"the test file, never in {source.train}, so it can never be learned; add training "
+        "examples of it, drop its test rows, or list every class in class_names to keep it; "
+        f"the suite entry is at {spec.where}"
+    )
+
+
 def load_task_data(
     spec: TaskSpec,
     *,
@@ -719,6 +796,8 @@ def load_task_data(
         if source.test is not None:
             test = _read_examples(spec, source.test, labeller)
             test_examples, test_groups = test.examples, test.groups
+            if spec.class_names is None:
+                _refuse_test_only_labels(spec, class_names, train, test)
         present = {y for _, y in examples} | {y for _, y in test_examples or []}
         if len(present) < 2:
             only = class_names[next(iter(present))] if present else None
@@ -738,6 +817,16 @@ def load_task_data(
         test_examples=test_examples,
         test_groups=test_groups,
     )
+    if not split.test and groups is not None:
+        fit = group_fit(
+            examples,
+            len(class_names),
+            spec.split,
+            groups,
+            test_examples=test_examples,
+            test_groups=test_groups,
+        )
+        raise spec.error(_empty_grouped_test(spec, class_names, fit))
     if not split.test:
         raise spec.error("the test set is empty (no examples left for it)")
     if not split.train:
@@ -752,6 +841,30 @@ def load_task_data(
     info = {**split.summary(), "grouped": groups is not None}
     info["rule"] = dataclasses.asdict(spec.split)  # what was asked; the counts are what came
     return TaskData(spec.name, class_names, templates, split.train, split.test, info)
+
+
+def _empty_grouped_test(spec: TaskSpec, class_names: Sequence[str], fit: GroupFit) -> str:
+    """Why a grouped split left the test set empty, and what to change."""
+    source = spec.source
+    assert isinstance(source, FileSource)
+    asked = ", ".join(f"{n} {q}" for n, q in zip(class_names, fit.quota, strict=True))
+    sizes = fit.group_sizes
+    share = 100 * spec.split.n_test / max(1, fit.examples)
+    smallest = 100 * sizes[0] / max(1, fit.examples)
+    why = (
+        f"the test set is empty: group_column {source.group_column!r} keeps each group on "
+        f"one side, and no group fits the test quota: n_test {spec.split.n_test} of "
+        f"{fit.examples} examples ({share:.0f}%) asks for {asked}, while the "
+        f"{len(sizes)} groups hold {sizes[0]} to {sizes[-1]} examples (the smallest is "
+        f"{smallest:.0f}% of them)"
+    )
+    if source.test is None and fit.fitting_n_test > fit.examples // 2:
+        # Letting a group in would leave too little to train on.
+        return f"{why}; group by a column with smaller groups, or drop group_column"
+    return (
+        f"{why}; set n_test to {fit.fitting_n_test} or more, group by a column with smaller "
+        "groups, or drop group_column"
+    )
 
 
 # --------------------------------------------------------------------------------------
