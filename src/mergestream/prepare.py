@@ -35,6 +35,7 @@ from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from .methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
 from .progress import NoProgress, Progress
 from .publish import fsync_dir
+from .storage import writing
 
 PREPARED_FILE = "prepared-{}.safetensors"
 
@@ -98,20 +99,36 @@ def write_prepared(
 ) -> list[dict[str, Any]]:
     """Compute every target's prepared quantities (`map_in_order(compute, targets)`, in
     storage order) and write them as part files into the generation `directory`, each under a
-    temporary name renamed into place once complete and fsync'd. Returns the part records."""
-    progress = progress or NoProgress()
-    names = method.prepared_names
-    specs: dict[str, list[tuple[str, TensorSpec]]] = {n: [] for n in names}
+    temporary name renamed into place once complete and fsync'd. Returns the part records.
+    On failure nothing it wrote stays; a full disk is a `StateError` saying so."""
+    specs: dict[str, list[tuple[str, TensorSpec]]] = {n: [] for n in method.prepared_names}
     for info in targets:
         for name, shape in method.prepared_shapes(info).items():
             specs[name].append((info.name, TensorSpec(COMPUTE_DTYPE, shape)))
+    needed = sum(spec.nbytes for pairs in specs.values() for _, spec in pairs)
+    with writing(directory, needed, "the prepared factors"):
+        return _write_files(
+            directory, specs, targets, compute, map_in_order, progress or NoProgress()
+        )
+
+
+def _write_files(
+    directory: Path,
+    specs: Mapping[str, list[tuple[str, TensorSpec]]],
+    targets: list[TensorInfo],
+    compute: Callable[[TensorInfo], Mapping[str, torch.Tensor]],
+    map_in_order: Callable[..., Any],
+    progress: Progress,
+) -> list[dict[str, Any]]:
     writers: dict[str, StreamingSafetensorsWriter] = {}
-    finals = {n: directory / PREPARED_FILE.format(n) for n in names}
+    finals = {n: directory / PREPARED_FILE.format(n) for n in specs}
+    temporary = {n: path.with_name(path.name + ".tmp") for n, path in finals.items()}
+    replaced: list[Path] = []  # final names this call has written
     try:
-        for name in names:
+        for name, pairs in specs.items():
             writers[name] = StreamingSafetensorsWriter(
-                finals[name].with_name(finals[name].name + ".tmp"),
-                specs[name],
+                temporary[name],
+                pairs,
                 metadata={"format": "mergestream-prepared", "quantity": name},
             )
         progress.start("prepare", len(targets), 0)
@@ -124,20 +141,25 @@ def write_prepared(
             progress.finish()
         for writer in writers.values():
             writer.close()
+        parts = []
+        for name, writer in writers.items():
+            os.replace(writer.path, finals[name])
+            replaced.append(finals[name])
+            parts.append(
+                {
+                    "file": f"{directory.name}/{finals[name].name}",
+                    "state": f"prepared.{name}",
+                    **writer.checksums(),
+                }
+            )
+        fsync_dir(directory)
     except BaseException:
+        # Nothing of a failed preparation stays (a full disk may be why it failed); an
+        # earlier preparation's files are kept unless this one already replaced them.
         for writer in writers.values():
             writer.abort()
-            writer.path.unlink(missing_ok=True)
+        # a writer that failed while being made (no room for its file) has a file too
+        for path in [*temporary.values(), *replaced]:
+            path.unlink(missing_ok=True)
         raise
-    parts = []
-    for name, writer in writers.items():
-        os.replace(writer.path, finals[name])
-        parts.append(
-            {
-                "file": f"{directory.name}/{finals[name].name}",
-                "state": f"prepared.{name}",
-                **writer.checksums(),
-            }
-        )
-    fsync_dir(directory)
     return parts

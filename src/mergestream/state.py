@@ -339,6 +339,16 @@ class MergeState:
             generation = (self._manifest["generation"] or 0) + 1
             method = self.method
 
+            def discard_on_failure(kind: type[BaseException] | None, *_: object) -> bool:
+                # Whatever fails from here to the commit (a full disk at the manifest, an
+                # interrupt), the new generation's files go with it: on the disk that just ran
+                # out they may be gigabytes.
+                if kind is not None:
+                    self._storage.discard(generation)
+                return False
+
+            cleanup.push(discard_on_failure)
+
             # Prepared factors only save a local step time (they give the same bits); a
             # distributed step recomputes in its tasks, and its driver may lack the device.
             prepared = (
@@ -606,7 +616,12 @@ class MergeState:
                 "tensors": len(targets),
                 "parts": parts,
             }
-            self._storage.commit(manifest)
+            assert isinstance(self._storage, DiskStorage)  # a state on disk, checked above
+            try:
+                self._storage.commit(manifest)
+            except BaseException:
+                self._storage.discard_files([part["file"] for part in parts])
+                raise
             self._manifest = manifest
             self._use_generation()
             return len(targets)

@@ -88,6 +88,11 @@ class Storage(Protocol):
 
     def commit(self, manifest: dict[str, Any]) -> None: ...
 
+    def discard(self, generation: int) -> None:
+        """Remove what a step that failed wrote for `generation`, unless the committed manifest
+        names it (the failure came after the commit: it is then the state's generation)."""
+        ...
+
     def lock(self, exclusive: bool) -> contextlib.AbstractContextManager[None]: ...
 
 
@@ -161,6 +166,10 @@ class MemoryStorage:
             if generation != current:
                 del self.generations[generation]
 
+    def discard(self, generation: int) -> None:
+        if self.manifest.get("generation") != generation:
+            self.generations.pop(generation, None)
+
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
         yield
@@ -170,20 +179,22 @@ class MemoryStorage:
 
 
 @contextlib.contextmanager
-def _writing(directory: Path, needed: int | None = None) -> Iterator[None]:
-    """Turn an OS error while writing a new generation (a full disk, a quota, permissions) into
-    a plain error that says the committed state is not affected."""
+def writing(
+    directory: Path, needed: int | None = None, what: str = "the state"
+) -> Iterator[None]:
+    """Turn an OS error while writing new files of a state (a full disk, a quota, permissions)
+    into a plain error that says the committed state is not affected."""
     try:
         yield
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StateError(
-                no_space_message(directory, "the state", needed)
+                no_space_message(directory, what, needed)
                 + "; the state is unchanged since its last completed step"
             ) from None
         raise StateError(
-            f"{directory}: cannot write the new state ({err.strerror or err}); the state is "
-            "unchanged since its last completed step"
+            f"{directory}: cannot write {'the new state' if what == 'the state' else what} "
+            f"({err.strerror or err}); the state is unchanged since its last completed step"
         ) from None
 
 
@@ -228,7 +239,7 @@ class _DiskWriter:
         self.needed = len(state_names) * sum(spec.nbytes for _, spec in specs)
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
-            with _writing(self.directory, self.needed):
+            with writing(self.directory, self.needed):
                 for state_name in state_names:
                     file_name = (file_names or {}).get(state_name, f"{state_name}.safetensors")
                     self.writers[state_name] = StreamingSafetensorsWriter(
@@ -246,7 +257,7 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        with _writing(self.directory, self.needed):
+        with writing(self.directory, self.needed):
             for state_name, tensor in tensors.items():
                 self.writers[state_name].write(info.name, tensor)
 
@@ -256,12 +267,12 @@ class _DiskWriter:
                 f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
                 f"got {sorted(tensors)}"
             )
-        with _writing(self.directory, self.needed):
+        with writing(self.directory, self.needed):
             for state_name, rows in tensors.items():
                 self.writers[state_name].write_rows(info.name, start, rows)
 
     def close(self) -> None:
-        with _writing(self.directory, self.needed):
+        with writing(self.directory, self.needed):
             for writer in self.writers.values():
                 writer.close()
             fsync_dir(self.directory)
@@ -306,7 +317,7 @@ class PartWriter(_DiskWriter):
         super().__init__(directory, state_names, infos, dtype, temporary)
 
     def close(self) -> None:
-        with _writing(self.directory, self.needed):
+        with writing(self.directory, self.needed):
             for state_name, writer in self.writers.items():
                 writer.close()
                 os.replace(writer.path, self.directory / self.final_names[state_name])
@@ -493,7 +504,7 @@ class DiskStorage:
         dtype: torch.dtype,
     ) -> GenerationWriter:
         directory = self.path / generation_dir_name(generation)
-        with _writing(directory):
+        with writing(directory):
             if directory.exists():
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
@@ -503,7 +514,7 @@ class DiskStorage:
         """A fresh, empty directory for `generation`, to be filled by `PartWriter`s (of other
         processes, say); the caller records their parts and calls `seal_parts` before commit."""
         directory = self.path / generation_dir_name(generation)
-        with _writing(directory):
+        with writing(directory):
             if directory.exists():
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
@@ -513,7 +524,7 @@ class DiskStorage:
     def seal_parts(self, directory: Path) -> None:
         """Make the entries of a generation written by `PartWriter`s durable (each writer
         synced its files and their names), before the manifest that names them."""
-        with _writing(directory):
+        with writing(directory):
             fsync_dir(directory)
             fsync_dir(directory.parent)
 
@@ -528,7 +539,7 @@ class DiskStorage:
     def commit(self, manifest: dict[str, Any]) -> None:
         # The lock file exists from the first commit on, so later commands never add files to a
         # state that they leave unchanged.
-        with _writing(self.path):
+        with writing(self.path):
             os.close(os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
             write_json_atomic(self.path / MANIFEST, manifest)
         self._close_handles()
@@ -539,6 +550,37 @@ class DiskStorage:
         for item in self.path.glob("gen-*"):
             if item.name != keep:
                 shutil.rmtree(item, ignore_errors=True)
+
+    def discard(self, generation: int) -> None:
+        """Remove the directory of a `generation` that a failed step began (on a full disk it
+        may hold gigabytes), unless the manifest on disk names it: a failure after the
+        manifest's rename (syncing its directory) leaves the step committed."""
+        try:
+            committed = load_manifest(self.path).get("generation")
+        except StateError:
+            return  # cannot tell whether it was committed: the next step removes it if not
+        if committed != generation:
+            self._close_handles()
+            shutil.rmtree(self.path / generation_dir_name(generation), ignore_errors=True)
+
+    def discard_files(self, files: list[str]) -> None:
+        """Remove files (relative to the state) that a failed command added to the current
+        generation, unless the manifest on disk records them (see `discard`)."""
+        try:
+            manifest = load_manifest(self.path)
+        except StateError:
+            return
+        prepared = manifest.get("prepared")
+        records = [
+            *(manifest.get("parts") or []),
+            *((prepared.get("parts") or []) if isinstance(prepared, dict) else []),
+        ]
+        recorded = {part.get("file") for part in records if isinstance(part, dict)}
+        self._close_handles()
+        for relative in files:
+            if relative not in recorded:
+                with contextlib.suppress(OSError):
+                    (self.path / relative).unlink()
 
     def lock(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
         return state_lock(self.path, exclusive)
