@@ -221,7 +221,9 @@ def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
         rank=args.as_lora,
         energy=args.as_lora_energy,
         drop_other=args.lora_drop_other,
-        dtype=getattr(torch, args.dtype) if args.dtype else torch.float32,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        overwrite=args.overwrite,
+        verify_base=args.verify_base,
     )
     if not args.quiet:
         retained = [m.retained for m in report.modules]
@@ -399,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the merged model as safetensors")
     p.add_argument("state")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, help="dtype of floating-point tensors")
+    p.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        help="dtype of floating-point tensors (with --as-lora: of the factors, float32 by "
+        "default, and of the tensors saved whole)",
+    )
     p.add_argument(
         "--max-shard-size",
         default=DEFAULT_MAX_SHARD_SIZE,

@@ -223,12 +223,12 @@ def write_model(
                     rows = task_vector_rows(info, start, stop).to(COMPUTE_DTYPE)
                     rows.add_(base.get_rows(name, start, stop))
                     rows = rows.to(dtype or info.dtype)
-                    _check_output_finite(name, rows, (start, stop))
+                    check_output_finite(name, rows, (start, stop))
                     writer.write_rows(name, start, rows)
             else:
                 merged = _merged_tensor(base, name, info, task_vector, dtype)
                 if info is not None:
-                    _check_output_finite(name, merged, None)
+                    check_output_finite(name, merged, None)
                 writer.write(name, merged)
             progress.advance(1, spec_of[name].nbytes)
         for writer in writers:
@@ -251,7 +251,10 @@ def write_model(
     return names
 
 
-def _check_output_finite(name: str, tensor: torch.Tensor, rows: tuple[int, int] | None) -> None:
+def check_output_finite(
+    name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None
+) -> None:
+    """Refuse a tensor that a cast to its output dtype made infinite (`rows` of it, if given)."""
     if bool(torch.isfinite(tensor).all()):
         return
     where = f" (rows {rows[0]}:{rows[1]})" if rows else ""

@@ -16,8 +16,10 @@ saved whole through `modules_to_save` (its module's parameters, merged), or, wit
 `drop_other=True`, listed in the card and the returned report as dropped.
 
 Layers that store their weight as (in, out), GPT-2's `Conv1D`, need `fan_in_fan_out`; it is taken
-from the LoRA adapters in the ledger (or given). The folder is written beside OUT and switched into
-place, so OUT is either absent or complete. The factors and the tensors saved whole are held in
+from the LoRA adapters in the ledger (or given). The adapter is an export like the full model's
+(`MergeState.publish_export`): the same rules for OUT (new, empty or an earlier export of either
+kind; another folder only with `overwrite`), built beside OUT and switched into place whole, with
+the export marker listing its files. The factors and the tensors saved whole are held in
 memory until the file is written (the adapter is small next to the model, unless many large
 tensors changed outside the linear layers).
 """
@@ -33,18 +35,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .classify import default_is_linear_weight
 from .errors import ConfigError, MergestreamError
+from .export import check_output_finite
 from .io.lora import ADAPTER_CONFIG, PEFT_PREFIX
-from .publish import publish_directory
+from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 
 if TYPE_CHECKING:
+    from .io.checkpoint import TensorSource
     from .state import MergeState
 
 ADAPTER_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
+ADAPTER_EXPORT_FILES = (ADAPTER_FILE, ADAPTER_CONFIG, CARD_FILE)
 
 
 @dataclass(frozen=True)
@@ -112,77 +117,111 @@ def export_lora(
     energy: float | None = None,
     drop_other: bool = False,
     fan_in_fan_out: bool | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    verify_base: bool = False,
 ) -> LoraExport:
     """Write the state's merge as a PEFT LoRA adapter folder `out` (see the module docstring).
 
-    `dtype` is that of the LoRA factors (and lora_B biases); tensors saved whole keep the base's
-    dtype."""
+    `out` follows the rules of every export (`MergeState.publish_export`): new, empty or an
+    earlier export (of a full model or an adapter), another folder only with `overwrite`, never
+    the state or the base; the folder is switched in whole and records what it holds in its
+    export marker. `dtype` is that of every floating-point tensor written; by default the LoRA
+    factors (and lora_B biases) are float32 and the tensors saved whole keep the base's dtype."""
     if rank is not None and rank < 1:
         raise ConfigError(f"LoRA export rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"LoRA export energy must be in (0, 1], got {energy}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergestreamError(f"{out}: exists and is not an empty directory")
-    with state.reading() as base:
-        ledger = state.ledger
-        if fan_in_fan_out is None:
-            fan_in_fan_out = _ledger_fan_in_fan_out(ledger)
-        infos = {i.name: i for i in state.infos}
-        report = LoraExport(path=out, fan_in_fan_out=fan_in_fan_out)
-        tensors: dict[str, torch.Tensor] = {}
-        changed_other: dict[str, torch.Tensor] = {}  # name -> τ, saved whole or dropped
-        changed_bias: dict[str, torch.Tensor] = {}
-        factors: dict[str, LowRankFactors] = {}
-        for name, tau in state.task_vectors():
-            if not bool(tau.any()):
-                continue
-            if len(infos[name].shape) == 2 and default_is_linear_weight(name):
-                matrix = tau.t() if fan_in_fan_out else tau  # B·A is (out, in)
-                factors[name.removesuffix(".weight")] = truncated_factors(matrix, rank, energy)
-            elif name.endswith(".bias"):
-                changed_bias[name.removesuffix(".bias")] = tau
-            else:
-                changed_other[name] = tau
-        # A changed bias of a LoRA module goes into lora_B's bias; any other changed bias is
-        # another tensor of its module.
-        lora_bias = any(module in factors for module in changed_bias)
-        for module, bias in changed_bias.items():
-            if module not in factors:
-                changed_other[module + ".bias"] = bias
-        for module, f in factors.items():
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.a.to(dtype).contiguous()
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.b.to(dtype).contiguous()
-            has_bias = module in changed_bias
-            if lora_bias:
-                bias = changed_bias.get(module)
-                if bias is None:
-                    bias = torch.zeros(f.b.shape[0], dtype=torch.float64)
-                tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.to(dtype)
-            report.modules.append(ModuleExport(module, f.rank, f.retained, has_bias))
-        saved_whole = _modules_of(changed_other)
-        if drop_other:
-            report.dropped = sorted(changed_other)
-        else:
-            report.modules_to_save = saved_whole
-            # PEFT saves and loads such a module's parameters together: the unchanged ones too.
-            for name in base.names():
-                if name.rpartition(".")[0] in saved_whole and name in infos:
-                    merged = base.get(name).to(torch.float64)
-                    if name in changed_other:
-                        merged += changed_other[name]
-                    # as a full model's export would: in the base's dtype
-                    tensors[f"{PEFT_PREFIX}{name}"] = merged.to(base.spec(name).dtype)
-        if not tensors:
-            raise MergestreamError(
-                f"{out}: the merged model equals the base (every task vector is zero); there is "
-                "no adapter to write"
+    reports: list[LoraExport] = []
+    with state.reading(verify_base) as base:
+
+        def build(directory: Path) -> list[str]:
+            # Computed once OUT was accepted: a refused OUT costs no SVDs.
+            report, tensors, lora_bias = _adapter_tensors(
+                state, base, out, rank, energy, drop_other, fan_in_fan_out, dtype
             )
-        config = _adapter_config(state, report, lora_bias)
-        card = _model_card(state, report, rank, energy, ledger)
-        _write_atomically(out, tensors, config, card)
-    return report
+            config = _adapter_config(state, report, lora_bias)
+            card = _model_card(state, report, rank, energy, state.ledger)
+            _save_tensors(directory / ADAPTER_FILE, tensors)
+            (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            (directory / CARD_FILE).write_text(card)
+            reports.append(report)
+            return sorted(ADAPTER_EXPORT_FILES)
+
+        written = set(ADAPTER_EXPORT_FILES)
+        state.publish_export(out, written, build, overwrite=overwrite, kind="lora")
+    return reports[0]
+
+
+def _adapter_tensors(
+    state: MergeState,
+    base: TensorSource,
+    out: Path,
+    rank: int | None,
+    energy: float | None,
+    drop_other: bool,
+    fan_in_fan_out: bool | None,
+    dtype: torch.dtype | None,
+) -> tuple[LoraExport, dict[str, torch.Tensor], bool]:
+    """The adapter's tensors in their output dtype, what they hold, and whether lora_B has
+    biases."""
+    if fan_in_fan_out is None:
+        fan_in_fan_out = _ledger_fan_in_fan_out(state.ledger)
+    infos = {i.name: i for i in state.infos}
+    report = LoraExport(path=out, fan_in_fan_out=fan_in_fan_out)
+    factor_dtype = dtype or torch.float32
+    tensors: dict[str, torch.Tensor] = {}
+    changed_other: dict[str, torch.Tensor] = {}  # name -> τ, saved whole or dropped
+    changed_bias: dict[str, torch.Tensor] = {}
+    factors: dict[str, LowRankFactors] = {}
+    for name, tau in state.task_vectors():
+        if not bool(tau.any()):
+            continue
+        if len(infos[name].shape) == 2 and default_is_linear_weight(name):
+            matrix = tau.t() if fan_in_fan_out else tau  # B·A is (out, in)
+            factors[name.removesuffix(".weight")] = truncated_factors(matrix, rank, energy)
+        elif name.endswith(".bias"):
+            changed_bias[name.removesuffix(".bias")] = tau
+        else:
+            changed_other[name] = tau
+    # A changed bias of a LoRA module goes into lora_B's bias; any other changed bias is
+    # another tensor of its module.
+    lora_bias = any(module in factors for module in changed_bias)
+    for module, bias in changed_bias.items():
+        if module not in factors:
+            changed_other[module + ".bias"] = bias
+    for module, f in factors.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.a.to(factor_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.b.to(factor_dtype).contiguous()
+        has_bias = module in changed_bias
+        if lora_bias:
+            bias = changed_bias.get(module)
+            if bias is None:
+                bias = torch.zeros(f.b.shape[0], dtype=torch.float64)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.to(factor_dtype)
+        report.modules.append(ModuleExport(module, f.rank, f.retained, has_bias))
+    saved_whole = _modules_of(changed_other)
+    if drop_other:
+        report.dropped = sorted(changed_other)
+    else:
+        report.modules_to_save = saved_whole
+        # PEFT saves and loads such a module's parameters together: the unchanged ones too.
+        for name in base.names():
+            if name.rpartition(".")[0] in saved_whole and name in infos:
+                merged = base.get(name).to(torch.float64)
+                if name in changed_other:
+                    merged += changed_other[name]
+                # as a full model's export would: in `dtype`, or else the base's
+                tensors[f"{PEFT_PREFIX}{name}"] = merged.to(dtype or base.spec(name).dtype)
+    if not tensors:
+        raise MergestreamError(
+            f"{out}: the merged model equals the base (every task vector is zero); there is "
+            "no adapter to write"
+        )
+    for name, tensor in tensors.items():
+        check_output_finite(name, tensor)
+    return report, tensors, lora_bias
 
 
 def _ledger_fan_in_fan_out(ledger: list[dict[str, Any]]) -> bool:
@@ -275,14 +314,17 @@ def _model_card(
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(
-    out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str
-) -> None:
-    """Write the folder beside `out` and switch it in whole (`publish.publish_directory`)."""
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as a safetensors file with the mode of every other export file.
 
-    def build(staging: Path) -> None:
-        save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "README.md").write_text(card)
-
-    publish_directory(out, build)
+    Not safetensors' `save_file`: from 0.8 it writes a temporary file, created 0600, and renames
+    it into place, so the adapter would be readable by its owner only."""
+    specs = [(name, TensorSpec(t.dtype, tuple(t.shape))) for name, t in tensors.items()]
+    writer = StreamingSafetensorsWriter(path, specs, {"format": "pt"})
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -749,16 +749,14 @@ class MergeState:
         out = Path(out)
         with self._storage.lock(exclusive=False):
             self._reload_manifest()
-            self._check_export_target(out)
             self._check_base_unchanged(verify=verify_base)
             weight_names = export_weight_names(
                 self._base, self._info_by_name, dtype, max_shard_size
             )
-            written = {*weight_names, "README.md", MARKER, *model_files(self._base_dir)}
-            keep = plan_output_dir(out, overwrite, written)
+            written = {*weight_names, "README.md", *model_files(self._base_dir)}
             needed = sum(s.nbytes for _, s in output_specs(self._base, self._info_by_name, dtype))
 
-            def build(directory: Path) -> None:
+            def build(directory: Path) -> list[str]:
                 files = write_model(
                     directory,
                     self._base,
@@ -775,34 +773,67 @@ class MergeState:
                 weights = [f for f in files if f.endswith(".safetensors")]
                 card = render_model_card(self._manifest, weights, "/".join(sorted(dtypes)), copied)
                 (directory / "README.md").write_text(card)
-                marker = {
-                    "format": "mergestream-export",
-                    "mergestream_version": __version__,
-                    "state": self._where,
-                    "step": self.step,
-                    "files": sorted({*files, *copied, "README.md"}),
-                }
-                write_json_file(directory / MARKER, marker)
+                return [*files, *copied, "README.md"]
 
-            try:
-                publish_directory(out, build, keep)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise MergestreamError(
-                        no_space_message(out.parent, "the export", needed) + f"; {out} is unchanged"
-                    ) from None
-                raise MergestreamError(
-                    f"{out}: cannot write the export ({err.strerror or err}); {out} is unchanged"
-                ) from None
+            self.publish_export(
+                out, written, build, overwrite=overwrite, kind="model", needed=needed
+            )
         return out
 
+    def publish_export(
+        self,
+        out: Path,
+        written: set[str],
+        build: Callable[[Path], list[str]],
+        *,
+        overwrite: bool,
+        kind: str,
+        needed: int | None = None,
+    ) -> None:
+        """Publish an export of this state (a full model, or an adapter) as directory `out`,
+        under the rules every export shares; the caller holds the state still (`reading()`).
+
+        `out` may not be, hold or lie in the state or the base's files, and must be new, empty
+        or an earlier export of either kind (its marker lists the files it wrote, which are
+        replaced); another non-empty directory is refused unless `overwrite`. `written` names in
+        advance the files `build` may write, `build(directory)` writes them into a fresh
+        directory beside `out` and returns them; the marker listing them is added and the
+        directory switched in whole. On any failure `out` is as it was; `needed` (bytes) goes
+        into the message when the disk is full."""
+        self._check_export_target(out)
+        keep = plan_output_dir(out, overwrite, {*written, MARKER})
+
+        def build_with_marker(directory: Path) -> None:
+            files = build(directory)
+            marker = {
+                "format": "mergestream-export",
+                "kind": kind,
+                "mergestream_version": __version__,
+                "state": self._where,
+                "step": self.step,
+                "files": sorted(set(files)),
+            }
+            write_json_file(directory / MARKER, marker)
+
+        try:
+            publish_directory(out, build_with_marker, keep)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MergestreamError(
+                    no_space_message(out.parent, "the export", needed) + f"; {out} is unchanged"
+                ) from None
+            raise MergestreamError(
+                f"{out}: cannot write the export ({err.strerror or err}); {out} is unchanged"
+            ) from None
+
     @contextlib.contextmanager
-    def reading(self) -> Iterator[TensorSource]:
+    def reading(self, verify_base: bool = False) -> Iterator[TensorSource]:
         """Hold the state still for a reader outside this class (the LoRA export): a shared
-        lock, the manifest read again, the base checked unchanged. Yields the base."""
+        lock, the manifest read again, the base checked unchanged (its whole content hashed with
+        `verify_base`). Yields the base."""
         with self._storage.lock(exclusive=False):
             self._reload_manifest()
-            self._check_base_unchanged()
+            self._check_base_unchanged(verify=verify_base)
             yield self._base
 
     def _check_export_target(self, out: Path) -> None:
