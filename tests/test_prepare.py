@@ -19,6 +19,7 @@ import mergestream
 import mergestream.methods.opcm as opcm
 from mergestream import MergeState
 from mergestream.cli import main
+from mergestream.prepare import DamagedPreparationWarning
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
 SHAPES = transformer_shapes(layers=2, hidden=16, intermediate=24, vocab=30, positions=8)
@@ -166,8 +167,14 @@ def test_a_damaged_or_stale_preparation_is_recomputed(stream, monkeypatch, damag
         MergeState.open(tmp / "s").add(paths[2])
     reference.add(paths[2])
     assert counter.calls > 0
+    dropped = [w for w in caught if issubclass(w.category, DamagedPreparationWarning)]
     if damage == "bytes":
-        assert any("recomputed" in str(w.message) for w in caught)
+        assert len(dropped) == 1, [str(w.message) for w in caught]
+        message = str(dropped[0].message)
+        assert "prepared-v.safetensors" in message and "computed them anew" in message
+        assert "restore" not in message and "backup" not in message
+    else:
+        assert not dropped  # stale, not damaged: nothing to tell
     for name, tensor in state_files(tmp / "r").items():
         assert torch.equal(state_files(tmp / "s")[name], tensor), name
 
@@ -183,6 +190,80 @@ def test_prepare_from_the_command_line_and_status(stream, capsys):
     assert main(["status", str(state)]) == 0
     out = capsys.readouterr().out
     assert "prepared: step 3" in out and "health:  ok" in out
+
+
+def prepared_state(stream) -> tuple[Path, Path]:
+    """A state at step 2 with step 3 prepared, through the command line; and its factors."""
+    tmp, base, paths = stream
+    state = tmp / "s"
+    assert main(["init", str(state), "--base", str(base), "--quiet"]) == 0
+    assert main(["add", str(state), *map(str, paths[:2]), "--quiet"]) == 0
+    assert main(["prepare", str(state), "--quiet"]) == 0
+    (factors,) = state.glob("gen-*/prepared-v.safetensors")
+    return state, factors
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's data: the header still matches
+    path.write_bytes(bytes(data))
+
+
+def test_status_verify_reports_a_damaged_preparation(stream, capsys):
+    state, factors = prepared_state(stream)
+    capsys.readouterr()
+    assert main(["status", str(state), "--verify"]) == 0
+    assert "preparation damaged" not in capsys.readouterr().out
+    flip_last_byte(factors)
+    assert main(["status", str(state)]) == 0  # headers and sizes hold: only --verify sees it
+    assert "preparation damaged" not in capsys.readouterr().out
+    # The merge is intact, so the exit status stays 0; the damage is reported all the same.
+    assert main(["status", str(state), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "preparation damaged (1 problems): the next add recomputes it" in out
+    assert f"{factors}: tensor " in out and "does not match its checksum" in out
+    assert "health:  ok (every tensor matches its checksum, except the preparation's" in out
+    assert main(["status", str(state), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["health"]["ok"] is True
+    (problem,) = info["prepared"]["problems"]
+    assert problem.startswith(f"{factors}: tensor ")
+
+
+def test_status_reports_a_deleted_preparation_and_prepare_computes_it_again(stream, capsys):
+    state, factors = prepared_state(stream)
+    factors.unlink()
+    capsys.readouterr()
+    assert main(["status", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "preparation damaged (1 problems)" in out and f"{factors}: missing" in out
+    assert main(["prepare", str(state)]) == 0
+    assert "prepared step 3" in capsys.readouterr().out
+    assert factors.is_file()
+    assert main(["status", str(state), "--verify"]) == 0
+    assert "preparation damaged" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_add_drops_a_damaged_preparation_with_one_line(stream, capsys, damage):
+    tmp, base, paths = stream
+    state, factors = prepared_state(stream)
+    if damage == "flipped":
+        flip_last_byte(factors)
+    else:
+        factors.unlink()
+    capsys.readouterr()
+    assert main(["add", str(state), str(paths[2]), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mergestream: warning: {factors}: "), err
+    assert "did not use them and computed them anew" in err[0]
+    assert "restore" not in err[0] and "backup" not in err[0] and "UserWarning" not in err[0]
+    reference = MergeState.create(tmp / "r", base, "opcm")
+    for path in paths[:3]:
+        reference.add(path)
+    for name, tensor in state_files(tmp / "r").items():
+        assert torch.equal(state_files(state)[name], tensor), name
 
 
 def test_watch_prepares_while_waiting(stream):

@@ -80,6 +80,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
         monkeypatch.setattr(os, "replace", refuse_manifest)
     else:  # an exception of this process once the generation's files are complete
+
         def interrupted(*args: object, **kwargs: object) -> None:
             raise KeyboardInterrupt
 

@@ -171,6 +171,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             + (", several workers" if regime.get("single_threaded") else ", one worker")
             + ")"
         )
+        # A damaged preparation is reported, but status stays 0: it is a cache the next add
+        # checks, drops and computes anew; the merge itself has lost nothing.
+        damage = prepared.get("problems") or []
+        if damage:
+            print(f"  preparation damaged ({len(damage)} problems): the next add recomputes it")
+            for problem in damage:
+                print(f"  {problem}")
     if watching is not None:
         print("\n".join(watch_status_lines(watching)))
     if health["ok"]:
@@ -180,6 +187,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             else "all files present with their recorded sizes and headers"
             + ("" if health["checksums"] else " (format 1: no checksums until the next add)")
         )
+        if prepared is not None and prepared.get("problems"):
+            checked += ", except the preparation's: see above"
         print(f"health:  ok ({checked})")
         return 0
     print(f"health:  DAMAGED ({len(health['problems'])} problems)")

@@ -156,6 +156,20 @@ def verify_parts(root: Path, parts: list[Mapping[str, Any]]) -> list[str]:
     return problems
 
 
+def check_parts(root: Path, parts: list[Mapping[str, Any]], verify: bool = False) -> list[str]:
+    """Every problem of part files against their records: a missing file, its size or header,
+    and with `verify` each tensor's CRC-32 (the files are read whole); [] when all is intact."""
+    if verify:
+        return verify_parts(root, parts)
+    problems = []
+    for part in parts:
+        path = root / part["file"]
+        problem = "missing" if not path.is_file() else check_part_header(path, part)
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
+    return problems
+
+
 def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> dict[str, Any]:
     """The status of a state directory from its manifest alone (no torch, no base): method,
     steps, scalars, ledger, and its health: whether every file of the current generation is
@@ -188,6 +202,9 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
             "for_step": info["step"] + 1,
             "tensors": prepared.get("tensors"),
             "regime": prepared.get("regime"),
+            # Checked as the state's own files are, but apart from them: a damaged preparation
+            # is never used (the next add recomputes it), so the merge is not damaged by it.
+            "problems": check_parts(path, prepared.get("parts") or [], verify),
         }
     info["health"] = {
         "ok": not problems,

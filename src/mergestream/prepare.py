@@ -40,6 +40,10 @@ from .storage import writing
 PREPARED_FILE = "prepared-{}.safetensors"
 
 
+class DamagedPreparationWarning(UserWarning):
+    """A step found its preparation damaged and computed the factors itself instead."""
+
+
 def kernel_regime(device: torch.device | str, workers: int | None) -> dict[str, Any]:
     """How the step's kernels will run (see the module docstring): the engine runs whole
     tensors single-threaded when several workers share the CPU."""

@@ -61,6 +61,7 @@ from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     check_format,
+    check_parts,
     generation_dir_name,
     state_status,
     summary,
@@ -69,10 +70,24 @@ from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
 from .plan import Plan, plan_add
-from .prepare import kernel_regime, prepare_key, prepare_targets, usable_parts, write_prepared
+from .prepare import (
+    DamagedPreparationWarning,
+    kernel_regime,
+    prepare_key,
+    prepare_targets,
+    usable_parts,
+    write_prepared,
+)
 from .progress import Progress
 from .publish import publish_directory
-from .storage import DiskStorage, MemoryStorage, Storage, fsync_dir, no_space_message
+from .storage import (
+    DamagedPart,
+    DiskStorage,
+    MemoryStorage,
+    Storage,
+    fsync_dir,
+    no_space_message,
+)
 
 
 def _now() -> str:
@@ -351,11 +366,13 @@ class MergeState:
 
             # Prepared factors only save a local step time (they give the same bits); a
             # distributed step recomputes in its tasks, and its driver may lack the device.
+            dropped: list[str] = []  # what was wrong with a damaged preparation
             prepared = (
                 (lambda name: {})
                 if executor is not None
-                else self._prepared_reader(device, workers)
+                else self._prepared_reader(device, workers, dropped)
             )
+            cleanup.callback(_tell_dropped_preparation, dropped)
 
             def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
                 # still the previous generation here, with its prepared factors if usable
@@ -529,17 +546,21 @@ class MergeState:
                 self._storage.use_parts(generation, (), prepared.get("parts") or [])
 
     def _prepared_reader(
-        self, device: torch.device | str, workers: int | None
+        self, device: torch.device | str, workers: int | None, dropped: list[str]
     ) -> Callable[[str], dict[str, torch.Tensor]]:
         """For a step run on `device` with `workers`: tensor name -> its prepared quantities
-        ({} where none are usable: none prepared, stale, or damaged, which is then warned
-        about once and recomputed by the step)."""
+        ({} where none are usable: none prepared, stale, or damaged). The first damage found
+        (a missing file, a header or a tensor that fails its checksum) goes into `dropped`;
+        the step recomputes what it lacks, with the same result."""
         parts = usable_parts(self._manifest, kernel_regime(device, workers))
-        if parts is None:
+        if parts is None or self._path is None:
+            return lambda name: {}
+        damage = check_parts(self._path, parts)  # files and headers: cheap, before the step
+        if damage:
+            dropped.append(damage[0])
             return lambda name: {}
         generation = self._manifest["generation"]
         holders = {(part["state"], tensor) for part in parts for tensor in part.get("crc32") or {}}
-        damaged: list[str] = []
 
         def read(name: str) -> dict[str, torch.Tensor]:
             quantities = {}
@@ -551,13 +572,10 @@ class MergeState:
                     quantities[PREPARED_PREFIX + quantity] = self._storage.read(
                         generation, kind, name
                     )
-                except StateError as err:
-                    if not damaged:
-                        damaged.append(name)
-                        warnings.warn(
-                            f"prepared factors not used, they are recomputed ({err})",
-                            stacklevel=2,
-                        )
+                except StateError as err:  # a tensor failed its checksum, say
+                    if not dropped:
+                        damaged = isinstance(err, DamagedPart)
+                        dropped.append(f"{err.path}: {err.problem}" if damaged else str(err))
                     return {}
             return quantities
 
@@ -587,8 +605,9 @@ class MergeState:
             if generation is None or not self.method.prepared_names:
                 return 0
             regime = kernel_regime(resolved, count)
-            if usable_parts(self._manifest, regime) is not None:
-                return 0
+            usable = usable_parts(self._manifest, regime)
+            if usable is not None and not check_parts(self._path, usable):
+                return 0  # prepared already; a damaged preparation is computed again
             self._check_base_unchanged()
             targets = prepare_targets(self.method, self._infos)
 
@@ -857,6 +876,18 @@ class MergeState:
                     f"{out}: cannot export there: it would replace {what}; choose another "
                     "output directory"
                 )
+
+
+def _tell_dropped_preparation(dropped: list[str]) -> None:
+    """One line for a damaged preparation that a step did not use (the command line prints
+    warnings of a step as one line each). It is a cache: nothing to restore."""
+    if dropped:
+        warnings.warn(
+            f"{dropped[0]}: the prepared factors are damaged, so this step did not use them "
+            "and computed them anew (the merge is not affected)",
+            DamagedPreparationWarning,
+            stacklevel=2,
+        )
 
 
 def _dtype_notes(infos: list[TensorInfo], source: TensorSource) -> list[str]:

@@ -47,6 +47,16 @@ from .methods.base import TensorInfo
 from .publish import fsync_dir
 
 
+class DamagedPart(StateError):
+    """A file of the state is missing or fails its recorded checks: `path` and `problem` say
+    which and how (the message adds what to do, which depends on what the file holds)."""
+
+    def __init__(self, path: Path, problem: str, advice: str):
+        super().__init__(f"{path}: {problem}; {advice}")
+        self.path = path
+        self.problem = problem
+
+
 class GenerationWriter(Protocol):
     def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -179,9 +189,7 @@ class MemoryStorage:
 
 
 @contextlib.contextmanager
-def writing(
-    directory: Path, needed: int | None = None, what: str = "the state"
-) -> Iterator[None]:
+def writing(directory: Path, needed: int | None = None, what: str = "the state") -> Iterator[None]:
     """Turn an OS error while writing new files of a state (a full disk, a quota, permissions)
     into a plain error that says the committed state is not affected."""
     try:
@@ -422,9 +430,10 @@ class DiskStorage:
                 return handle
             path = self.path / relative
             if not path.exists():
-                raise StateError(
-                    f"{path}: this file of the state's current generation is missing; the "
-                    "state is damaged (restore the file, or start a new state)"
+                raise DamagedPart(
+                    path,
+                    "this file of the state's current generation is missing",
+                    "the state is damaged (restore the file, or start a new state)",
                 )
             try:
                 handle = SafetensorsFile(path)
@@ -433,7 +442,7 @@ class DiskStorage:
             problem = check_part_header(path, part)
             if problem is not None:
                 handle.close()
-                raise StateError(f"{path}: {problem}; the state is damaged")
+                raise DamagedPart(path, problem, "the state is damaged")
             self._handles[relative] = handle
             return handle
 
@@ -482,11 +491,12 @@ class DiskStorage:
                 crc = chain.crc
                 del self._chains[key]
         if f"{crc:08x}" != expected:
-            raise StateError(
-                f"{handle.path}: tensor {tensor_name!r} does not match the checksum recorded "
-                f"when it was written (CRC-32 {crc:08x}, recorded {expected}); the file was "
-                "damaged on disk. Nothing was changed; restore the state from a backup or "
-                "start a new one"
+            raise DamagedPart(
+                handle.path,
+                f"tensor {tensor_name!r} does not match the checksum recorded when it was "
+                f"written (CRC-32 {crc:08x}, recorded {expected})",
+                "the file was damaged on disk. Nothing was changed; restore the state from a "
+                "backup or start a new one",
             )
 
     def _close_handles(self) -> None:
