@@ -152,3 +152,35 @@ def test_tiny_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> No
     assert FT.main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in FT.TINY_TASKS)
+
+
+def test_ticker_rewrites_a_terminal_line_and_writes_a_log_line_every_interval() -> None:
+    import io
+
+    from mergestream.progress import LINE_INTERVAL, Ticker
+
+    now = [0.0]
+    stream = io.StringIO()
+    ticker = Ticker("[1/2] topics", 150, stream=stream, terminal=True, clock=lambda: now[0])
+    now[0] = 20.0
+    ticker.update(10, "loss 0.6931")
+    now[0] = 20.1  # within the redraw interval: nothing drawn
+    ticker.update(11, "loss 0.6")
+    now[0] = 300.0
+    ticker.update(150, "loss 0.1")
+    ticker.close()
+    first = "[1/2] topics: step 10/150, loss 0.6931, 2.00 s/step, 4m40s left"
+    last = "[1/2] topics: step 150/150, loss 0.1, 2.00 s/step"
+    assert stream.getvalue() == f"\r{first}\r{last.ljust(len(first))}\n"
+
+    # Not a terminal: a plain line once every LINE_INTERVAL seconds, no carriage returns.
+    now[0] = 0.0
+    stream = io.StringIO()
+    ticker = Ticker("t", 1000, stream=stream, terminal=False, clock=lambda: now[0])
+    for step in range(1, 1001):
+        now[0] = step * 0.1
+        ticker.update(step, "")
+    ticker.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == int(100 / LINE_INTERVAL) and "\r" not in stream.getvalue()
+    assert lines[0] == "t: step 300/1000, 10.0 steps/s, 1m10s left"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,7 @@ def test_a_zoo_of_checkpoints_fine_tuned_elsewhere(project: Path, zoo: Path) -> 
     kwargs = {"orders": 2, "matrix_orders": 1, "alphas": (), "log": lambda _: None}
     theirs = run_benchmark(elsewhere, suite=suite, **kwargs)
     ours = run_benchmark(zoo, **kwargs)
-    assert theirs["meta"]["checkpoints"]["topics"] == str(elsewhere / "ckpt-topics")
+    assert theirs["meta"]["checkpoints"]["topics"] == "elsewhere/ckpt-topics"  # as the suite says
     assert theirs["reference"] == ours["reference"]
     for label, entry in ours["methods"].items():
         mine = theirs["methods"][label]["runs"]
@@ -402,3 +403,102 @@ def test_fit_checkpoint_prefixes_and_leftovers(tmp_path: Path) -> None:
     save_file({"enc.w": torch.zeros(3, 2)}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(SuiteError, match=r"here: checkpoint .* 1 of its 2 tensors are missing"):
         fit_checkpoint(tmp_path / "base.safetensors", tmp_path / "partial.safetensors", "here")
+
+
+# --------------------------------------------------------------------------------------
+# Encoders fine-tuning cannot work with, and progress
+
+
+def _encoder_with_vocab(folder: Path, words: list[str], rows: int | None = None) -> Path:
+    """A tiny BERT whose tokenizer knows ``words`` and whose embedding has ``rows`` rows
+    (default: one per token)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    config = BertConfig(
+        vocab_size=rows or len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    return folder
+
+
+def _suite_with_encoder(project: Path, tmp_path: Path, encoder: Path) -> Path:
+    body = SUITE.replace("encoder: encoder", f"encoder: {encoder}")
+    path = tmp_path / "suite.yaml"
+    path.write_text(body.replace("data/", f"{project / 'data'}/"))
+    return path
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_training(
+    project: Path, tmp_path: Path, capsys
+) -> None:
+    words = _words()
+    encoder = _encoder_with_vocab(tmp_path / "enc", words, rows=len(words))  # 5 rows short
+    suite = _suite_with_encoder(project, tmp_path, encoder)
+    out = tmp_path / "zoo"
+    capsys.readouterr()  # what saving the encoder printed
+    assert main(["finetune", str(suite), "--out", str(out), "--quiet"]) == 2
+    n = len(words) + 5
+    tokenizer_file = next(
+        encoder / f for f in ("tokenizer.json", "vocab.txt") if (encoder / f).is_file()
+    )
+    assert capsys.readouterr().err == (
+        f"mergestream: error: {tokenizer_file}: the tokenizer has {n} tokens (ids up "
+        f"to {n - 1}), but the encoder's embedding table has {n - 5} rows (vocab_size in "
+        f"{encoder / 'config.json'}); the tokenizer belongs to another model: put the "
+        "tokenizer these weights were trained with in the folder\n"
+    )
+    assert not (out / "pretrained").exists() and not (out / "sentiment").exists()
+
+
+def test_a_tokenizer_that_knows_no_class_name_warns_and_fails(
+    project: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every word is [UNK]: both classes get one head, every gradient is zero, nothing is
+    learned, and the task is not saved as fine-tuned."""
+    suite = _suite_with_encoder(project, tmp_path, _encoder_with_vocab(tmp_path / "enc", []))
+    out = tmp_path / "zoo"
+    args = ["finetune", str(suite), "--out", str(out), "--quiet", "--tasks", "sentiment"]
+    capsys.readouterr()  # what saving the encoder printed
+    assert main(args) == 2
+    assert (
+        "sentiment: class heads are indistinguishable ('negative', 'positive'): the tokenizer "
+        "knows no word of 'negative', 'positive' (all [UNK]), so their prompts are the same "
+        "tokens; fine-tuning cannot tell these classes apart"
+    ) in caplog.text
+    line = _line_of(suite.read_text(), "- name: sentiment")
+    assert capsys.readouterr().err == (
+        f"mergestream: error: {suite}:{line}: task 'sentiment': fine-tuning left every weight "
+        "unchanged (24 steps, loss 0.6931 -> 0.6931): its class heads are indistinguishable "
+        "(see the warning above), so every gradient is zero; use an encoder whose tokenizer "
+        "knows the class names, or other class names or templates; nothing was saved for "
+        "this task\n"
+    )
+    assert not (out / "sentiment").exists()
+
+
+def test_finetune_shows_step_loss_rate_and_time_left(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Written to a file (not a terminal), progress is a plain line every LINE_INTERVAL
+    seconds: here every step."""
+    import mergestream.progress
+
+    monkeypatch.setattr(mergestream.progress, "LINE_INTERVAL", 0.0, raising=False)
+    args = ["finetune", str(project / "suite.yaml"), "--tasks", "topics", "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path / "zoo")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": step " in ln]
+    rate = r"[\d.]+ (steps/s|s/step)"
+    assert len(lines) == 3, lines
+    assert re.fullmatch(rf"\[1/1\] topics: step 1/3, loss \d\.\d{{4}}, {rate}, \d+s left", lines[0])
+    assert re.fullmatch(rf"\[1/1\] topics: step 3/3, loss \d\.\d{{4}}, {rate}", lines[2])
+    assert main([*args, "--out", str(tmp_path / "zoo2"), "--quiet"]) == 0
+    assert ": step " not in capsys.readouterr().err

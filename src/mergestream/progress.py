@@ -1,9 +1,11 @@
-"""Progress reporting for long passes: a bar on a terminal, silence elsewhere."""
+"""Progress reporting for long passes: a bar on a terminal, silence elsewhere; and for counted
+loops (:class:`Ticker`), a live line on a terminal or a periodic line in a log."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol, TextIO
 
 
@@ -85,3 +87,80 @@ def default_progress(quiet: bool = False) -> Progress:
     if quiet or not sys.stderr.isatty():
         return NoProgress()
     return TerminalProgress()
+
+
+# Seconds between the plain progress lines of a Ticker whose stream is not a terminal.
+LINE_INTERVAL = 30.0
+
+
+def format_duration(seconds: float) -> str:
+    """ "42s", "3m05s", "1h12m"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+class Ticker:
+    """Progress of a counted loop (training steps, evaluations): done/total, what the caller
+    adds (a loss), the rate and the time left.
+
+    On a terminal it is one line that rewrites itself; elsewhere (a log file, CI) it writes a
+    plain line every :data:`LINE_INTERVAL` seconds, so a log shows that a long run is alive
+    and when it will end without filling up with a line per step.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        unit: str = "step",
+        stream: TextIO | None = None,
+        terminal: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.stream = stream or sys.stderr
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.interval = 0.2 if self.terminal else LINE_INTERVAL
+        self.clock = clock
+        self._t0 = self._last = clock()
+        self._width = 0  # of the terminal line drawn last, to blank what a shorter one leaves
+
+    def line(self, done: int, detail: str = "") -> str:
+        elapsed = self.clock() - self._t0
+        parts = [f"{self.label}: {self.unit} {done}/{self.total}"]
+        if detail:
+            parts.append(detail)
+        if done and elapsed > 0:
+            per_item = elapsed / done
+            if per_item >= 1:
+                parts.append(f"{per_item:.2f} s/{self.unit}")
+            else:
+                parts.append(f"{1 / per_item:.1f} {self.unit}s/s")
+            if done < self.total:
+                parts.append(f"{format_duration(per_item * (self.total - done))} left")
+        return ", ".join(parts)
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = self.clock()
+        if now - self._last < self.interval and not (self.terminal and done >= self.total):
+            return
+        self._last = now
+        text = self.line(done, detail)
+        if self.terminal:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the terminal line, so what is printed next starts on its own."""
+        if self.terminal and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0

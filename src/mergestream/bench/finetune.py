@@ -68,15 +68,19 @@ from mergestream.bench.encoder import (
     Evaluator,
     build_head,
     class_logits,
+    default_model_path,
     embed_tokens,
     load_encoder,
     pooling_of,
     save_pooling,
+    transformer_dir,
 )
 from mergestream.bench.splits import SplitConfig
-from mergestream.bench.suite import Suite, builtin_suite, load_task_data
+from mergestream.bench.suite import Suite, TaskSpec, builtin_suite, load_task_data
 from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, describe
+from mergestream.errors import CheckpointError
 from mergestream.io.lora import ADAPTER_WEIGHTS
+from mergestream.progress import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +142,7 @@ class FinetuneResult:
     losses: list[float]  # training loss of every step
     seconds: float
     evals: list[tuple[int, float]]  # (step, test accuracy) when eval_every is set
+    moved: bool = True  # whether any trained weight differs from where it started
 
 
 class _TrainBatches:
@@ -196,12 +201,14 @@ def finetune(
     log_every: int = 25,
     pooling: str = "mean",
     initial_accuracy: float | None = None,
+    progress: Ticker | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head``.
 
     With ``eval_every > 0`` the test accuracy is measured every that many steps (and at
     steps 0 and ``recipe.steps``) using ``evaluator``, whose model must be ``model``;
     ``initial_accuracy``, when the caller has it, is step 0's (not measured again).
+    ``progress`` is told each step and the mean loss of the last ten.
     """
     device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
@@ -209,6 +216,9 @@ def finetune(
     data = _TrainBatches(tokenizer, task.train, recipe.max_length)
     batches = data(recipe.batch_size, recipe.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    # A copy of the trained weights, to tell afterwards whether training changed anything
+    # (with identical class heads every gradient is zero and nothing is learned).
+    initial = [p.detach().clone() for p in params]
     opt = _adamw(params, recipe)
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
@@ -237,6 +247,9 @@ def finetune(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if progress is not None:
+            recent = losses[-10:]
+            progress.update(step + 1, f"loss {sum(recent) / len(recent):.4f}")
         if log_every and (step + 1) % log_every == 0:
             recent = losses[-log_every:]
             log.info(
@@ -252,8 +265,11 @@ def finetune(
             _eval(step + 1)
             model.train()
     seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.close()
     model.eval()
-    return FinetuneResult(losses, seconds, evals)
+    moved = any(not torch.equal(a, p.detach()) for a, p in zip(initial, params, strict=True))
+    return FinetuneResult(losses, seconds, evals, moved)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +337,7 @@ def build_zoo(
     device: str = "cpu",
     eval_every: int = 0,
     fetch: bool = True,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Fine-tune one checkpoint per built-in task into ``out``: :func:`build_suite_zoo` on the
     suite ``{builtin: name}`` of each of ``tasks``, split by ``n_test``/``max_train``/
@@ -337,6 +354,7 @@ def build_zoo(
         device=device,
         eval_every=eval_every,
         fetch=fetch,
+        progress=progress,
     )
 
 
@@ -378,6 +396,7 @@ def build_suite_zoo(
     eval_every: int = 0,
     fetch: bool = True,
     report: Callable[[str], None] = log.info,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Fine-tune one checkpoint per task of ``suite`` into ``out`` (see the module docstring).
 
@@ -385,7 +404,15 @@ def build_suite_zoo(
     suite's, else its sentence-transformers config's. Tasks already done are skipped, so an
     interrupted build resumes where it stopped; a finished task whose suite entry changed
     since is an error. Tasks with a ``checkpoint:`` were fine-tuned elsewhere and are skipped.
-    ``report`` receives one line per task as it starts and ends, with the split's counts.
+    ``report`` receives one line per task as it starts and ends, with the split's counts;
+    with ``progress`` each task's training shows its step, loss, rate and time left on
+    stderr (:class:`mergestream.progress.Ticker`).
+
+    Before training, an encoder whose tokenizer has more tokens than its embedding has rows
+    is refused (:class:`CheckpointError`). Class heads that are the same for two classes are
+    warned about, and a task whose training left every weight unchanged is an error (a
+    :class:`mergestream.bench.suite.SuiteError` naming its suite entry); nothing is saved
+    for it.
     Returns each fine-tuned task's ``finetune.json`` content.
     """
     recipe = recipe or suite_recipe(suite)
@@ -398,6 +425,7 @@ def build_suite_zoo(
     pretrained_dir = out / "pretrained"
     if not (pretrained_dir / "model.safetensors").is_file():
         model, tokenizer = load_encoder(base_path, num_layers=num_layers)
+        check_vocabulary(model, tokenizer, transformer_dir(base_path or default_model_path()))
         tmp = out / ".pretrained.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _save_model(model, tokenizer, tmp)
@@ -405,6 +433,7 @@ def build_suite_zoo(
         tmp.rename(pretrained_dir)
     else:
         model, tokenizer = load_encoder(pretrained_dir)
+        check_vocabulary(model, tokenizer, pretrained_dir)
     _zoo_meta(
         out,
         {
@@ -442,6 +471,9 @@ def build_suite_zoo(
         report(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip().replace("\n", "\n    "))
         model, tokenizer = load_encoder(pretrained_dir, device=device)
         head = build_head(model, tokenizer, task, max_length=recipe.max_length, pooling=pooling)
+        alike = alike_classes(head, task.class_names)
+        if alike:
+            log.warning("%s", _alike_warning(task, alike, tokenizer))
         if recipe.lora_rank:
             model = with_lora(model, recipe)  # B starts at 0: still the pretrained encoder
         evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
@@ -464,7 +496,10 @@ def build_suite_zoo(
             evaluator=evaluator,
             pooling=pooling,
             initial_accuracy=acc0,
+            progress=Ticker(counter, recipe.steps) if progress else None,
         )
+        if res.losses and not res.moved:
+            raise _unmoved_error(spec, res, alike)
         # With eval_every, the last evaluation is of the final model: not scored twice.
         final_evals = [acc for step, acc in res.evals if step == recipe.steps]
         acc1 = final_evals[-1] if final_evals else evaluator.accuracy(task, head)
@@ -516,6 +551,74 @@ def build_suite_zoo(
         )
         results[name] = info
     return results
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Refuse a tokenizer that can give ids past the end of the encoder's embedding table:
+    the first text holding such a token would stop training with an IndexError."""
+    rows = int(model.get_input_embeddings().num_embeddings)
+    size = len(tokenizer)
+    if size <= rows:
+        return
+    names = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+    where = next((folder / n for n in names if (folder / n).is_file()), folder)
+    raise CheckpointError(
+        f"{where}: the tokenizer has {size} tokens (ids up to {size - 1}), but the encoder's "
+        f"embedding table has {rows} rows (vocab_size in {folder / 'config.json'}); the "
+        "tokenizer belongs to another model: put the tokenizer these weights were trained "
+        "with in the folder"
+    )
+
+
+def alike_classes(head: Tensor, class_names: Sequence[str]) -> list[list[str]]:
+    """Classes whose head vectors are the same (to float round-off), in sets of two or more:
+    no fine-tuning can tell them apart."""
+    close = torch.cdist(head.float(), head.float()) <= 1e-5
+    seen: set[int] = set()
+    sets = []
+    for i in range(len(class_names)):
+        if i in seen:
+            continue
+        same = [j for j in range(len(class_names)) if bool(close[i, j])]
+        seen.update(same)
+        if len(same) > 1:
+            sets.append([class_names[j] for j in same])
+    return sets
+
+
+def _alike_warning(task: TaskData, alike: list[list[str]], tokenizer: Any) -> str:
+    sets = "; ".join(", ".join(map(repr, names)) for names in alike)
+    unknown = [name for names in alike for name in names if _all_unknown(tokenizer, name)]
+    why = (
+        f"the tokenizer knows no word of {', '.join(map(repr, unknown))} (all "
+        f"{tokenizer.unk_token}), so their prompts are the same tokens"
+        if unknown
+        else "their prompts embed the same"
+    )
+    return (
+        f"{task.name}: class heads are indistinguishable ({sets}): {why}; fine-tuning cannot "
+        "tell these classes apart"
+    )
+
+
+def _all_unknown(tokenizer: Any, text: str) -> bool:
+    unk = tokenizer.unk_token_id
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return unk is not None and bool(ids) and all(i == unk for i in ids)
+
+
+def _unmoved_error(spec: TaskSpec, res: FinetuneResult, alike: list[list[str]]) -> Exception:
+    why = (
+        "its class heads are indistinguishable (see the warning above), so every gradient "
+        "is zero; use an encoder whose tokenizer knows the class names, or other class "
+        "names or templates"
+        if alike
+        else "every gradient was zero; check the recipe (lr, steps) and the encoder"
+    )
+    return spec.error(
+        f"fine-tuning left every weight unchanged ({len(res.losses)} steps, loss "
+        f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f}): {why}; nothing was saved for this task"
+    )
 
 
 def fixtures_dir() -> Path:
@@ -607,6 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         eval_every=args.eval_every,
         fetch=fetch,
+        progress=True,
     )
     for name, info in results.items():
         print(
