@@ -105,6 +105,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             fetch=not args.no_fetch,
             report=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+            progress=not args.quiet,
         )
     for name, info in results.items():
         print(
