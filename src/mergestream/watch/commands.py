@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..yaml_lines import parse_yaml
 
 # Types of the WatchOptions fields that a config file or flag may set (paths are resolved
 # against the config file's folder).
@@ -38,19 +39,22 @@ OPTION_TYPES: dict[str, type] = {
 
 
 def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping, with a clear error if it does not."""
+    """A YAML file that must hold a mapping, with a clear error if it does not. Its mappings
+    know their keys' lines (`yaml_lines.key_line`); a key given twice is an error naming file
+    and line, since YAML alone would silently keep the last value."""
     try:
-        import yaml
+        import yaml  # noqa: F401 - only to say how to install it
     except ImportError:
         raise ConfigError(
             f"{path}: reading a {what} needs PyYAML (pip install 'mergestream[watch]')"
         ) from None
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    data = parse_yaml(text, str(path), ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
     return data
