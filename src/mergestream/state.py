@@ -196,6 +196,31 @@ class MergeState:
         )
         return cls(storage, base_source, config_dir(base))
 
+    @classmethod
+    def planned(
+        cls,
+        path: str | Path,
+        base: str | Path,
+        method: ContinualMethod | str = "opcm",
+        *,
+        state_dtype: str | None = None,
+        **params: Any,
+    ) -> MergeState:
+        """The state `create(path, base, method, ...)` would start, held in memory: made from
+        the base's headers alone (nothing is hashed or written), so that a caller can check
+        what it will do before the long work starts, e.g. `check_export` before a first step.
+        Raises what `create` would raise for the path, the method or the base."""
+        path = Path(path)
+        resolved_method = _resolve_method(method, params)
+        base_source = refuse_adapter_as_base(open_checkpoint(base))
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StateError(f"{path}: exists and is not an empty directory")
+        base_path = Path(base).resolve()
+        manifest = cls._new_manifest(
+            resolved_method, base_source, str(base_path), state_dtype, hash_base=False
+        )
+        return cls(_PlannedStorage(path, manifest), base_source, config_dir(base_path))
+
     @staticmethod
     def _new_manifest(
         method: ContinualMethod,
@@ -769,10 +794,7 @@ class MergeState:
         with self._storage.lock(exclusive=False):
             self._reload_manifest()
             self._check_base_unchanged(verify=verify_base)
-            weight_names = export_weight_names(
-                self._base, self._info_by_name, dtype, max_shard_size
-            )
-            written = {*weight_names, "README.md", *model_files(self._base_dir)}
+            written = self._export_files(dtype, max_shard_size)
             needed = sum(s.nbytes for _, s in output_specs(self._base, self._info_by_name, dtype))
 
             def build(directory: Path) -> list[str]:
@@ -876,6 +898,40 @@ class MergeState:
                     f"{out}: cannot export there: it would replace {what}; choose another "
                     "output directory"
                 )
+
+    def check_export(
+        self,
+        out: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+    ) -> None:
+        """Refuse `out` for every reason `export` would refuse it, from paths and headers
+        alone, writing nothing: a long run checks where it will publish before its first step
+        rather than after the merge."""
+        out = Path(out)
+        with self._storage.lock(exclusive=False):
+            self._reload_manifest()
+            self._check_export_target(out)
+            plan_output_dir(out, overwrite, {*self._export_files(dtype, max_shard_size), MARKER})
+
+    def _export_files(self, dtype: torch.dtype | None, max_shard_size: int | str) -> set[str]:
+        """The files `export` writes, its marker aside: the weights (one file or the shards
+        and their index), the model card and the base's config and tokenizer files."""
+        weight_names = export_weight_names(self._base, self._info_by_name, dtype, max_shard_size)
+        return {*weight_names, "README.md", *model_files(self._base_dir)}
+
+
+class _PlannedStorage(MemoryStorage):
+    """The storage of a state not created yet (`MergeState.planned`): the manifest `create`
+    would commit, in memory, and the directory the state will have, so the checks that
+    protect the state directory see it."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        super().__init__()
+        self.path = path
+        self.commit(manifest)
 
 
 def _tell_dropped_preparation(dropped: list[str]) -> None:
