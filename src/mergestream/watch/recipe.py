@@ -8,35 +8,130 @@
     checkpoints:                     # merged in this order; a glob expands in name order
       - finetuned/task-a
       - finetuned/more-*
+    strip_prefix: model.             # optional: add's options, for every checkpoint
+    missing: base                    # (force_base, strip_prefix, add_prefix, missing, extra,
+                                     # allow_duplicate, allow_zero)
     export:                          # optional
       out: merged/
       dtype: bfloat16
       max_shard_size: 5GB
+      overwrite: true                # optional: export into a non-empty folder (as --overwrite)
 
-Running it again is safe: checkpoints already in the state's ledger are skipped, and a recipe
-whose list no longer starts with what the state merged is refused (the merge would not be what
-the recipe says). The recipe is stored in the state (`recipe.yaml`) and appended to the exported
-model card, so the merged model says how to make it again.
+Every key is checked before anything is written, and so is the export target (as `export`
+checks it), so a recipe whose export would be refused merges nothing. A key given twice is an
+error naming file and line. Running it again is safe: checkpoints already in the state's ledger
+are skipped, and a recipe whose list no longer starts with what the state merged is refused (the
+merge would not be what the recipe says). The recipe is stored in the state (`recipe.yaml`) and
+appended to the exported model card, so the merged model says how to make it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MergestreamError
+from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES, STATE_DTYPE_NAMES
+from ..yaml_lines import key_line
 from .commands import load_yaml_mapping
 
+if TYPE_CHECKING:
+    from ..state import MergeState
+
 RECIPE_FILE = "recipe.yaml"
-KNOWN_KEYS = {"base", "method", "params", "state", "state_dtype", "checkpoints", "export"}
-EXPORT_KEYS = {"out", "dtype", "max_shard_size"}
-DTYPES = ("float32", "float16", "bfloat16")
+# What `add` takes to fit a checkpoint to the base or to accept it (names as MergeState.add's
+# keywords and, with - for _, as add's flags); a recipe gives them once, for every checkpoint.
+ADD_KEYS: dict[str, type | tuple[str, ...]] = {
+    "force_base": bool,
+    "strip_prefix": str,
+    "add_prefix": str,
+    "missing": MISSING_POLICIES,
+    "extra": EXTRA_POLICIES,
+    "allow_duplicate": bool,
+    "allow_zero": bool,
+}
+KNOWN_KEYS = (
+    "base",
+    "method",
+    "params",
+    "state",
+    "state_dtype",
+    "checkpoints",
+    *ADD_KEYS,
+    "export",
+)
+EXPORT_KEYS = ("out", "dtype", "max_shard_size", "overwrite")
+_KIND_NAMES = {bool: "true or false", str: "a string", dict: "a mapping"}
 
 
-def expand_checkpoints(entries: Any, folder: Path, where: Path) -> list[Path]:
-    """The recipe's checkpoint list with globs expanded (by name) and paths made absolute."""
+@dataclasses.dataclass
+class RecipeExport:
+    """The recipe's `export:` mapping, checked."""
+
+    out: Path
+    dtype: str | None
+    max_shard_size: int | str
+    overwrite: bool
+    where: str  # "recipe.yaml:LINE" of the mapping, for messages
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A recipe file, checked, its paths made absolute."""
+
+    path: Path
+    base: Path
+    method: str
+    params: dict[str, Any]
+    state_dir: Path
+    state_dtype: str | None
+    checkpoints: list[Path]
+    add_options: dict[str, Any]  # keywords of MergeState.add, for every checkpoint
+    export: RecipeExport | None
+
+
+def _where(path: Path, mapping: Any, key: str | None = None) -> str:
+    """The place of `key` in a mapping of the recipe, "FILE:LINE" (of the mapping without a
+    key; "FILE" when the line is unknown)."""
+    line = key_line(mapping, key)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _value(path: Path, mapping: Mapping[str, Any], key: str, kind: type | tuple[str, ...]) -> Any:
+    """`mapping[key]` (None when absent or null), checked against a type or a tuple of the
+    strings it may be, with an error naming file and line."""
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ConfigError(
+                f"{_where(path, mapping, key)}: {key} must be one of {', '.join(kind)}, "
+                f"got {value!r}"
+            )
+    # bool is an int to Python, and YAML reads `yes` as true: only the type asked for passes.
+    elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(
+            f"{_where(path, mapping, key)}: {key} must be {_KIND_NAMES[kind]}, got {value!r}"
+        )
+    return value
+
+
+def _check_keys(path: Path, mapping: Mapping[str, Any], known: tuple[str, ...], what: str) -> None:
+    for key in mapping:
+        if key not in known:
+            raise ConfigError(
+                f"{_where(path, mapping, key)}: unknown {what} {key!r}; known: {', '.join(known)}"
+            )
+
+
+def expand_checkpoints(entries: Any, folder: Path, where: str) -> list[Path]:
+    """The recipe's checkpoint list with globs expanded (by name) and paths made absolute;
+    `where` ("FILE:LINE") starts every error."""
     if isinstance(entries, str):
         entries = [entries]
     if not isinstance(entries, list) or not entries:
@@ -62,106 +157,195 @@ def expand_checkpoints(entries: Any, folder: Path, where: Path) -> list[Path]:
     return paths
 
 
-def _recipe(path: Path) -> dict[str, Any]:
-    recipe = load_yaml_mapping(path, "recipe")
-    unknown = sorted(set(recipe) - KNOWN_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown key {unknown[0]!r}; a recipe has {', '.join(sorted(KNOWN_KEYS))}"
-        )
+def read_recipe(path: Path, options: Mapping[str, Any] | None = None) -> Recipe:
+    """Read and check a recipe file; `options` (add's options in ADD_KEYS and `overwrite`, as
+    `run`'s flags give them) take the place of the recipe's. Every error names the file (and
+    the line where it can)."""
+    path = Path(path)
+    raw = load_yaml_mapping(path, "recipe")
+    _check_keys(path, raw, KNOWN_KEYS, "key")
     for key in ("base", "checkpoints"):
-        if key not in recipe:
+        if key not in raw:
             raise ConfigError(f"{path}: the recipe needs {key!r}")
-    if not isinstance(recipe.get("params", {}) or {}, dict):
-        raise ConfigError(f"{path}: 'params' must be a mapping of parameter names to values")
-    export = recipe.get("export")
-    if export is not None:
-        if not isinstance(export, dict) or "out" not in export:
-            raise ConfigError(f"{path}: 'export' must be a mapping with at least 'out'")
-        unknown = sorted(set(export) - EXPORT_KEYS)
-        if unknown:
+    folder = path.parent
+    method, params = _read_method(path, raw)
+    base = _value(path, raw, "base", str)
+    if not base:
+        raise ConfigError(f"{_where(path, raw, 'base')}: 'base' must be the base model's path")
+    if not (folder / base).exists():
+        raise ConfigError(
+            f"{_where(path, raw, 'base')}: base {base!r} does not exist ({folder / base})"
+        )
+    state = _value(path, raw, "state", str) or f"{path.stem}.state"
+    flags = dict(options or {})
+    overwrite = flags.pop("overwrite", None)
+    add_options = {key: _value(path, raw, key, kind) for key, kind in ADD_KEYS.items()}
+    add_options.update((key, value) for key, value in flags.items() if value is not None)
+    return Recipe(
+        path=path,
+        base=(folder / base).resolve(),
+        method=method,
+        params=params,
+        state_dir=folder / state,
+        state_dtype=_value(path, raw, "state_dtype", STATE_DTYPE_NAMES),
+        checkpoints=expand_checkpoints(
+            raw["checkpoints"], folder, _where(path, raw, "checkpoints")
+        ),
+        add_options={key: value for key, value in add_options.items() if value is not None},
+        export=_read_export(path, raw, overwrite),
+    )
+
+
+def _read_method(path: Path, raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The recipe's method and parameters, checked by building the method: an unknown method
+    or parameter is the recipe's error, so the message says where it is."""
+    from ..methods import get_method
+
+    method = _value(path, raw, "method", str) or "opcm"
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(
+            f"{_where(path, raw, 'params')}: 'params' must be a mapping of parameter names to "
+            "values"
+        )
+    try:
+        known = get_method(method).config.to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{_where(path, raw, 'method')}: {err}") from None
+    try:
+        get_method(method, **params)
+    except ConfigError as err:
+        unknown = [key for key in params if key not in known]
+        place = _where(path, params, unknown[0]) if unknown else _where(path, raw, "params")
+        raise ConfigError(f"{place}: {err}") from None
+    return method, dict(params)
+
+
+def _read_export(path: Path, raw: Mapping[str, Any], overwrite: bool | None) -> RecipeExport | None:
+    """The recipe's `export:` mapping, checked; `overwrite` (run's flag) wins over its own."""
+    from ..export import parse_size
+
+    export = raw.get("export")
+    if export is None:
+        if overwrite:
             raise ConfigError(
-                f"{path}: unknown export key {unknown[0]!r}; "
-                f"known: {', '.join(sorted(EXPORT_KEYS))}"
+                f"{path}: --overwrite applies to the export, and the recipe has no 'export:'"
             )
-        if export.get("dtype") is not None and export["dtype"] not in DTYPES:
-            raise ConfigError(f"{path}: export dtype must be one of {', '.join(DTYPES)}")
-    return recipe
+        return None
+    where = _where(path, raw, "export")
+    if not isinstance(export, dict) or not _value(path, export, "out", str):
+        raise ConfigError(f"{where}: 'export' must be a mapping with at least 'out' (a path)")
+    _check_keys(path, export, EXPORT_KEYS, "export key")
+    size = export.get("max_shard_size", "5GB")
+    try:
+        if isinstance(size, bool) or not isinstance(size, (int, str)):
+            raise ConfigError(f"max_shard_size must be a size such as 5GB, got {size!r}")
+        parse_size(size)
+    except ConfigError as err:
+        raise ConfigError(f"{_where(path, export, 'max_shard_size')}: {err}") from None
+    given = _value(path, export, "overwrite", bool)
+    return RecipeExport(
+        out=path.parent / export["out"],
+        dtype=_value(path, export, "dtype", EXPORT_DTYPES),
+        max_shard_size=size,
+        overwrite=bool(overwrite if overwrite is not None else given),
+        where=where,
+    )
 
 
-def run_recipe(path: Path, *, quiet: bool = False) -> Path:
+def run_recipe(
+    path: Path, *, quiet: bool = False, options: Mapping[str, Any] | None = None
+) -> Path:
     """Create or continue the recipe's state, merge its checkpoints in order, export; returns
-    the state directory."""
+    the state directory. `options` are `run`'s flags (see `read_recipe`). The recipe, the
+    state and the export target are all checked before the first step."""
     from ..progress import default_progress
     from ..state import MergeState
 
-    path = Path(path)
-    recipe = _recipe(path)
-    folder = path.parent
-    base = (folder / str(recipe["base"])).resolve()
-    method = str(recipe.get("method", "opcm"))
-    params = dict(recipe.get("params") or {})
-    state_dir = folder / str(recipe.get("state") or f"{path.stem}.state")
-    checkpoints = expand_checkpoints(recipe["checkpoints"], folder, path)
+    recipe = read_recipe(Path(path), options)
     progress = default_progress(quiet)
-
-    if (state_dir / "manifest.json").is_file():
-        state = MergeState.open(state_dir)
-        _check_same_merge(state, base, method, params, path)
-    else:
-        state = MergeState.create(
-            state_dir,
-            base,
-            method=method,
-            state_dtype=recipe.get("state_dtype"),
-            progress=progress,
-            **params,
-        )
-    done = [Path(e["path"]) for e in state.ledger]
-    if done != checkpoints[: len(done)]:
+    state: MergeState | None = None
+    if (recipe.state_dir / "manifest.json").is_file():
+        state = MergeState.open(recipe.state_dir)
+        _check_same_merge(state, recipe)
+    done = [Path(e["path"]) for e in state.ledger] if state is not None else []
+    if done != recipe.checkpoints[: len(done)]:
         raise MergestreamError(
-            f"{path}: the state {state_dir} merged {[str(p) for p in done]}, which is not the "
-            f"start of the recipe's checkpoint list; use a new state for this recipe"
+            f"{recipe.path}: the state {recipe.state_dir} merged {[str(p) for p in done]}, "
+            "which is not the start of the recipe's checkpoint list; use a new state for this "
+            "recipe"
         )
-    _store_recipe(state_dir, path)
-    for checkpoint in checkpoints[len(done) :]:
-        stats = state.add(checkpoint, progress=progress)
+    if recipe.export is not None:
+        # A new state is checked as it will be, from headers: nothing is hashed or written yet.
+        target = state or MergeState.planned(
+            recipe.state_dir,
+            recipe.base,
+            recipe.method,
+            state_dtype=recipe.state_dtype,
+            **recipe.params,
+        )
+        _check_export(target, recipe.export)
+    if state is None:
+        state = MergeState.create(
+            recipe.state_dir,
+            recipe.base,
+            method=recipe.method,
+            state_dtype=recipe.state_dtype,
+            progress=progress,
+            **recipe.params,
+        )
+    _store_recipe(recipe.state_dir, recipe.path)
+    for checkpoint in recipe.checkpoints[len(done) :]:
+        stats = state.add(checkpoint, progress=progress, **recipe.add_options)
         if not quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s", flush=True)
-    export = recipe.get("export")
+    export = recipe.export
     if export is not None:
-        out = folder / str(export["out"])
-        dtype = _torch_dtype(export.get("dtype"))
         state.export(
-            out,
-            dtype=dtype,
-            max_shard_size=export.get("max_shard_size", "5GB"),
+            export.out,
+            dtype=_torch_dtype(export.dtype),
+            max_shard_size=export.max_shard_size,
+            overwrite=export.overwrite,
             progress=progress,
         )
-        append_recipe_to_card(out / "README.md", path)
+        append_recipe_to_card(export.out / "README.md", recipe.path)
         if not quiet:
-            print(f"wrote the merged model after {state.step} steps to {out}", flush=True)
-    return state_dir
+            print(f"wrote the merged model after {state.step} steps to {export.out}", flush=True)
+    return recipe.state_dir
 
 
-def _check_same_merge(
-    state: Any, base: Path, method: str, params: dict[str, Any], where: Path
-) -> None:
+def _check_export(state: MergeState, export: RecipeExport) -> None:
+    """Refuse the recipe's export target before the first step, for what `export` would refuse
+    after the merge."""
+    try:
+        state.check_export(
+            export.out,
+            dtype=_torch_dtype(export.dtype),
+            max_shard_size=export.max_shard_size,
+            overwrite=export.overwrite,
+        )
+    except MergestreamError as err:
+        raise MergestreamError(
+            f"{export.where}: the export target is refused, so nothing was merged: {err}"
+        ) from None
+
+
+def _check_same_merge(state: MergeState, recipe: Recipe) -> None:
     """Refuse to continue a state made with another base or method than the recipe's."""
     from ..methods import get_method
 
     status = state.status()
-    wanted = get_method(method, **params)
+    wanted = get_method(recipe.method, **recipe.params)
     recorded = status["method"]
     if recorded["name"] != wanted.name or recorded["params"] != wanted.config.to_dict():
         raise MergestreamError(
-            f"{where}: the existing state uses {recorded['name']} {recorded['params']}, the "
-            f"recipe {wanted.name} {wanted.config.to_dict()}; use a new state for this recipe"
+            f"{recipe.path}: the existing state uses {recorded['name']} {recorded['params']}, "
+            f"the recipe {wanted.name} {wanted.config.to_dict()}; use a new state for this recipe"
         )
-    if Path(status["base"]).resolve() != base:
+    if Path(status["base"]).resolve() != recipe.base:
         raise MergestreamError(
-            f"{where}: the existing state's base is {status['base']}, the recipe's {base}; "
-            "use a new state for this recipe"
+            f"{recipe.path}: the existing state's base is {status['base']}, the recipe's "
+            f"{recipe.base}; use a new state for this recipe"
         )
 
 
