@@ -249,6 +249,7 @@ def test_format_1_states_are_still_read(committed, stream):
     manifest = json.loads((state / "manifest.json").read_text())
     manifest["format_version"] = 1
     del manifest["parts"]
+    del manifest["checksum"]  # format 1 manifests carried none
     (state / "manifest.json").write_text(json.dumps(manifest))
     old = MergeState.open(state).state_dict()
     reference = MergeState.in_memory(stream["base"], "opcm")

@@ -19,6 +19,7 @@ import mergestream
 import mergestream.methods.opcm as opcm
 from mergestream import MergeState
 from mergestream.cli import main
+from mergestream.manifest import seal_manifest
 from mergestream.prepare import DamagedPreparationWarning
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
@@ -160,7 +161,7 @@ def test_a_damaged_or_stale_preparation_is_recomputed(stream, monkeypatch, damag
         manifest_path = tmp / "s" / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
         manifest["prepared"]["key"] = "0" * 64
-        manifest_path.write_text(json.dumps(manifest))
+        manifest_path.write_text(json.dumps(seal_manifest(manifest)))  # as mergestream writes
     counter = DecompositionCounter(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

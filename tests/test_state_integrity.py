@@ -252,3 +252,120 @@ def test_a_real_full_disk_at_every_margin_leaves_nothing_behind(tiny_stream, sma
             break
     assert outcomes[0] == "refused" and outcomes[-1] == "added", outcomes
     assert sorted(p.name for p in small_disk.iterdir()) == ["s"]
+
+
+# ------------------------------------------------------------------- a manifest edited by hand
+
+
+@pytest.fixture
+def two_steps(tiny_stream, tmp_path):
+    """An OPCM state at step 2, made through the command line, and its checkpoints."""
+    base, checkpoints = tiny_stream
+    state_dir = tmp_path / "s"
+    assert main(["init", str(state_dir), "--base", str(base), "--quiet"]) == 0
+    assert main(["add", str(state_dir), *map(str, checkpoints[:2]), "--quiet"]) == 0
+    return state_dir, checkpoints
+
+
+def edit_manifest(state_dir: Path, change, keep_checksum: bool = True) -> None:  # noqa: ANN001
+    path = state_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    if not keep_checksum:  # as a manifest written before manifests carried one
+        del manifest["checksum"]
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def refused_everywhere(state_dir: Path, checkpoint: Path, capsys) -> str:  # noqa: ANN001
+    """The one error line that status, add and export each give for the state."""
+    capsys.readouterr()
+    lines = set()
+    for argv in (
+        ["status", str(state_dir)],
+        ["add", str(state_dir), str(checkpoint), "--quiet"],
+        ["export", str(state_dir), str(state_dir.parent / "out"), "--quiet"],
+    ):
+        before = files_of(state_dir)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mergestream: error: "), err
+        lines.add(err[0])
+        assert files_of(state_dir) == before
+    assert not (state_dir.parent / "out").exists()
+    assert len(lines) == 1, lines
+    return lines.pop()
+
+
+@pytest.mark.parametrize("keep_checksum", [True, False])
+def test_edited_scalars_are_refused(two_steps, capsys, keep_checksum):
+    state_dir, checkpoints = two_steps
+    edit_manifest(state_dir, lambda m: m["scalars"].update(scale=5), keep_checksum)
+    line = refused_everywhere(state_dir, checkpoints[2], capsys)
+    assert line.startswith(f"mergestream: error: {state_dir / 'manifest.json'}: scalars ")
+    assert "scale=5" in line and "differ from those the ledger recorded at step 2" in line
+    assert "changed outside mergestream" in line
+
+
+@pytest.mark.parametrize("keep_checksum", [True, False])
+def test_an_edited_step_is_refused(two_steps, capsys, keep_checksum):
+    state_dir, checkpoints = two_steps
+    edit_manifest(state_dir, lambda m: m.update(step=7), keep_checksum)
+    line = refused_everywhere(state_dir, checkpoints[2], capsys)
+    assert f"{state_dir / 'manifest.json'}: step is 7 but the ledger records 2 steps" in line
+
+
+def test_another_method_is_refused_naming_the_manifest(two_steps, capsys):
+    state_dir, checkpoints = two_steps
+    edit_manifest(state_dir, lambda m: m["method"].update(name="ties"))
+    line = refused_everywhere(state_dir, checkpoints[2], capsys)
+    assert f"{state_dir / 'manifest.json'}: its content does not match the checksum" in line
+    # Without a checksum (an older manifest), the method cannot be set up: the manifest is named.
+    edit_manifest(state_dir, lambda m: None, keep_checksum=False)
+    with pytest.raises(StateError) as raised:
+        MergeState.open(state_dir)
+    message = str(raised.value)
+    assert message.startswith(f"{state_dir / 'manifest.json'}: the state's method cannot be set")
+    assert "unknown parameter 'alpha'" in message
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["method"]["params"].update(alpha=0.9),
+        lambda m: m["ledger"][0].update(sha256="0" * 64),
+        lambda m: m["base"].update(sha256="0" * 64),
+        lambda m: m["parts"][0]["crc32"].popitem(),
+    ],
+)
+def test_any_other_edit_fails_the_checksum(two_steps, capsys, change):
+    state_dir, checkpoints = two_steps
+    edit_manifest(state_dir, change)
+    line = refused_everywhere(state_dir, checkpoints[2], capsys)
+    assert f"{state_dir / 'manifest.json'}: its content does not match the checksum" in line
+
+
+def test_a_manifest_without_a_checksum_opens_and_gains_one(two_steps, tiny_stream):
+    state_dir, checkpoints = two_steps
+    edit_manifest(state_dir, lambda m: None, keep_checksum=False)
+    state = MergeState.open(state_dir)
+    assert state.step == 2
+    state.add(checkpoints[2])
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    assert len(manifest["checksum"]) == 64
+    edit_manifest(state_dir, lambda m: m["scalars"].update(norm_sum=1.0))
+    with pytest.raises(StateError, match="scalars"):
+        MergeState.open(state_dir)
+
+
+def test_the_base_path_may_be_edited_to_follow_a_moved_base(two_steps, tiny_stream, tmp_path):
+    """The base's path is left out of the checksum: its content is checked at every add."""
+    state_dir, checkpoints = two_steps
+    base, _ = tiny_stream
+    moved = tmp_path / "moved-base"
+    base.rename(moved)
+    with pytest.raises(StateError, match="the state's base cannot be opened"):
+        MergeState.open(state_dir)
+    edit_manifest(state_dir, lambda m: m["base"].update(path=str(moved)))
+    state = MergeState.open(state_dir)
+    state.add(checkpoints[2])
+    assert state.step == 3

@@ -82,9 +82,72 @@ def check_format(manifest: Any, where: object) -> None:
     parts = manifest.get("parts")
     if version >= 2 and manifest["generation"] is not None and not isinstance(parts, list):
         raise StateError(f"{where}: the state manifest lacks 'parts'; it is damaged")
+    check_consistency(manifest, where)
 
 
 _MISSING = object()
+
+# Written with every manifest: the SHA-256 of the rest of it (see `manifest_checksum`).
+CHECKSUM = "checksum"
+
+EDITED = (
+    "it was changed outside mergestream (edited by hand, or damaged); undo the change or "
+    "restore the file from a backup (to merge with other settings, init a new state)"
+)
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON, less its checksum and the base's path: a base
+    that moved may be pointed to by editing its path, since every add and export checks the
+    base's content against the fingerprint recorded at init."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != CHECKSUM}))
+    if isinstance(body.get("base"), dict):
+        body["base"].pop("path", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as written to disk: with its checksum (replacing any it had)."""
+    sealed = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    sealed[CHECKSUM] = manifest_checksum(sealed)
+    return sealed
+
+
+def check_consistency(manifest: Mapping[str, Any], where: object) -> None:
+    """Refuse a manifest that was changed outside mergestream: its step, ledger, scalars and
+    generation must agree (what each step writes together), and its checksum, where it has
+    one, must match (manifests written before checksums gain one at their next write)."""
+    file = where if str(where).startswith("<") else Path(str(where)) / MANIFEST
+    step, ledger = manifest["step"], manifest["ledger"]
+    if step != len(ledger):
+        raise StateError(
+            f"{file}: step is {step} but the ledger records {len(ledger)} steps; {EDITED}"
+        )
+    for number, entry in enumerate(ledger, start=1):
+        if not isinstance(entry, dict) or entry.get("step") != number:
+            raise StateError(
+                f"{file}: ledger entry {number} is not a record of step {number}; {EDITED}"
+            )
+    last = ledger[-1].get("scalars") if ledger else None
+    if isinstance(last, dict) and last != manifest["scalars"]:
+        raise StateError(
+            f"{file}: scalars {_scalars(manifest['scalars'])} differ from those the ledger "
+            f"recorded at step {step} ({_scalars(last)}); {EDITED}"
+        )
+    if (manifest["generation"] is None) != (step == 0):
+        raise StateError(
+            f"{file}: generation {manifest['generation']} does not fit step {step}; {EDITED}"
+        )
+    recorded = manifest.get(CHECKSUM)
+    if recorded is not None and recorded != manifest_checksum(manifest):
+        raise StateError(
+            f"{file}: its content does not match the checksum written with it; {EDITED}"
+        )
+
+
+def _scalars(scalars: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in scalars.items())
 
 
 def _type_names(kind: type | tuple[type, ...]) -> str:

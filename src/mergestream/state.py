@@ -60,6 +60,7 @@ from .io.safetensors_stream import dtype_name
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
+    MANIFEST,
     check_format,
     check_parts,
     generation_dir_name,
@@ -109,9 +110,7 @@ class MergeState:
         self._storage = storage
         self._manifest = storage.load_manifest()
         check_format(self._manifest, self._where)
-        self.method = get_method(
-            self._manifest["method"]["name"], **self._manifest["method"]["params"]
-        )
+        self.method = _method_of(self._manifest, self._where)
         self.method.state_dtype = STATE_DTYPES[self._manifest["state_dtype"]]
         self._use_generation()
         self._base = base
@@ -932,6 +931,20 @@ class _PlannedStorage(MemoryStorage):
         super().__init__()
         self.path = path
         self.commit(manifest)
+
+
+def _method_of(manifest: Mapping[str, Any], where: str) -> ContinualMethod:
+    """The manifest's method; one that cannot be set up is named as the manifest's fault."""
+    method = manifest["method"]
+    try:
+        return get_method(method["name"], **method["params"])
+    except ConfigError as err:
+        file = where if where.startswith("<") else Path(where) / MANIFEST
+        raise StateError(
+            f"{file}: the state's method cannot be set up from it ({err}); it was changed "
+            "outside mergestream, or written by one that knows other methods (it was written "
+            f"by mergestream {manifest.get('mergestream_version', '?')}, this is {__version__})"
+        ) from None
 
 
 def _tell_dropped_preparation(dropped: list[str]) -> None:

@@ -3,7 +3,8 @@
 Disk layout of a state directory:
     manifest.json          method, params, base, step, scalars, ledger, current generation and
                            its parts: every file of the generation with its size, the SHA-256 of
-                           its header and the CRC-32 of each tensor
+                           its header and the CRC-32 of each tensor; and a SHA-256 of the rest
+                           of itself (`manifest.seal_manifest`), so a hand edit is refused
     gen-000003/sum.safetensors   part files of the generation (the local engine writes one per
                            state tensor kind, in the base's names)
     lock                   held (flock) by a running add; shared by readers
@@ -11,7 +12,8 @@ Disk layout of a state directory:
 A step writes generation g+1 beside g, fsyncs it, then replaces manifest.json by an atomic rename
 (fsync'd before and after). A crash at any instant therefore leaves the old manifest pointing at
 intact old tensors, or the new manifest pointing at complete new ones. Stale generations are
-removed after the rename, and leftovers of an interrupted step are removed by the next one.
+removed after the rename; a step that fails removes its new generation before it returns
+(`discard`), and what a killed step left is removed by the next one.
 
 Readers go through the manifest's parts only, so a generation may be made of any number of part
 files, each holding some tensors of one state kind (written by several processes, say); each
@@ -41,6 +43,7 @@ from .manifest import (
     check_part_header,
     generation_dir_name,
     load_manifest,
+    seal_manifest,
     state_lock,
 )
 from .methods.base import TensorInfo
@@ -551,7 +554,7 @@ class DiskStorage:
         # state that they leave unchanged.
         with writing(self.path):
             os.close(os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
-            write_json_atomic(self.path / MANIFEST, manifest)
+            write_json_atomic(self.path / MANIFEST, seal_manifest(manifest))
         self._close_handles()
         current = manifest.get("generation")
         if current is not None and manifest.get("parts") is not None:
