@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,25 +64,32 @@ def _mapping(args: argparse.Namespace) -> dict[str, object]:
 def cmd_add(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_plan(args)
+    from .merged_adapter import MergedAdapterWarning
     from .state import MergeState
 
     state = MergeState.open(args.state)
     backend = _backend(args)
     for checkpoint in args.checkpoints:
-        stats = state.add(
-            checkpoint,
-            allow_duplicate=args.allow_duplicate,
-            device=args.device,
-            workers=args.workers,
-            progress=default_progress(args.quiet),
-            verify_base=args.verify_base,
-            backend=backend,
-            force_base=args.force_base,
-            **_mapping(args),
-        )
+        # What a step warns about is told in one line each, after the step's own line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MergedAdapterWarning)
+            stats = state.add(
+                checkpoint,
+                allow_duplicate=args.allow_duplicate,
+                device=args.device,
+                workers=args.workers,
+                progress=default_progress(args.quiet),
+                verify_base=args.verify_base,
+                backend=backend,
+                force_base=args.force_base,
+                allow_zero=args.allow_zero,
+                **_mapping(args),
+            )
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
         if not args.quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s ({scalars})")
+        for warning in caught:
+            print(f"mergestream: warning: {warning.message}", file=sys.stderr)
     return 0
 
 
@@ -362,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-duplicate",
         action="store_true",
         help="merge a checkpoint even if identical content was merged before",
+    )
+    p.add_argument(
+        "--allow-zero",
+        action="store_true",
+        help="merge a checkpoint whose task vector is zero in every tensor (the base itself), "
+        "which still counts as a task",
     )
     p.add_argument("--device", default="cpu", help="where kernels run, e.g. cpu or cuda")
     p.add_argument(

@@ -352,6 +352,7 @@ def run_distributed_step(
     device: str = "cpu",
     workers: int | None = None,
     progress: Progress | None = None,
+    allow_zero: bool = False,
 ) -> tuple[StepStats, list[dict[str, Any]]]:
     """One step with its tensors folded by `executor`'s tasks; returns the step's statistics and
     the generation's parts for the manifest (the caller commits). `previous` is the previous
@@ -416,7 +417,12 @@ def run_distributed_step(
             progress.finish()
         by_name = _partials_by_name(results, infos, tasks)
         new_scalars = finish_step_scalars(
-            method, checkpoint, step, scalars, [by_name[i.name] for i in infos]
+            method,
+            checkpoint,
+            step,
+            scalars,
+            [by_name[i.name] for i in infos],
+            allow_zero=allow_zero,
         )
         parts = sorted((p for r in results for p in r.parts), key=lambda p: p["file"])
         _remove_strays(directory, parts)

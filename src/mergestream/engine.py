@@ -188,6 +188,22 @@ def _check_finite(
 
 CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64
 
+# A partial sum the engine adds to each tensor's own, and takes out again before the method
+# sees the step's totals: 1 when the tensor's task vector has an entry that is not zero. A
+# checkpoint whose total is 0 (the base itself, an adapter whose B factors are all zero) would
+# still count as a task: OPCM's scale grows and the merge is scaled down, averages are diluted.
+NONZERO_PARTIAL = "engine.task_vector_nonzero"
+
+
+def zero_task_vector_error(checkpoint: TensorSource) -> CheckpointError:
+    """The refusal of a checkpoint that equals the base in every merged tensor."""
+    return CheckpointError(
+        f"{checkpoint.description}: its task vector is zero in every tensor (it is the base, "
+        "or an adapter whose B factors are all zero); merging it would still count as a task "
+        "and shrink or dilute the merge (OPCM's scale grows, averages are divided by one more "
+        "model). Nothing was merged; pass allow_zero (--allow-zero) to merge it anyway"
+    )
+
 
 def add_chunked(target: torch.Tensor, other: torch.Tensor, alpha: float = 1) -> torch.Tensor:
     """`target += alpha * other` in place, where `other` may have a narrower dtype.
@@ -228,6 +244,7 @@ def run_step(
     device: torch.device | str = "cpu",
     workers: int | None = None,
     progress: Progress | None = None,
+    allow_zero: bool = False,
 ) -> StepStats:
     """Fold `checkpoint` into the state as step `step` (1-based); returns the new scalars.
 
@@ -241,6 +258,9 @@ def run_step(
     each kernel runs single-threaded: a decomposition of one matrix scales poorly over threads,
     while independent tensors scale almost perfectly. The results do not depend on how many
     workers ran.
+
+    A checkpoint whose task vector is zero in every tensor is refused after the pass, before
+    anything is committed, unless `allow_zero` (see `NONZERO_PARTIAL`).
 
     The step is three parts that other executors (`ray_backend.py`) reuse as they are:
     `prepare_step_scalars`, `fold_tensors` over any subset of the tensors, and
@@ -286,7 +306,9 @@ def run_step(
         ]
     finally:
         progress.finish()
-    new_scalars = finish_step_scalars(method, checkpoint, step, scalars, partials)
+    new_scalars = finish_step_scalars(
+        method, checkpoint, step, scalars, partials, allow_zero=allow_zero
+    )
     return StepStats(
         step=step,
         scalars=new_scalars,
@@ -363,6 +385,8 @@ def fold_tensors(
     one worker runs on the CPU); row-streamed tensors use torch's thread count. The float64
     reductions of the kernels round differently with another thread count, so a process that
     must give another's bits sets both as that process did.
+
+    Each tensor's partial sums also hold the engine's `NONZERO_PARTIAL`.
     """
     device = resolve_device(device)
     if workers is None:
@@ -384,15 +408,17 @@ def fold_tensors(
         with _worker_stream(device) if own_streams else contextlib.nullcontext():
             task_vector = load_task_vector(info, base, checkpoint, device)
             state = _on_device(read_state(info), device)
+            nonzero = float(bool(task_vector.any()))  # before `update`, which may reuse it
             update = method.update(info, step, state, task_vector, step_scalars)
             for key, tensor in update.state.items():
                 _check_state(method, info, key, tensor, info.shape)
                 _check_result_finite(checkpoint, info, f"state {key!r}", tensor, task_vector)
             _check_partials_finite(checkpoint, info, update.partials, task_vector)
+            partials = {**update.partials, NONZERO_PARTIAL: nonzero}
             # Back to the host inside the worker's stream, so the caller never touches device
             # memory that another stream is still writing.
             on_host = {k: v.to("cpu") for k, v in update.state.items()}
-        return TensorUpdate(state=on_host, partials=update.partials)
+        return TensorUpdate(state=on_host, partials=partials)
 
     if own_streams:
         _warm_cuda_linalg(device)
@@ -401,7 +427,7 @@ def fold_tensors(
             more = method.update_rows(rows.info, step, rows, step_scalars)
             _check_partials_finite(checkpoint, rows.info, more, None)
             progress.advance(1, tensor_nbytes(rows.info))
-            yield rows.info, more
+            yield rows.info, {**more, NONZERO_PARTIAL: float(rows.nonzero)}
             continue
         if single_threaded is None:
             single_threaded = workers > 1 and device.type == "cpu"
@@ -419,15 +445,20 @@ def finish_step_scalars(
     step: int,
     scalars: Scalars,
     partials: list[Scalars],
+    *,
+    allow_zero: bool = False,
 ) -> Scalars:
     """The scalars after the step, from every tensor's partial sums given in storage order.
 
     The sums are formed one tensor after another in that order, whoever computed the partials,
-    so the step's scalars are the same bits for every executor and schedule."""
+    so the step's scalars are the same bits for every executor and schedule. Refuses a task
+    vector that is zero in every tensor unless `allow_zero`."""
     total: Scalars = {}
     for more in partials:
         for key, value in more.items():
             total[key] = total.get(key, 0.0) + value
+    if total.pop(NONZERO_PARTIAL, None) == 0.0 and not allow_zero:
+        raise zero_task_vector_error(checkpoint)
     new_scalars = method.finish_step(step, scalars, total)
     _check_scalars_finite(method, checkpoint, step, new_scalars, "the step")
     return new_scalars
@@ -475,9 +506,12 @@ class _StreamedTensor:
         self._read_rows = read_rows
         self._write_rows = write_rows
         self._device = device
+        self.nonzero = False  # whether any row block read so far has a nonzero entry
 
     def task_rows(self, start: int, stop: int) -> torch.Tensor:
-        return load_task_rows(self.info, self._base, self._checkpoint, start, stop, self._device)
+        rows = load_task_rows(self.info, self._base, self._checkpoint, start, stop, self._device)
+        self.nonzero = self.nonzero or bool(rows.any())
+        return rows
 
     def state_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         rows = self._read_rows(self.info, start, stop)

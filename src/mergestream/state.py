@@ -38,6 +38,7 @@ from .engine import (
     run_step,
     single_threaded_kernels,
     tensor_infos,
+    zero_task_vector_error,
 )
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
@@ -67,6 +68,7 @@ from .manifest import (
     state_status,
     summary,
 )
+from .merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
@@ -326,6 +328,7 @@ class MergeState:
         verify_base: bool = False,
         backend: str | Executor | None = None,
         force_base: bool = False,
+        allow_zero: bool = False,
     ) -> StepStats:
         """Merge one checkpoint as the next step and commit it atomically.
 
@@ -338,6 +341,11 @@ class MergeState:
 
         A PEFT LoRA adapter folder is merged from its factors (`io.lora`); `force_base` merges
         one whose `base_model_name_or_path` does not name this state's base.
+
+        A checkpoint whose task vector is zero in every tensor (the base itself) is refused
+        unless `allow_zero`: it would still count as a task and scale the merge down. A full
+        checkpoint that looks like a LoRA adapter merged into the base (low rank plus round-off,
+        `merged_adapter.py`) is merged with a warning and a ledger note: the adapter is exact.
 
         `backend="ray"` (or an executor such as `ray_backend.RayBackend(...)`) folds the step's
         tensors in tasks on a cluster instead of in this process (`distributed.py`), with the
@@ -374,6 +382,13 @@ class MergeState:
                             )
                             + "; pass allow_duplicate (--allow-duplicate) to merge it again"
                         )
+            if not allow_zero and digest is not None and digest == self._manifest["base"]["sha256"]:
+                raise zero_task_vector_error(source)  # the base's own files: refused at once
+            adapter_note = (
+                None
+                if isinstance(source, LoraSource)
+                else merged_adapter_note(self._base, source, self._infos)
+            )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
             method = self.method
@@ -425,10 +440,19 @@ class MergeState:
                     device=str(device),
                     workers=workers,
                     progress=progress,
+                    allow_zero=allow_zero,
                 )
             else:
                 stats, parts = self._local_step(
-                    step, generation, source, read_state, read_state_rows, device, workers, progress
+                    step,
+                    generation,
+                    source,
+                    read_state,
+                    read_state_rows,
+                    device,
+                    workers,
+                    progress,
+                    allow_zero=allow_zero,
                 )
             manifest = json.loads(json.dumps(self._manifest))
             manifest["format_version"] = FORMAT_VERSION
@@ -453,6 +477,8 @@ class MergeState:
             if isinstance(source, MappedSource):
                 entry["mapping"] = source.summary()
             notes = _dtype_notes(self._infos, source)
+            if adapter_note is not None:
+                notes.append(f"looks like a merged LoRA adapter ({adapter_note})")
             if notes:
                 entry["notes"] = notes
             if isinstance(source, LoraSource):
@@ -460,6 +486,12 @@ class MergeState:
             manifest["ledger"].append(entry)
             self._storage.commit(manifest)
             self._manifest = manifest
+            if adapter_note is not None:
+                warnings.warn(
+                    merged_adapter_warning(source.description, adapter_note),
+                    MergedAdapterWarning,
+                    stacklevel=2,
+                )
             return stats
 
     def _executor(
@@ -491,6 +523,8 @@ class MergeState:
         device: torch.device | str,
         workers: int | None,
         progress: Progress | None,
+        *,
+        allow_zero: bool = False,
     ) -> tuple[StepStats, list[dict[str, Any]]]:
         """One step in this process: run_step into a new generation (removed on failure)."""
         method = self.method
@@ -512,6 +546,7 @@ class MergeState:
                 device=device,
                 workers=workers,
                 progress=progress,
+                allow_zero=allow_zero,
             )
             writer.close()
             return stats, writer.parts()
@@ -999,13 +1034,15 @@ def merge(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     state_dtype: str | None = None,
+    allow_zero: bool = False,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge `checkpoints` into `base` in the given order and return the merged state dict.
 
-    Paths or in-memory state dicts are accepted. Nothing is written to disk.
+    Paths or in-memory state dicts are accepted. Nothing is written to disk. A checkpoint equal
+    to the base is refused unless `allow_zero` (see `MergeState.add`).
     """
     state = MergeState.in_memory(base, method, state_dtype=state_dtype, **params)
     for checkpoint in checkpoints:
-        state.add(checkpoint, allow_duplicate=True, device=device)
+        state.add(checkpoint, allow_duplicate=True, device=device, allow_zero=allow_zero)
     return state.state_dict(dtype)
