@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -365,3 +366,46 @@ def read_state_status(path: Path, verify: bool = False) -> dict[str, Any]:
         manifest = load_manifest(path)
         check_format(manifest, path)
         return state_status(path, manifest, verify)
+
+
+def new_state_id() -> str:
+    """A fresh identity for a state being created (recorded as the manifest's `id`)."""
+    return uuid.uuid4().hex
+
+
+def state_identity(manifest: Mapping[str, Any]) -> str:
+    """The identity of the state that `manifest` belongs to, the same at every step: the `id`
+    drawn at init, or for a state created before states had one, a digest of what init
+    recorded (its time, method, precision and base), which no later step changes."""
+    recorded = manifest.get("id")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    base = manifest.get("base") or {}
+    made = {
+        "created": manifest.get("created"),
+        "method": (manifest.get("method") or {}).get("name"),
+        "state_dtype": manifest.get("state_dtype"),
+        "base": [base.get("path"), base.get("sha256"), base.get("headers_sha256")],
+    }
+    return "derived-" + hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def model_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the state's current merged model is made from: the state's identity, its step and
+    generation, and a digest of that generation's checksums, scalars and ledger hashes. Two
+    manifests with the same identity describe the same merged model."""
+    parts = [
+        [p.get("file"), p.get("header_sha256"), p.get("crc32")] for p in manifest.get("parts") or []
+    ]
+    content = {
+        "parts": parts,
+        "scalars": manifest.get("scalars"),
+        "ledger": [e.get("sha256") for e in manifest.get("ledger", [])],
+        "method": manifest.get("method"),
+    }
+    return {
+        "state": state_identity(manifest),
+        "step": manifest.get("step"),
+        "generation": manifest.get("generation"),
+        "checksums": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
+    }

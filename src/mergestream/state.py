@@ -65,6 +65,8 @@ from .manifest import (
     check_format,
     check_parts,
     generation_dir_name,
+    model_identity,
+    new_state_id,
     state_status,
     summary,
 )
@@ -250,6 +252,7 @@ class MergeState:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "mergestream_version": __version__,
+            "id": new_state_id(),  # tells this state from any other, even at the same path
             "created": _now(),
             "method": {"name": method.name, "params": method.config.to_dict()},
             "state_dtype": state_dtype,
@@ -293,6 +296,12 @@ class MergeState:
     @property
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the merged model is made from now: the state's identity, step, generation and
+        the generation's checksums (`manifest.model_identity`)."""
+        return model_identity(self._manifest)
 
     def status(self, verify: bool = False) -> dict[str, Any]:
         """Everything `mergestream status` shows, as plain data (see `state_status`)."""
