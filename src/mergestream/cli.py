@@ -138,6 +138,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     watching = watch_summary(Path(args.state))
     if watching is not None:
         info["watch"] = watching
+        if watching.get("problem"):  # an unreadable journal: not "ok", though the merge is intact
+            health["ok"] = False
+            health["problems"].append(watching["problem"])
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if health["ok"] else 1

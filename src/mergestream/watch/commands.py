@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import EXTRA_POLICIES, MISSING_POLICIES
 from ..yaml_lines import parse_yaml
 
 # Types of the WatchOptions fields that a config file or flag may set (paths are resolved
@@ -35,6 +36,13 @@ OPTION_TYPES: dict[str, type] = {
     "device": str,
     "workers": int,
     "prepare": bool,
+    "export_lora": int,
+    "strip_prefix": str,
+    "add_prefix": str,
+    "missing": str,
+    "extra": str,
+    "force_base": bool,
+    "allow_zero": bool,
 }
 
 
@@ -117,12 +125,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fitting_arguments(p: argparse.ArgumentParser) -> None:
+    """`add`'s options that fit a checkpoint to the base, for every checkpoint watched. Without
+    defaults here, so that a value from --config stands unless the flag is given."""
+    group = p.add_argument_group("fitting each checkpoint's tensor names to the base's, as add")
+    group.add_argument(
+        "--strip-prefix", metavar="P", help="remove P from the front of the tensor names"
+    )
+    group.add_argument(
+        "--add-prefix", metavar="P", help="put P in front of the names (after --strip-prefix)"
+    )
+    group.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        help="base tensors absent from a checkpoint: refuse it (error, the default) or treat "
+        "them as unchanged from the base (base)",
+    )
+    group.add_argument(
+        "--extra",
+        choices=EXTRA_POLICIES,
+        help="checkpoint tensors the base lacks: refuse it (error, the default) or leave them out",
+    )
+    group.add_argument(
+        "--force-base",
+        action="store_const",
+        const=True,
+        help="merge LoRA adapters whose base_model_name_or_path does not name the state's base "
+        "(their shapes are still checked)",
+    )
+
+
 def add_commands(sub: Any) -> None:
     """Add `watch` and `run` to the `mergestream` subcommands."""
     p = sub.add_parser(
         "watch",
         help="merge each checkpoint that lands in a folder, once it is completely written, and "
         "publish the merged model after every step",
+        description="Merge each checkpoint that lands in INBOX, once it is completely written, "
+        "and publish the merged model after every step. Exit status: 0 when stopped by SIGINT "
+        "or SIGTERM or when --once is done, 2 on an error, 3 when a --once run refused a "
+        "checkpoint (its reason is in the log and in `mergestream status`).",
     )
     p.add_argument("state", nargs="?", help="state directory (created with init)")
     p.add_argument("inbox", nargs="?", help="folder where checkpoints arrive")
@@ -161,7 +203,8 @@ def add_commands(sub: Any) -> None:
         "--once",
         action="store_const",
         const=True,
-        help="merge what is complete in the inbox now, then exit",
+        help="merge what is complete in the inbox now, then exit (status 3 if a checkpoint was "
+        "refused)",
     )
     p.add_argument(
         "--polling",
@@ -182,6 +225,21 @@ def add_commands(sub: Any) -> None:
         const=True,
         help="while waiting, compute the next step's decompositions (as `mergestream prepare`), "
         "so a landing checkpoint is merged with matrix products only; same result, bit for bit",
+    )
+    p.add_argument(
+        "--export-lora",
+        type=int,
+        metavar="RANK",
+        help="with --export: publish the merge as a PEFT LoRA adapter of rank RANK (as `export "
+        "--as-lora RANK`) instead of the full model",
+    )
+    _add_fitting_arguments(p)
+    p.add_argument(
+        "--allow-zero",
+        action="store_const",
+        const=True,
+        help="merge a checkpoint whose task vector is zero in every tensor (the base itself), "
+        "which still counts as a task (refused by default)",
     )
     p.add_argument("--config", metavar="YAML", help="read these options from a YAML file")
     p.set_defaults(func=cmd_watch)

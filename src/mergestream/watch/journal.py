@@ -3,8 +3,13 @@ the lock (`watch.lock`) that keeps a second watcher off the same state.
 
 The state's ledger is the truth about what was merged; the journal is what makes a restart cheap
 and polite: an entry whose files are unchanged (same fingerprint) is not hashed or tried again,
-and a refused checkpoint is left alone, with its reason, until its files change. The journal is
-replaced atomically, so a watcher killed at any instant leaves the old or the new one.
+and a refused checkpoint is left alone, with its reason, until its files change (or the options
+that fit checkpoints to the base do). The journal is replaced atomically, so a watcher killed at
+any instant leaves the old or the new one.
+
+Since the ledger and the inbox hold everything the journal knows, a journal found unreadable is
+moved aside (`watch.json.corrupt-<time>`) and rebuilt: checkpoints the ledger holds are recognised
+again by their content, refused ones are tried and refused again.
 """
 
 from __future__ import annotations
@@ -51,24 +56,42 @@ class Journal:
     """The watcher's record of inbox entries: {name: {fingerprint, outcome, ...}} and what waits."""
 
     def __init__(self, state_dir: Path):
+        """Read the journal of the state in `state_dir` (the caller holds `watcher_lock`). An
+        unreadable one is moved aside and the journal starts empty; `recovered` then says where
+        it went and why."""
         self.path = state_dir / JOURNAL
         self.entries: dict[str, dict[str, Any]] = {}
         self.waiting: dict[str, str] = {}
-        if self.path.is_file():
+        self.recovered: tuple[Path, str] | None = None
+        if not self.path.exists():
+            return
+        try:
+            data = parse_journal(self.path)
+        except JournalUnreadable as err:
+            aside = self.path.with_name(f"{JOURNAL}.corrupt-{_stamp()}")
             try:
-                data = json.loads(self.path.read_text())
-            except (OSError, ValueError) as err:
-                raise StateError(f"{self.path}: unreadable watch journal ({err})") from None
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise StateError(f"{self.path}: not a mergestream watch journal")
-            self.entries = dict(data.get("checkpoints", {}))
-            self.waiting = dict(data.get("waiting", {}))
+                os.replace(self.path, aside)
+            except OSError as move_err:
+                raise StateError(
+                    f"{self.path}: unreadable watch journal ({err}), and it cannot be moved "
+                    f"aside ({move_err.strerror or move_err}); remove it: the watcher rebuilds it "
+                    "from the ledger and the inbox"
+                ) from None
+            self.recovered = (aside, str(err))
+            return
+        self.entries = data["checkpoints"]
+        self.waiting = data["waiting"]
 
-    def decided(self, name: str, fingerprint: Fingerprint) -> dict[str, Any] | None:
-        """The recorded outcome for `name` if its files are the ones it was decided on."""
+    def decided(
+        self, name: str, fingerprint: Fingerprint, fitting: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The recorded outcome for `name` if its files are the ones it was decided on (and, for
+        a refusal, if it was refused with these `fitting` options)."""
         entry = self.entries.get(name)
         if entry is None or [list(row) for row in fingerprint] != entry.get("fingerprint"):
             return None
+        if entry.get("outcome") == REFUSED and entry.get("fitting") != fitting:
+            return None  # other options might fit it to the base: try again
         return entry
 
     def record(self, name: str, fingerprint: Fingerprint, outcome: str, **fields: Any) -> None:
@@ -101,16 +124,32 @@ class Journal:
         )
 
 
-def read_journal(state_dir: Path) -> dict[str, Any] | None:
-    """The journal as plain data, or None when no watcher ever ran on this state."""
-    path = state_dir / JOURNAL
-    if not path.is_file():
-        return None
+class JournalUnreadable(Exception):
+    """watch.json cannot be read or is not a journal; the message says what is wrong."""
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def parse_journal(path: Path) -> dict[str, Any]:
+    """The journal at `path`, checked: its `checkpoints` a mapping of names to entries, its
+    `waiting` a mapping of names to reasons. Raises `JournalUnreadable` otherwise."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    except (OSError, ValueError, RecursionError) as err:
+        raise JournalUnreadable(str(err)) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise JournalUnreadable("not a mergestream watch journal")
+    checkpoints = data.get("checkpoints", {})
+    waiting = data.get("waiting", {})
+    if not isinstance(checkpoints, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("outcome"), str) for e in checkpoints.values()
+    ):
+        raise JournalUnreadable("its 'checkpoints' are not a mapping of names to entries")
+    if not isinstance(waiting, dict) or not all(isinstance(w, str) for w in waiting.values()):
+        raise JournalUnreadable("its 'waiting' is not a mapping of names to reasons")
+    return {**data, "checkpoints": dict(checkpoints), "waiting": dict(waiting)}
 
 
 @contextlib.contextmanager
@@ -139,9 +178,19 @@ def watcher_lock(state_dir: Path) -> Iterator[None]:
 
 def watch_summary(state_dir: Path) -> dict[str, Any] | None:
     """What `mergestream status` shows of a watcher's journal: what waits, what was refused."""
-    data = read_journal(state_dir)
-    if data is None:
-        return None
+    path = state_dir / JOURNAL
+    if not path.exists():
+        return None  # no watcher ever ran on this state
+    try:
+        data = parse_journal(path)
+    except JournalUnreadable as err:
+        return {
+            "waiting": {},
+            "refused": {},
+            "problem": f"{path}: unreadable watch journal ({err}); the merged state does not "
+            "depend on it: the next `mergestream watch` moves it aside and rebuilds it from the "
+            "ledger and the inbox",
+        }
     refused = {
         name: entry.get("reason", "")
         for name, entry in data.get("checkpoints", {}).items()
@@ -151,6 +200,8 @@ def watch_summary(state_dir: Path) -> dict[str, Any] | None:
 
 
 def watch_status_lines(summary: dict[str, Any]) -> list[str]:
+    if summary.get("problem"):
+        return ["watch:   the journal cannot be read (see health)"]
     lines = [f"watch:   {len(summary['waiting'])} waiting, {len(summary['refused'])} refused"]
     lines += [f"  waiting {name}: {why}" for name, why in summary["waiting"].items()]
     lines += [f"  refused {name}: {why}" for name, why in summary["refused"].items()]

@@ -8,34 +8,60 @@ reader should resolve OUT once (`os.path.realpath`) and read every shard through
 last `keep` versions are kept (and always the one OUT points to), so a reader that resolved OUT a
 moment ago still finds its files.
 
-`<id>` is the start of the content hash of the step's checkpoint: a version folder names exactly
-one merged model, so one left by an earlier run can be reused only if it is the same model.
+`<id>` is a digest of what the version was made from: the state's identity, its step, its
+generation's checksums, and the export's settings (full model or adapter, dtype, shard size). A
+version folder therefore names exactly one published model, and one left by an earlier run is
+reused only if it is that model.
+
+OUT belongs to one state. `OUT.versions/owner.json` names it (its identity and path) and lists
+the versions written for it; a watcher of another state is refused, even one at the same path
+(a state removed and created again is another state), and only the versions listed there are
+ever pruned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import MergestreamError
 from ..publish import fsync_dir
+from .journal import now_iso, write_json_atomic
 
 VERSION_NAME = re.compile(r"step-(\d{6,})-([0-9a-f]+)")
 PARTIAL_PREFIX = ".partial-"
+OWNER = "owner.json"
+OWNER_FORMAT = "mergestream-watch-versions"
+
+
+def version_name(model: Mapping[str, Any], export: Mapping[str, Any]) -> str:
+    """`step-000007-<id>`: the step, and a digest of the model's identity and export settings."""
+    made_from = json.dumps({"model": model, "export": export}, sort_keys=True)
+    return f"step-{int(model['step']):06d}-{hashlib.sha256(made_from.encode()).hexdigest()[:16]}"
 
 
 class Publisher:
-    """Writes versions of the merged model beside `out` and flips the `out` link to the newest."""
+    """Writes versions of the merged model beside `out` and flips the `out` link to the newest.
 
-    def __init__(self, out: Path, keep: int = 3):
+    `state_id` and `state_path` name the state that publishes; OUT must be new or already its."""
+
+    def __init__(self, out: Path, keep: int, state_id: str, state_path: Path):
         if keep < 1:
             raise MergestreamError(f"--keep must be at least 1, got {keep}")
+        self.given = out
         self.out = Path(os.path.abspath(out))
         self.keep = keep
         self.versions = self.out.with_name(self.out.name + ".versions")
+        self.owner_path = self.versions / OWNER
+        self.state_id = state_id
+        self.state_path = Path(os.path.abspath(state_path))
         foreign = not self.out.is_symlink() or self._target_name() is None
         if (self.out.exists() or self.out.is_symlink()) and foreign:
             raise MergestreamError(
@@ -43,6 +69,105 @@ class Publisher:
                 "choose a new path for the published model (it becomes a symbolic link "
                 f"to the newest export in {self.versions.name}/)"
             )
+        self.record = self._claim()
+
+    # ------------------------------------------------------------------------- ownership
+
+    def _claim(self) -> dict[str, Any]:
+        """The owner record of OUT.versions, created for this state if there is none yet;
+        refuses OUT if it belongs to another state or holds versions nobody recorded."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        record = self._read_owner()
+        if record is None:
+            unrecorded = sorted(p.name for p in self._version_dirs())
+            if unrecorded:
+                raise MergestreamError(
+                    f"{self.given}: {self.versions} holds exports ({', '.join(unrecorded[:3])}"
+                    f"{', ...' if len(unrecorded) > 3 else ''}) that no {OWNER} ties to a state "
+                    "(an older mergestream wrote them); choose another --export path, or remove "
+                    f"{self.given} and {self.versions} to publish this state there"
+                )
+            record = {
+                "format": OWNER_FORMAT,
+                "format_version": 1,
+                "state": {"id": self.state_id, "path": str(self.state_path)},
+                "claimed": now_iso(),
+                "versions": {},
+            }
+            if not self._create_owner(record):  # another watcher claimed it just now
+                record = self._read_owner()
+                assert record is not None
+        owner = record["state"]
+        if owner.get("id") != self.state_id:
+            raise MergestreamError(self._foreign_message(owner))
+        if owner.get("path") != str(self.state_path):  # the same state, moved: follow it
+            owner["path"] = str(self.state_path)
+            write_json_atomic(self.owner_path, record)
+        return record
+
+    def _foreign_message(self, owner: Mapping[str, Any]) -> str:
+        where = owner.get("path", "?")
+        if where == str(self.state_path):
+            whose = (
+                f"an earlier state at {where} (removed and created again since: another "
+                "state, though at the same path)"
+            )
+        else:
+            whose = f"the state {where}"
+        return (
+            f"{self.given}: publishes the merge of {whose}, not of this state; each state needs "
+            f"an --export path of its own: choose another, or remove {self.given} and "
+            f"{self.versions} to publish this state there"
+        )
+
+    def _read_owner(self) -> dict[str, Any] | None:
+        if not self.owner_path.exists():
+            return None
+        try:
+            record = json.loads(self.owner_path.read_text())
+        except (OSError, ValueError) as err:
+            raise MergestreamError(
+                f"{self.owner_path}: unreadable ({err}); it records which state {self.given} "
+                f"belongs to: remove {self.given} and {self.versions}, or choose another "
+                "--export path"
+            ) from None
+        valid = (
+            isinstance(record, dict)
+            and record.get("format") == OWNER_FORMAT
+            and isinstance(record.get("state"), dict)
+            and isinstance(record.get("versions"), dict)
+        )
+        if not valid:
+            raise MergestreamError(
+                f"{self.owner_path}: not an owner record of mergestream watch; remove "
+                f"{self.given} and {self.versions}, or choose another --export path"
+            )
+        return record
+
+    def _create_owner(self, record: dict[str, Any]) -> bool:
+        """Write the owner record unless one exists; False if another process got there first.
+        A hard link of a complete file makes the claim atomic: no reader sees half a record."""
+        tmp = self.versions / f".{OWNER}.claim-{os.getpid()}"
+        write_json_atomic(tmp, record)
+        try:
+            os.link(tmp, self.owner_path)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        fsync_dir(self.versions)
+        return True
+
+    def _save(self) -> None:
+        write_json_atomic(self.owner_path, self.record)
+
+    # -------------------------------------------------------------------------- versions
+
+    def _version_dirs(self) -> list[Path]:
+        if not self.versions.is_dir():
+            return []
+        return [p for p in self.versions.iterdir() if VERSION_NAME.fullmatch(p.name) and p.is_dir()]
 
     def _target_name(self) -> str | None:
         """The version folder OUT points to, if it is one of ours."""
@@ -58,34 +183,62 @@ class Publisher:
         name = self._target_name()
         return self.versions / name if name else None
 
-    def version_name(self, step: int, checkpoint_sha256: str | None) -> str:
-        return f"step-{step:06d}-{(checkpoint_sha256 or '0')[:12]}"
-
-    def is_current(self, step: int, checkpoint_sha256: str | None) -> bool:
-        return self._target_name() == self.version_name(step, checkpoint_sha256)
+    def is_current(self, model: Mapping[str, Any], export: Mapping[str, Any]) -> bool:
+        """Whether OUT shows this very model already (same state, generation and settings)."""
+        name = version_name(model, export)
+        return self._target_name() == name and name in self.record["versions"]
 
     def clean_partials(self) -> None:
-        """Remove exports an interrupted run left half-written: only ever under hidden names
-        (this publisher's partial folders, and the staging folders of `MergeState.export`)."""
+        """Remove what an interrupted run left half-written: only ever under hidden names (this
+        publisher's partial folders, the staging folders of the exports, temporary copies of
+        the owner record)."""
         if self.versions.is_dir():
             for item in self.versions.iterdir():
-                if item.name.startswith("."):
+                if not item.name.startswith("."):
+                    continue
+                if item.is_dir() and not item.is_symlink():
                     shutil.rmtree(item, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        item.unlink()
 
     def publish(
-        self, step: int, checkpoint_sha256: str | None, write: Callable[[Path], object]
+        self,
+        model: Mapping[str, Any],
+        export: Mapping[str, Any],
+        write: Callable[[Path], object],
     ) -> Path:
-        """Write version `step` with `write(folder)` (unless a complete one is there already),
-        switch OUT to it, drop old versions; returns the version folder."""
+        """Write the version of `model` with these `export` settings by `write(folder)` (unless
+        this publisher wrote it already), switch OUT to it, drop old versions; returns the
+        version folder."""
         self.versions.mkdir(parents=True, exist_ok=True)
-        final = self.versions / self.version_name(step, checkpoint_sha256)
+        final = self.versions / version_name(model, export)
+        versions = self.record["versions"]
+        if final.is_dir() and final.name not in versions:
+            raise MergestreamError(
+                f"{final}: a version folder {self.owner_path.name} does not list (not written "
+                f"by mergestream watch for this state); move it out of {self.versions}"
+            )
         if not final.is_dir():
             partial = self.versions / f"{PARTIAL_PREFIX}{final.name}-{os.getpid()}"
             if partial.exists():
                 shutil.rmtree(partial)
             write(partial)
+            # Listed before it gets its name, so no complete version is ever unlisted.
+            versions.pop(final.name, None)
+            versions[final.name] = {
+                "step": model["step"],
+                "generation": model["generation"],
+                "checksums": model["checksums"],
+                "export": dict(export),
+                "written": now_iso(),
+            }
+            self._save()
             os.rename(partial, final)  # complete, under its own name
             fsync_dir(self.versions)
+        else:
+            versions[final.name] = versions.pop(final.name)  # the newest again
+            self._save()
         self._point_to(final)
         self._prune(final)
         return final
@@ -99,11 +252,13 @@ class Publisher:
         fsync_dir(self.out.parent)
 
     def _prune(self, current: Path) -> None:
-        versions = sorted(
-            (int(m.group(1)), item.name)
-            for item in self.versions.iterdir()
-            if (m := VERSION_NAME.fullmatch(item.name)) and item.is_dir()
-        )
-        for _, name in versions[: max(0, len(versions) - self.keep)]:
-            if name != current.name:
-                shutil.rmtree(self.versions / name, ignore_errors=True)
+        """Remove the versions this state published beyond the newest `keep` (never the current
+        one, never a folder the owner record does not list)."""
+        versions = self.record["versions"]
+        listed = list(versions)  # oldest first: a version is moved last when published
+        old = [n for n in listed[: max(0, len(listed) - self.keep)] if n != current.name]
+        for name in old:
+            shutil.rmtree(self.versions / name, ignore_errors=True)
+            del versions[name]
+        if old:
+            self._save()

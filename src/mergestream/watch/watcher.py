@@ -10,11 +10,18 @@ until the filesystem reports a change (watchdog, inotify) or `poll` seconds pass
 
 SIGINT and SIGTERM stop the loop with exit status 0: between steps it simply ends; during a step
 the step is abandoned (the state's commit is atomic, so the state stays at its last step, and an
-export in progress is only ever under a temporary name).
+export in progress is only ever under a temporary name). A `--once` run that refused a checkpoint
+exits with status 3 (`EXIT_REFUSED`), so that cron and CI can tell.
+
+The `--then` command runs in a process group of its own; when the watcher stops (signal, error or
+the end of a `--once` run) it ends whatever is left of those groups: SIGTERM, then SIGKILL after
+`HOOK_GRACE` seconds. A hook's processes never outlive the watcher that started them (unless the
+watcher itself is killed with SIGKILL, which leaves it no time to act).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,12 +36,15 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ..errors import MergestreamError, StateError
+from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES
 from .inbox import Inspection, Settler, inspect_entry, inspect_inbox
 from .journal import DUPLICATE, MERGED, REFUSED, Journal, now_iso, watcher_lock
 from .publish import Publisher
 
 ORDERS = ("arrival", "name")
 LOG_DIR = "watch-logs"
+EXIT_REFUSED = 3  # `--once` refused at least one checkpoint
+HOOK_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for what is left of a --then command
 
 
 @dataclass
@@ -58,6 +68,25 @@ class WatchOptions:
     device: str = "cpu"
     workers: int | None = None
     prepare: bool = False  # prepare the next step's decompositions while waiting
+    export_lora: int | None = None  # publish a PEFT LoRA adapter of this rank instead
+    # Fitting each checkpoint to the base, as `add` does (see `MergeState.add`).
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    missing: str = "error"
+    extra: str = "error"
+    force_base: bool = False
+    allow_zero: bool = False  # merge a checkpoint equal to the base (a zero task vector)
+
+    def fitting(self) -> dict[str, Any]:
+        """The options passed to every `add` that decide whether a checkpoint is accepted."""
+        return {
+            "strip_prefix": self.strip_prefix,
+            "add_prefix": self.add_prefix,
+            "missing": self.missing,
+            "extra": self.extra,
+            "force_base": self.force_base,
+            "allow_zero": self.allow_zero,
+        }
 
     def check(self) -> None:
         if self.order not in ORDERS:
@@ -67,6 +96,25 @@ class WatchOptions:
                 raise MergestreamError(f"{name} must be at least 0 seconds")
         if self.keep < 1:
             raise MergestreamError(f"keep must be at least 1, got {self.keep}")
+        for name, allowed in (
+            ("missing", MISSING_POLICIES),
+            ("extra", EXTRA_POLICIES),
+            ("dtype", (None, *EXPORT_DTYPES)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise MergestreamError(
+                    f"{name} must be one of {', '.join(a for a in allowed if a)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.export_lora is not None:
+            if self.export is None:
+                raise MergestreamError(
+                    "export-lora publishes an adapter to the --export folder: give --export OUT"
+                )
+            if self.export_lora < 1:
+                raise MergestreamError(
+                    f"export-lora rank must be at least 1, got {self.export_lora}"
+                )
         if not self.inbox.is_dir():
             raise MergestreamError(f"{self.inbox}: the inbox folder does not exist")
         inbox, state = self.inbox.resolve(), self.state.resolve()
@@ -133,6 +181,8 @@ class Watcher:
         self._arrival: dict[str, int] = {}  # name -> when it became ready (a counter)
         self._retry_later: set[str] = set()
         self._first_scan = True
+        self._refused = 0  # checkpoints refused by this run
+        self._hooks: dict[int, subprocess.Popen[bytes]] = {}  # process group -> its leader
 
     # ------------------------------------------------------------------------------ running
 
@@ -146,7 +196,11 @@ class Watcher:
         with watcher_lock(self.state_dir):
             self.journal = Journal(self.state_dir)
             self.publisher = (
-                Publisher(options.export, options.keep) if options.export is not None else None
+                Publisher(
+                    options.export, options.keep, self.state.identity["state"], self.state_dir
+                )
+                if options.export is not None
+                else None
             )
             previous = {
                 sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -163,6 +217,15 @@ class Watcher:
                     step=self.state.step,
                     notifier="inotify" if observer else "polling",
                 )
+                if self.journal.recovered is not None:
+                    aside, why = self.journal.recovered
+                    self.log(
+                        "journal-rebuilt",
+                        f"{self.journal.path}: unreadable watch journal ({why}); moved it to "
+                        f"{aside.name}, rebuilding it from the ledger and the inbox",
+                        moved_to=str(aside),
+                        reason=why,
+                    )
                 if self.publisher is not None:
                     self.publisher.clean_partials()
                     self._catch_up()
@@ -170,16 +233,21 @@ class Watcher:
             except _Stop:
                 pass
             finally:
+                # Still under this watcher's handlers: a second signal cannot cut this short.
+                self._end_hooks()
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 if observer is not None:
                     observer.stop()
             self.log(
                 "stop",
-                f"stopped at step {self.state.step}" + (" (signal)" if self._stop else ""),
+                f"stopped at step {self.state.step}"
+                + (" (signal)" if self._stop else "")
+                + (f"; refused {self._refused} checkpoints" if self._refused else ""),
                 step=self.state.step,
+                refused=self._refused,
             )
-        return 0
+        return EXIT_REFUSED if options.once and self._refused else 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
@@ -201,6 +269,7 @@ class Watcher:
     def _loop(self) -> None:
         options = self.options
         settler = Settler(options.settle)
+        fitting = options.fitting()
         while not self._stop:
             self._wake.clear()
             now = time.monotonic()
@@ -212,7 +281,7 @@ class Watcher:
                     waiting[item.name] = item.missing
                 elif item.name not in ready:
                     waiting[item.name] = f"complete, settling ({options.settle:g}s unchanged)"
-                elif self.journal.decided(item.name, item.fingerprint) is None:
+                elif self.journal.decided(item.name, item.fingerprint, fitting) is None:
                     pending.append(item)
             self._note_waiting(waiting)
             for item in self._ordered(pending):
@@ -280,7 +349,9 @@ class Watcher:
         started = time.monotonic()
         try:
             self._busy_call(
-                lambda: self.state.add(item.path, device=options.device, workers=options.workers)
+                lambda: self.state.add(
+                    item.path, device=options.device, workers=options.workers, **options.fitting()
+                )
             )
         except Exception as err:  # noqa: BLE001 - whatever a checkpoint does, watching goes on
             error = err
@@ -349,41 +420,68 @@ class Watcher:
                 return
             raise error  # the state itself is in trouble (its base changed, a full disk)
         reason = str(error) if isinstance(error, MergestreamError) else _describe(error)
-        self.journal.record(item.name, item.fingerprint, REFUSED, reason=reason)
+        self.journal.record(
+            item.name, item.fingerprint, REFUSED, reason=reason, fitting=self.options.fitting()
+        )
+        self._refused += 1
         self.log(
             "refused",
-            f"refused {item.name}: {reason} (left alone until its files change)",
+            f"refused {item.name}: {reason} (left alone until its files or the fitting options "
+            "change)",
             checkpoint=item.name,
             reason=reason,
         )
 
     def _catch_up(self) -> None:
-        """Publish the state's latest step if an earlier run stopped before publishing it."""
+        """Publish the state's latest step if an earlier run stopped before publishing it (or
+        published it with other settings)."""
         assert self.publisher is not None
         ledger = self.state.ledger
-        if not ledger or self.publisher.is_current(ledger[-1]["step"], ledger[-1]["sha256"]):
+        if not ledger:
+            return
+        with self.state.reading():
+            model = self.state.identity
+        if self.publisher.is_current(model, self._export_settings()):
             return
         last = ledger[-1]
         self._after_step(last["step"], last["sha256"], Path(last["path"]))
 
+    def _export_settings(self) -> dict[str, Any]:
+        """What, besides the merged model, makes one published version differ from another."""
+        options = self.options
+        if options.export_lora is not None:
+            return {"kind": "lora", "rank": options.export_lora, "dtype": options.dtype}
+        return {"kind": "model", "dtype": options.dtype, "max_shard_size": options.max_shard_size}
+
+    def _write_export(self, folder: Path) -> None:
+        options = self.options
+        if options.export_lora is None:
+            self.state.export(
+                folder, dtype=_dtype(options.dtype), max_shard_size=options.max_shard_size
+            )
+            return
+        from ..export_lora import export_lora
+
+        dtype = _dtype(options.dtype)
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        export_lora(self.state, folder, rank=options.export_lora, **kwargs)
+
+    def _publish(self) -> Path:
+        """Export the state as it is now into a new version (or find it published already)."""
+        assert self.publisher is not None
+        # Held still (a shared lock) from naming the version to the end of its export.
+        with self.state.reading():
+            return self.publisher.publish(
+                self.state.identity, self._export_settings(), self._write_export
+            )
+
     def _after_step(self, step: int, sha256: str | None, checkpoint: Path) -> None:
         version = None
         if self.publisher is not None:
-            publisher = self.publisher
             options = self.options
             started = time.monotonic()
             try:
-                version = self._busy_call(
-                    lambda: publisher.publish(
-                        step,
-                        sha256,
-                        lambda folder: self.state.export(
-                            folder,
-                            dtype=_dtype(options.dtype),
-                            max_shard_size=options.max_shard_size,
-                        ),
-                    )
-                )
+                version = self._busy_call(self._publish)
             except (MergestreamError, OSError) as err:
                 self.log("error", f"step {step}: publishing failed: {err}", step=step)
                 return
@@ -412,19 +510,26 @@ class Watcher:
             "MERGESTREAM_STATE": str(self.state_dir.resolve()),
         }
 
-        def run() -> int:
-            with open(log_path, "wb") as out:
-                return subprocess.run(
-                    command,
-                    shell=True,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                ).returncode
-
         started = time.monotonic()
-        code = self._busy_call(run)
+        with open(log_path, "wb") as out:
+            # A group of its own, so that the watcher can end every process the command starts;
+            # started outside `_busy_call`, so a signal cannot strike before it is recorded.
+            process = subprocess.Popen(
+                command,
+                shell=True,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._hooks[process.pid] = process
+        try:
+            code = self._busy_call(process.wait)
+        except BaseException:
+            end_process_group(process.pid, process)
+            raise
+        self._forget_finished_hooks()
         seconds = round(time.monotonic() - started, 3)
         if code == 0:
             self.log(
@@ -449,6 +554,63 @@ class Watcher:
                 f"--then failed with exit status {code} after step {step} (output in "
                 f"{log_path}); stopping because of --then-strict"
             )
+
+    def _forget_finished_hooks(self) -> None:
+        """Stop tracking the hook groups with no process left (what a hook left running in the
+        background stays tracked, and is ended when the watcher stops)."""
+        for pgid, leader in list(self._hooks.items()):
+            if leader.poll() is not None and not _group_alive(pgid):
+                del self._hooks[pgid]
+
+    def _end_hooks(self) -> None:
+        while self._hooks:
+            pgid, leader = self._hooks.popitem()
+            end_process_group(pgid, leader)
+
+
+def end_process_group(
+    pgid: int, leader: subprocess.Popen[bytes] | None = None, grace: float = HOOK_GRACE
+) -> None:
+    """End every process of group `pgid`: SIGTERM, then SIGKILL to what is left after `grace`
+    seconds. `leader`, the watcher's own child, is reaped, so it does not linger as a zombie."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while True:
+        if leader is not None:
+            leader.poll()
+        if not _group_alive(pgid):
+            break
+        if time.monotonic() >= deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    if leader is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=grace)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a process that is not a zombie (a zombie has ended and
+    only waits for its parent; where /proc is missing, any member counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended while we looked
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def _content_hash(path: Path) -> str:
