@@ -143,6 +143,17 @@ def test_versions_without_an_owner_record_are_refused(tmp_path, capsys):
     assert old.is_dir() and step_of(state) == 0
 
 
+def test_an_out_versions_that_cannot_be_used_is_one_line_not_a_traceback(tmp_path, capsys):
+    base, _ = zoo(tmp_path, 1)
+    state = tmp_path / "state"
+    MergeState.create(state, base)
+    (tmp_path / "out.versions").write_text("a file where the versions folder goes")
+    assert run_watch(state, tmp_path / "inbox", "--export", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "out.versions: cannot record which state publishes there" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_version_names_the_export_settings_too(tmp_path):
     """The same step exported in another dtype is another version: a restart with --dtype
     publishes it instead of taking the old export for it."""

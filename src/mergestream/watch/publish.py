@@ -69,7 +69,14 @@ class Publisher:
                 "choose a new path for the published model (it becomes a symbolic link "
                 f"to the newest export in {self.versions.name}/)"
             )
-        self.record = self._claim()
+        try:
+            self.record = self._claim()
+        except OSError as err:
+            raise MergestreamError(
+                f"{self.versions}: cannot record which state publishes there "
+                f"({err.strerror or err}); check the folder's permissions, or choose another "
+                "--export path"
+            ) from None
 
     # ------------------------------------------------------------------------- ownership
 
