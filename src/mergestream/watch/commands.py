@@ -119,9 +119,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .recipe import run_recipe
+    from .recipe import ADD_KEYS, run_recipe
 
-    run_recipe(Path(args.recipe), quiet=args.quiet)
+    # Flags given win over the recipe's keys of the same name; absent ones are None.
+    options = {key: getattr(args, key) for key in (*ADD_KEYS, "overwrite")}
+    run_recipe(Path(args.recipe), quiet=args.quiet, options=options)
     return 0
 
 
@@ -249,5 +251,26 @@ def add_commands(sub: Any) -> None:
         help="run a whole merge described by a recipe file (base, method, checkpoints, export)",
     )
     p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument(
+        "--overwrite",
+        action="store_const",
+        const=True,
+        help="export into a non-empty directory that is not an earlier export, as the recipe's "
+        "'overwrite: true' under 'export:' does: only the files an export writes are replaced",
+    )
+    p.add_argument(
+        "--allow-duplicate",
+        action="store_const",
+        const=True,
+        help="merge a checkpoint even if identical content was merged before",
+    )
+    p.add_argument(
+        "--allow-zero",
+        action="store_const",
+        const=True,
+        help="merge a checkpoint whose task vector is zero in every tensor (the base itself), "
+        "which still counts as a task",
+    )
+    _add_fitting_arguments(p)  # each also a recipe key: force_base, strip_prefix, ...
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_run)
