@@ -130,6 +130,23 @@ def test_keep_never_prunes_another_states_versions_or_unlisted_folders(tmp_path,
     assert merged.resolve().name.startswith("step-000002-")
 
 
+def test_a_state_made_before_states_had_an_id_keeps_one_across_steps(tmp_path):
+    base, models = zoo(tmp_path, 2)
+    state, inbox, out = tmp_path / "state", tmp_path / "inbox", tmp_path / "out"
+    MergeState.create(state, base)
+    manifest = json.loads((state / "manifest.json").read_text())
+    for key in ("id", "checksum"):  # as an older mergestream wrote it
+        manifest.pop(key, None)
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(models[0], inbox / "m0")
+    assert run_watch(state, inbox, "--export", out) == 0
+    owner = json.loads((tmp_path / "out.versions" / "owner.json").read_text())["state"]["id"]
+    assert owner.startswith("derived-")
+    shutil.copytree(models[1], inbox / "m1")
+    assert run_watch(state, inbox, "--export", out) == 0  # the same state after its next write
+    assert step_of(state) == 2 and len(versions(out)) == 2
+
+
 def test_versions_without_an_owner_record_are_refused(tmp_path, capsys):
     base, models = zoo(tmp_path, 1)
     state = tmp_path / "state"

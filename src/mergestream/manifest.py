@@ -376,7 +376,8 @@ def new_state_id() -> str:
 def state_identity(manifest: Mapping[str, Any]) -> str:
     """The identity of the state that `manifest` belongs to, the same at every step: the `id`
     drawn at init, or for a state created before states had one, a digest of what init
-    recorded (its time, method, precision and base), which no later step changes."""
+    recorded (its time, method, precision and the base's content hashes; not the base's path,
+    which a user may edit when the base moves), which no later step changes."""
     recorded = manifest.get("id")
     if isinstance(recorded, str) and recorded:
         return recorded
@@ -385,7 +386,7 @@ def state_identity(manifest: Mapping[str, Any]) -> str:
         "created": manifest.get("created"),
         "method": (manifest.get("method") or {}).get("name"),
         "state_dtype": manifest.get("state_dtype"),
-        "base": [base.get("path"), base.get("sha256"), base.get("headers_sha256")],
+        "base": [base.get("sha256"), base.get("headers_sha256")],
     }
     return "derived-" + hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:32]
 
