@@ -6,8 +6,11 @@ made from it by perturbation (no fine-tuning), so each test takes seconds."""
 from __future__ import annotations
 
 import csv
+import io
+import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mergestream.bench.run import run_benchmark, select_methods  # noqa: E402
 from mergestream.bench.suite import load_suite  # noqa: E402
+from mergestream.cli import main  # noqa: E402
 
 WORDS = {
     "negative": ["bad", "awful", "poor", "dull"],
@@ -91,6 +95,17 @@ def write_suite(root: Path, checkpoints: dict[str, str] | None = None) -> Path:
 
 
 @pytest.fixture
+def plain_project(tmp_path: Path) -> Path:
+    """A suite on an encoder folder without a pooler: `sentiment`'s checkpoint in the zoo
+    folder, `topics`' elsewhere, given by the suite's `checkpoint:`."""
+    encoder = build_encoder(tmp_path / "encoder", pooler=False)
+    perturbed_copy(encoder, tmp_path / "zoo" / "sentiment", seed=1)
+    perturbed_copy(encoder, tmp_path / "elsewhere" / "topics", seed=2)
+    write_suite(tmp_path, {"topics": "elsewhere/topics"})
+    return tmp_path
+
+
+@pytest.fixture
 def pooler_project(tmp_path: Path) -> Path:
     """A suite on an encoder folder with pooler weights, and a folder of checkpoints
     fine-tuned elsewhere (also with their poolers), one per task."""
@@ -108,7 +123,7 @@ def pooler_project(tmp_path: Path) -> Path:
 def test_an_encoder_folder_with_pooler_weights_is_benchmarked(pooler_project: Path) -> None:
     lines: list[str] = []
     suite = load_suite(pooler_project / "suite.yaml")
-    methods = select_methods(["average", "opcm"])
+    methods = select_methods(["average", "OPCM (alpha=0.5)"])
     results = run_benchmark(
         pooler_project / "ckpts", suite=suite, methods=methods, **{**QUICK, "log": lines.append}
     )
@@ -133,3 +148,222 @@ def test_the_evaluator_ignores_unused_tensors_but_not_missing_ones(tmp_path: Pat
     del weights["encoder.layer.0.attention.self.query.weight"]
     with pytest.raises(KeyError, match="attention.self.query.weight"):
         evaluator.load_state_dict(weights)
+
+
+# --------------------------------------------------------------------------------------
+# Adapters trained on the suite's own encoder
+
+
+def make_adapter(encoder: Path, out: Path, seed: int, base_name: str | None) -> Path:
+    """A PEFT LoRA adapter (rank 2, query and value) on ``encoder`` with non-zero factors,
+    whose config names ``base_name`` as its base (None: no name)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel.from_pretrained(encoder, add_pooling_layer=False)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    peft_model.save_pretrained(out)
+    config_file = out / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(saved))
+    return out
+
+
+@pytest.fixture
+def adapter_project(tmp_path: Path) -> Path:
+    """A zoo that `finetune` started (its `pretrained/` is the suite's encoder) and, for every
+    task, an adapter trained elsewhere on the suite's encoder folder, named by its path."""
+    pytest.importorskip("peft")
+    encoder = build_encoder(tmp_path / "encoder", pooler=False)
+    shutil.copytree(encoder, tmp_path / "zoo" / "pretrained")
+    for seed, name in enumerate(TASKS, start=1):
+        make_adapter(encoder, tmp_path / "adapters" / name, seed, str(encoder))
+    write_suite(tmp_path, {name: f"adapters/{name}" for name in TASKS})
+    return tmp_path
+
+
+def test_an_adapter_trained_on_the_suite_encoder_is_merged(adapter_project: Path) -> None:
+    """The zoo's `pretrained/` is the benchmark's base, the adapters name the suite's encoder
+    folder: the same model, so they are merged (each changes its own 4 weights)."""
+    from mergestream.bench.run import load_zoo
+
+    suite = load_suite(adapter_project / "suite.yaml")
+    zoo = load_zoo(adapter_project / "zoo", suite=suite)
+    base = load_file(str(adapter_project / "zoo" / "pretrained" / "model.safetensors"))
+    for task in TASKS:
+        individual = zoo.individual_state_dict(task)
+        changed = sorted(n for n, v in individual.items() if not torch.equal(v, base[n]))
+        assert len(changed) == 4 and all(".query." in n or ".value." in n for n in changed)
+    results = run_benchmark(adapter_project / "zoo", suite=suite, **QUICK)
+    assert set(results["reference"]["individual"]) == set(TASKS)
+    assert results["methods"]["average"]["runs"][0]["order"]
+
+
+def test_an_adapter_named_after_another_base_needs_force_base(
+    adapter_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = adapter_project / "adapters" / "topics"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/another-bert"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    suite_file = adapter_project / "suite.yaml"
+    line = next(
+        i for i, text in enumerate(suite_file.read_text().splitlines(), 1) if "name: topics" in text
+    )
+    args = ["bench", str(adapter_project / "zoo"), "--suite", str(suite_file), "--quiet"]
+    args += ["--orders", "1", "--matrix-orders", "0", "--no-sweep", "--methods", "average"]
+    args += ["--out", str(tmp_path / "report")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mergestream: error: {suite_file}:{line}: task 'topics': adapter ")
+    assert "was trained on base 'someone/another-bert', and the encoder is " in err
+    assert "pass --force-base" in err and "\n" not in err
+    assert main([*args, "--force-base"]) == 0  # the flag the message names exists
+    assert (tmp_path / "report" / "results.json").is_file()
+
+
+def test_the_default_encoder_answers_to_its_hub_names(tmp_path: Path) -> None:
+    from mergestream.bench.run import encoder_names
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text("tasks:\n  - builtin: rt_sentiment\n")
+    encoder = build_encoder(tmp_path / "zoo" / "pretrained", pooler=False)
+    names = encoder_names(tmp_path / "zoo", encoder, load_suite(suite_file))
+    assert str(encoder) in names and "pretrained" in names
+    assert "sentence-transformers/all-MiniLM-L6-v2" in names
+
+
+# --------------------------------------------------------------------------------------
+# Results files without the machine's folders
+
+
+def _quick_bench_args(project: Path, out: Path) -> list[str]:
+    """One order with its accuracy matrix (so a plot is due), one method, no sweep."""
+    args = ["bench", str(project / "zoo"), "--suite", str(project / "suite.yaml"), "--quiet"]
+    args += ["--orders", "1", "--matrix-orders", "1", "--no-sweep", "--methods", "average"]
+    return [*args, "--out", str(out)]
+
+
+def test_results_record_paths_relative_to_the_zoo_and_the_suite(plain_project: Path) -> None:
+    # `sentiment` is the zoo's own folder, `topics` the suite's `checkpoint: elsewhere/topics`.
+    out = plain_project / "report"
+    assert main(_quick_bench_args(plain_project, out)) == 0
+    written = (out / "results.json").read_text()
+    meta = json.loads(written)["meta"]
+    assert (meta["zoo"], meta["suite"]) == ("zoo", "suite.yaml")
+    assert meta["checkpoints"] == {"sentiment": "sentiment", "topics": "elsewhere/topics"}
+    assert str(plain_project) not in written  # no folder of this machine anywhere
+    absolute = plain_project / "report-absolute"
+    assert main([*_quick_bench_args(plain_project, absolute), "--absolute-paths"]) == 0
+    meta = json.loads((absolute / "results.json").read_text())["meta"]
+    assert meta["zoo"] == str(plain_project / "zoo")
+    assert meta["suite"] == str(plain_project / "suite.yaml")
+    assert meta["checkpoints"] == {
+        "sentiment": str(plain_project / "zoo" / "sentiment"),
+        "topics": str(plain_project / "elsewhere" / "topics"),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Without matplotlib
+
+
+def test_without_matplotlib_the_tables_are_written_and_plots_skipped(
+    plain_project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # None in sys.modules makes `import matplotlib` raise ImportError, as when not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = plain_project / "report"
+    args = [a for a in _quick_bench_args(plain_project, out) if a != "--quiet"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    notice = "matplotlib is not installed: tables only, plots need mergestream[bench]"
+    # Said before the first evaluation, not after hours of benchmark.
+    assert captured.err.index(notice) < captured.err.index("pretrained ACC")
+    assert "plots skipped: plots need mergestream[bench]" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+    assert "| average |" in (out / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# Progress on long runs
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _bench_with_progress(project: Path, stream: io.StringIO, **kwargs) -> dict:
+    suite = load_suite(project / "suite.yaml")
+    methods = select_methods(["average", "OPCM (alpha=0.5)"])
+    log = lambda line: stream.write(line + "\n")  # noqa: E731 - the log shares the stream
+    return run_benchmark(
+        project / "zoo",
+        suite=suite,
+        methods=methods,
+        orders=3,
+        matrix_orders=2,
+        alphas=(0.5,),
+        sweep_orders=2,
+        log=log,
+        progress=stream,
+        **kwargs,
+    )
+
+
+def test_progress_lines_in_a_log_count_every_evaluation(
+    plain_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergestream import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line per evaluation, for the test
+    stream = io.StringIO()
+    results = _bench_with_progress(plain_project, stream)
+    meta = results["meta"]
+    total = meta["evaluations"] + meta["evaluations_reused"]
+    # 2 tasks: 2·2 reference scores; per method 2 matrix orders of 3 and 1 final of 2; a sweep
+    # of 2 orders of 2.
+    assert total == 4 + 2 * (2 * 3 + 2) + 2 * 2 == 24
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("bench:")]
+    assert "\r" not in stream.getvalue()  # plain lines, not a redrawn one
+    assert [int(line.split()[2].split("/")[0].rstrip(",")) for line in lines] == list(
+        range(1, total + 1)
+    )
+    assert all(f"/{total}" in line for line in lines)
+    assert lines[0].startswith("bench: evaluation 1/24, pretrained and individual models, ")
+    assert lines[0].endswith(" left")
+    assert "evaluations/s" in lines[0] or " s/evaluation" in lines[0]  # the rate
+    assert any(", opcm, order 3/3, " in line for line in lines)
+    assert any("OPCM alpha sweep, alpha 0.5" in line for line in lines)
+    assert not lines[-1].endswith(" left")  # all done
+
+
+def test_progress_on_a_terminal_is_one_line_that_log_lines_never_join(
+    plain_project: Path,
+) -> None:
+    stream = _Terminal()
+    _bench_with_progress(plain_project, stream)
+    text = stream.getvalue()
+    assert "\rbench: evaluation " in text and "evaluation 24/24" in text
+    for line in text.split("\n"):
+        # A log line starts its own line: the live line was ended before it was written.
+        for marker in ("pretrained ACC", "[2/2] OPCM", "alpha 0.5: ACC"):
+            if marker in line:
+                assert line.startswith(marker), line
+    assert text.endswith("\n")
+
+
+def test_planned_evaluations_match_a_diagonal_run() -> None:
+    from mergestream.bench.run import planned_evaluations
+
+    # 3 tasks: 6 reference; per method 1 diagonal matrix order (2 + 3) and 2 finals of 3
+    assert planned_evaluations(3, 2, 3, 1, True, 0, 3) == 6 + 2 * (5 + 6)
+    assert planned_evaluations(3, 1, 2, 5, False, 2, 3) == 6 + 2 * 6 + 2 * 2 * 3

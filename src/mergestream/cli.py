@@ -304,33 +304,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.commands import load_suite_argument
-    from .bench.report import markdown_table, write_report
-    from .bench.run import DEFAULT_ALPHAS, run_benchmark, select_methods
+    from .bench.commands import cmd_bench as run_bench
 
-    tasks = args.tasks.split(",") if args.tasks else None
-    try:
-        methods = select_methods(args.methods.split(",") if args.methods else None)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    results = run_benchmark(
-        args.zoo,
-        suite=load_suite_argument(args.suite),
-        tasks=tasks,
-        methods=methods,
-        orders=args.orders,
-        matrix_orders=args.matrix_orders,
-        diagonal_only=args.matrix_diagonal,
-        alphas=() if args.no_sweep else DEFAULT_ALPHAS,
-        sweep_orders=args.sweep_orders,
-        seed=args.seed,
-        device=args.device,
-        log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
-    )
-    written = write_report(results, args.out)
-    print(markdown_table(results))
-    print(f"results, table and plots in {args.out} ({', '.join(p.name for p in written.values())})")
-    return 0
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
         "--suite", type=Path, default=None, help="suite file: tasks, data and checkpoints"
+    )
+    p.add_argument(
+        "--force-base",
+        action="store_true",
+        help="merge LoRA adapters whose base_model_name_or_path does not name the suite's "
+        "encoder (their shapes are still checked)",
+    )
+    p.add_argument(
+        "--absolute-paths",
+        action="store_true",
+        help="record the zoo, suite and checkpoints in results.json by absolute path (by "
+        "default: names and paths relative to the zoo or the suite file)",
     )
     p.set_defaults(func=cmd_bench)
 

@@ -1,4 +1,4 @@
-"""Command-line bodies of ``mergestream bench-suite`` and ``mergestream finetune``.
+"""Command-line bodies of ``mergestream bench``, ``bench-suite`` and ``finetune``.
 
 Importing this module is cheap (no torch): the parser is built from it, and each command
 imports the model code only when it runs.
@@ -115,6 +115,62 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     print(f"zoo in {args.out}; next: mergestream bench {args.out} --suite {args.suite}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``mergestream bench``: run the benchmark, write the report, print the table."""
+    from mergestream.bench.report import PLOTS_NEED, markdown_table, plots_available, write_report
+    from mergestream.errors import ConfigError
+
+    _require_transformers()
+    from mergestream.bench.run import DEFAULT_ALPHAS, run_benchmark, select_methods
+
+    tasks = _task_list(args.tasks)
+    try:
+        methods = select_methods(_task_list(args.methods))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    suite = load_suite_argument(args.suite)
+    # Known before the first evaluation: a run of hours must not end in a missing plotter.
+    plots = plots_available()
+    if not plots:
+        print(f"matplotlib is not installed: tables only, {PLOTS_NEED}", file=sys.stderr)
+    with _plain_errors():
+        results = run_benchmark(
+            args.zoo,
+            suite=suite,
+            tasks=tasks,
+            methods=methods,
+            orders=args.orders,
+            matrix_orders=args.matrix_orders,
+            diagonal_only=args.matrix_diagonal,
+            alphas=() if args.no_sweep else DEFAULT_ALPHAS,
+            sweep_orders=args.sweep_orders,
+            seed=args.seed,
+            device=args.device,
+            log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+            force_base=args.force_base,
+            absolute_paths=args.absolute_paths,
+            progress=None if args.quiet else sys.stderr,
+        )
+        written = write_report(results, args.out, plots=plots)
+    print(markdown_table(results))
+    files = ", ".join(p.name for p in written.values())
+    if plots:
+        print(f"results, table and plots in {args.out} ({files})")
+    else:
+        print(f"results and table in {args.out} ({files}); plots skipped: {PLOTS_NEED}")
+    return 0
+
+
+def _require_transformers() -> None:
+    """The benchmark's encoder needs transformers (the `bench` extra): say so, not a traceback."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MergestreamError(
+            "bench needs transformers: pip install 'mergestream[bench]'"
+        ) from None
 
 
 def load_suite_argument(path: Path | None) -> Suite | None:

@@ -111,6 +111,19 @@ def step_curves(results: Mapping[str, Any]) -> dict[str, list[float]]:
     return curves
 
 
+# What a report without plots says about them (matplotlib comes with the extra).
+PLOTS_NEED = "plots need mergestream[bench] (pip install 'mergestream[bench]')"
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported, so that :func:`write_report` can draw plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """PNG plots: accuracy after each step, accuracy matrices, the alpha sweep."""
     import matplotlib
@@ -185,8 +198,11 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    """results.json, results.md and the plots into `out_dir`."""
+def write_report(
+    results: Mapping[str, Any], out_dir: Path, *, plots: bool | None = None
+) -> dict[str, Path]:
+    """results.json, results.md and the plots into `out_dir`. Without matplotlib (``plots``
+    None: when it cannot be imported; False: never) the plots are left out, not the tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -209,5 +225,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     if sweep:
         text += ["OPCM alpha sweep:", "", sweep]
     md_path.write_text("\n".join(text))
-    plots = write_plots(results, out_dir)
-    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in plots}}
+    if plots is None:
+        plots = plots_available()
+    drawn = write_plots(results, out_dir) if plots else []
+    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in drawn}}

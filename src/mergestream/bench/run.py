@@ -19,6 +19,7 @@ checkpoint; the base encoder is the suite's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -27,7 +28,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from safetensors.torch import load_file
@@ -35,7 +36,8 @@ from safetensors.torch import load_file
 from .. import __version__
 from ..hashing import sha256_tensors
 from ..io.checkpoint import MemorySource
-from ..io.lora import is_adapter_dir
+from ..io.lora import base_identity, is_adapter_dir
+from ..progress import Ticker
 from ..state import MergeState
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
 from .encoder import pooling_of
@@ -133,13 +135,17 @@ class Zoo:
     pooling: str = "mean"
     checkpoints: dict[str, Path] = dataclasses.field(default_factory=dict)
     fits: dict[str, CheckpointFit | None] = dataclasses.field(default_factory=dict)
+    force_base: bool = False  # merge adapters whatever base they name (shapes are checked)
 
     def checkpoint(self, task: str) -> Path:
         return self.checkpoints.get(task, self.root / task)
 
     def add_options(self, task: str) -> dict[str, Any]:
         fit = self.fits.get(task)
-        return fit.add_options if fit is not None else {}
+        options = dict(fit.add_options) if fit is not None else {}
+        if self.force_base:
+            options["force_base"] = True
+        return options
 
     def individual_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         """The task's own fine-tuned encoder, in the base's tensor names."""
@@ -178,17 +184,23 @@ def load_zoo(
     suite: Suite | None = None,
     device: str = "cpu",
     log: Callable[[str], None] = lambda _: None,
+    force_base: bool = False,
 ) -> Zoo:
     """The zoo's checkpoints, heads and test splits (tasks in the given order).
 
     Without ``suite``, ``root`` is a zoo built by ``mergestream finetune``. With it, the tasks
     are the suite's; a task's checkpoint is its ``checkpoint:`` or ``root/<task>``, which may
     be a model fine-tuned elsewhere: its test split is then made from the suite and its head
-    from the base encoder, and its tensor names are fitted to the base's.
+    from the base encoder, and its tensor names are fitted to the base's. A LoRA adapter must
+    name the suite's encoder as its base, unless ``force_base``.
     """
     root = Path(root)
     if suite is not None:
-        return _load_suite_zoo(root, suite.select(tasks), device=device, log=log)
+        zoo = _load_suite_zoo(
+            root, suite.select(tasks), device=device, log=log, force_base=force_base
+        )
+        zoo.force_base = force_base
+        return zoo
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such zoo folder")
     available = [
@@ -211,12 +223,55 @@ def load_zoo(
     if len(max_lengths) != 1:
         raise ValueError(f"{root}: tasks were fine-tuned with different max_length {max_lengths}")
     pretrained = root / "pretrained"
-    return Zoo(
-        root, pretrained, chosen, heads, test_sets, max_lengths.pop(), pooling_of(pretrained)
-    )
+    zoo = Zoo(root, pretrained, chosen, heads, test_sets, max_lengths.pop(), pooling_of(pretrained))
+    zoo.force_base = force_base
+    return zoo
 
 
-def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str], None]) -> Zoo:
+# The packaged default encoder's names on the hub: adapters trained on it name one of these.
+DEFAULT_ENCODER_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+def encoder_names(root: Path, pretrained: Path, suite: Suite) -> list[str]:
+    """The names the encoder of a suite's tasks answers to: the suite's encoder folder (the
+    packaged default when it names none), the folder the benchmark loads (the zoo's
+    ``pretrained/`` copy), the encoder the zoo records it was built from, and the default
+    encoder's hub names; each folder as ``mergestream add`` names a state's base (its path,
+    folder name and config name)."""
+    from .encoder import default_model_path
+
+    folders = []
+    if suite.encoder is not None:
+        folders.append(suite.encoder)
+    else:
+        # Without the package the zoo's own copy is what runs: only its hub names remain.
+        with contextlib.suppress(ImportError):
+            folders.append(default_model_path())
+    folders.append(Path(pretrained))
+    meta = root / "zoo.json"
+    if meta.is_file():
+        try:
+            built_from = json.loads(meta.read_text()).get("encoder")
+        except (OSError, ValueError, AttributeError):
+            built_from = None
+        if isinstance(built_from, str) and Path(built_from).is_absolute():
+            folders.append(Path(built_from))
+    names: list[str] = []
+    for folder in folders:
+        names += base_identity(str(folder), folder if folder.is_dir() else None)
+    if suite.encoder is None:
+        names += DEFAULT_ENCODER_NAMES
+    return list(dict.fromkeys(names))
+
+
+def _load_suite_zoo(
+    root: Path,
+    suite: Suite,
+    *,
+    device: str,
+    log: Callable[[str], None],
+    force_base: bool = False,
+) -> Zoo:
     from .encoder import build_head, default_model_path, load_encoder
 
     zoo_pretrained = root / "pretrained"
@@ -225,6 +280,7 @@ def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str
     else:
         pretrained = suite.encoder or default_model_path()
     pooling = suite.pooling or pooling_of(pretrained)
+    names = encoder_names(root, Path(pretrained), suite)
     heads: dict[str, torch.Tensor] = {}
     test_sets: dict[str, TestSet] = {}
     checkpoints: dict[str, Path] = {}
@@ -256,7 +312,13 @@ def _load_suite_zoo(root: Path, suite: Suite, *, device: str, log: Callable[[str
                 f"no checkpoint at {ckpt}: fine-tune it (mergestream finetune SUITE.yaml "
                 f"--out {root}) or give the task a `checkpoint:`"
             )
-        fits[spec.name] = fit_checkpoint(pretrained, ckpt, f"{spec.where}: task {spec.name!r}")
+        fits[spec.name] = fit_checkpoint(
+            pretrained,
+            ckpt,
+            f"{spec.where}: task {spec.name!r}",
+            encoder_names=names,
+            force_base=force_base,
+        )
         task = load_task_data(spec, cache_dir=suite.data_cache)
         if encoder is None:
             encoder = load_encoder(pretrained, device=device)
@@ -286,13 +348,18 @@ class ZooEvaluator:
     """Accuracy of merged state dicts on the zoo's tasks, with one reusable encoder."""
 
     def __init__(
-        self, zoo: Zoo, device: str = "cpu", log: Callable[[str], None] = lambda _: None
+        self,
+        zoo: Zoo,
+        device: str = "cpu",
+        log: Callable[[str], None] = lambda _: None,
+        on_scored: Callable[[int], None] = lambda _: None,
     ):
         from .encoder import Evaluator, load_encoder
 
         model, tokenizer = load_encoder(zoo.pretrained, device=device)
         self.zoo = zoo
         self.log = log
+        self.on_scored = on_scored  # called with the task scores given so far, after each
         self._ignored: set[str] = set()  # unused tensors already named in the log
         self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling)
         self.evaluations = 0  # task evaluations run
@@ -317,6 +384,7 @@ class ZooEvaluator:
             if known is not None:
                 self.reused += 1
                 scores[task] = known
+                self.on_scored(self.evaluations + self.reused)
                 continue
             if self._loaded != key:
                 if state_dict is not None:
@@ -325,6 +393,7 @@ class ZooEvaluator:
             self.evaluations += 1
             score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
             self._scores[(key, task)] = scores[task] = score
+            self.on_scored(self.evaluations + self.reused)
         return scores
 
     def _report_ignored(self, names: Sequence[str]) -> None:
@@ -338,6 +407,47 @@ class ZooEvaluator:
         self.log(
             f"ignored {len(new)} tensors the encoder does not use (merged, not scored): {shown}"
         )
+
+
+def planned_evaluations(
+    tasks: int,
+    methods: int,
+    orders: int,
+    matrix_orders: int,
+    diagonal_only: bool,
+    alphas: int,
+    sweep_orders: int,
+) -> int:
+    """How many task scores a benchmark gives (those answered from an earlier evaluation of the
+    same weights included): what its progress counts to."""
+    per_matrix_order = 2 * tasks - 1 if diagonal_only else tasks * (tasks + 1) // 2
+    with_matrix = min(matrix_orders, orders)
+    per_method = with_matrix * per_matrix_order + (orders - with_matrix) * tasks
+    return 2 * tasks + methods * per_method + alphas * min(sweep_orders, orders) * tasks
+
+
+class _BenchProgress:
+    """The benchmark's progress in task scores (see :class:`mergestream.progress.Ticker`:
+    a live line on a terminal, a periodic line in a log), with the method and order being
+    run; silent without a stream. Log lines end the live line first, so none is glued to it."""
+
+    def __init__(self, stream: TextIO | None, total: int, log: Callable[[str], None]):
+        self.ticker = Ticker("bench", total, unit="evaluation", stream=stream) if stream else None
+        self._log = log
+        self.detail = ""
+
+    def tick(self, done: int) -> None:
+        if self.ticker is not None:
+            self.ticker.update(done, self.detail)
+
+    def log(self, line: str) -> None:
+        if self.ticker is not None:
+            self.ticker.close()
+        self._log(line)
+
+    def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.close()
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -403,13 +513,86 @@ def run_benchmark(
     device: str = "cpu",
     log: Callable[[str], None] = print,
     suite: Suite | None = None,
+    force_base: bool = False,
+    absolute_paths: bool = False,
+    progress: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol (see the module docstring) and return the results dict."""
-    started = time.perf_counter()
-    zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log)
-    evaluator = ZooEvaluator(zoo, device=device, log=log)
-    all_orders = task_orders(zoo.tasks, orders, seed=seed)
+    """Run the protocol (see the module docstring) and return the results dict.
 
+    ``force_base`` merges LoRA adapters whose base name is not the suite's encoder. The
+    results name the zoo, the suite and the checkpoints without the machine's folders (see
+    :func:`recorded_paths`), or by their absolute paths with ``absolute_paths``. With a
+    ``progress`` stream, the evaluations done, their rate and the time left are shown on it.
+    """
+    started = time.perf_counter()
+    zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log, force_base=force_base)
+    all_orders = task_orders(zoo.tasks, orders, seed=seed)
+    total = planned_evaluations(
+        len(zoo.tasks),
+        len(methods),
+        orders,
+        matrix_orders,
+        diagonal_only,
+        len(alphas),
+        sweep_orders,
+    )
+    bar = _BenchProgress(progress, total, log)
+    try:
+        evaluator = ZooEvaluator(zoo, device=device, log=bar.log, on_scored=bar.tick)
+        results = _run(
+            zoo,
+            evaluator,
+            all_orders,
+            bar,
+            methods,
+            matrix_orders,
+            diagonal_only,
+            alphas,
+            sweep_orders,
+        )
+    finally:
+        bar.close()
+    paths = recorded_paths(zoo, suite, absolute=absolute_paths)
+    return {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(),
+            "versions": {
+                "mergestream": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "zoo": paths["zoo"],
+            "suite": paths["suite"],
+            "pooling": zoo.pooling,
+            "checkpoints": paths["checkpoints"],
+            "tasks": zoo.tasks,
+            "orders": orders,
+            "matrix_orders": matrix_orders,
+            "matrix_diagonal_only": diagonal_only,
+            "seed": seed,
+            "evaluations": evaluator.evaluations,
+            "evaluations_reused": evaluator.reused,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        **results,
+    }
+
+
+def _run(
+    zoo: Zoo,
+    evaluator: ZooEvaluator,
+    all_orders: list[list[str]],
+    bar: _BenchProgress,
+    methods: Sequence[MethodSpec],
+    matrix_orders: int,
+    diagonal_only: bool,
+    alphas: Sequence[float],
+    sweep_orders: int,
+) -> dict[str, Any]:
+    """The reference scores, every method over every order, the alpha sweep."""
+    log = bar.log
+    bar.detail = "pretrained and individual models"
     reference = {"pretrained": evaluator.accuracies(None, zoo.tasks), "individual": {}}
     for task in zoo.tasks:
         individual = zoo.individual_state_dict(task)
@@ -426,6 +609,7 @@ def run_benchmark(
         log(f"[{number}/{len(methods)}] {spec.label}: {len(all_orders)} orders")
         runs = []
         for index, order in enumerate(all_orders):
+            bar.detail = f"{spec.name}, order {index + 1}/{len(all_orders)}"
             runs.append(
                 _merge_and_evaluate(
                     zoo, evaluator, spec, order, index < matrix_orders, diagonal_only
@@ -440,8 +624,9 @@ def run_benchmark(
 
     sweep: dict[str, Any] | None = None
     if alphas:
-        sweep = {"alphas": list(alphas), "accs": [], "orders": min(sweep_orders, orders)}
+        sweep = {"alphas": list(alphas), "accs": [], "orders": min(sweep_orders, len(all_orders))}
         for alpha in alphas:
+            bar.detail = f"OPCM alpha sweep, alpha {alpha:g}"
             spec = MethodSpec(f"OPCM alpha={alpha}", "opcm", {"alpha": alpha})
             accs = [
                 _merge_and_evaluate(zoo, evaluator, spec, order, False)["acc"]
@@ -449,32 +634,39 @@ def run_benchmark(
             ]
             sweep["accs"].append(accs)
             log(f"alpha {alpha:.1f}: ACC {100 * mean_std(accs)[0]:.1f}")
-
     return {
-        "meta": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(),
-            "versions": {
-                "mergestream": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            "zoo": str(zoo.root),
-            "suite": str(suite.path) if suite is not None and suite.path else None,
-            "pooling": zoo.pooling,
-            "checkpoints": {t: str(zoo.checkpoint(t)) for t in zoo.tasks},
-            "tasks": zoo.tasks,
-            "orders": orders,
-            "matrix_orders": matrix_orders,
-            "matrix_diagonal_only": diagonal_only,
-            "seed": seed,
-            "evaluations": evaluator.evaluations,
-            "evaluations_reused": evaluator.reused,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
         "reference": reference,
         "methods": results_methods,
         "alpha_sweep": sweep,
+    }
+
+
+def recorded_paths(zoo: Zoo, suite: Suite | None, *, absolute: bool = False) -> dict[str, Any]:
+    """The ``zoo``, ``suite`` and ``checkpoints`` entries of a results file.
+
+    Results get published: by default they hold no folder of the machine they ran on. The zoo
+    and the suite are named by their folder and file names; a task's checkpoint is relative to
+    the zoo, or, when the suite gives it (`checkpoint:`), relative to the suite file's folder,
+    as the suite writes it. ``absolute`` records absolute paths instead."""
+    given = {s.name for s in suite.tasks if s.checkpoint is not None} if suite else set()
+    suite_dir = suite.path.resolve().parent if suite is not None and suite.path else None
+    root = Path(os.path.abspath(zoo.root))
+    checkpoints: dict[str, str] = {}
+    for task in zoo.tasks:
+        path = zoo.checkpoint(task)
+        if absolute:
+            checkpoints[task] = os.path.abspath(path)
+        elif task in given and suite_dir is not None:
+            checkpoints[task] = Path(os.path.relpath(Path(path).resolve(), suite_dir)).as_posix()
+        else:
+            checkpoints[task] = Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+    suite_file = None
+    if suite is not None and suite.path:
+        suite_file = os.path.abspath(suite.path) if absolute else Path(suite.path).name
+    return {
+        "zoo": str(root) if absolute else root.name,
+        "suite": suite_file,
+        "checkpoints": checkpoints,
     }
 
 
