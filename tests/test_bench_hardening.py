@@ -367,3 +367,17 @@ def test_planned_evaluations_match_a_diagonal_run() -> None:
     # 3 tasks: 6 reference; per method 1 diagonal matrix order (2 + 3) and 2 finals of 3
     assert planned_evaluations(3, 2, 3, 1, True, 0, 3) == 6 + 2 * (5 + 6)
     assert planned_evaluations(3, 1, 2, 5, False, 2, 3) == 6 + 2 * 6 + 2 * 2 * 3
+
+
+def test_bench_without_transformers_or_a_zoo_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", str(tmp_path / "no-zoo"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mergestream: error: {tmp_path / 'no-zoo'}: no such zoo folder\n"
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["bench", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "mergestream: error: bench needs transformers: pip install 'mergestream[bench]'\n"
+    )
