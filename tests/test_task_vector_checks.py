@@ -240,6 +240,33 @@ def test_a_float32_merged_adapter_is_merged_with_one_warning_line(lora_zoo, caps
     assert "looks like a merged LoRA adapter" in capsys.readouterr().out
 
 
+def test_run_tells_a_merged_adapter_in_one_line(lora_zoo, capsys):
+    pytest.importorskip("yaml")
+    recipe = lora_zoo["tmp"] / "recipe.yaml"
+    recipe.write_text("base: base\nstate: run.state\ncheckpoints: [merged]\n")
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mergestream: warning: "), err
+    assert "Merge the adapter folder itself instead" in err and "warnings.warn" not in err
+
+
+def test_watch_logs_a_merged_adapter_as_one_warning_event(lora_zoo, capsys):
+    inbox = lora_zoo["tmp"] / "inbox"
+    inbox.mkdir()
+    (inbox / "merged").symlink_to(lora_zoo["tmp"] / "merged", target_is_directory=True)
+    options = WatchOptions(state=lora_zoo["state"], inbox=inbox, once=True, settle=0.0)
+    stream = io.StringIO()
+    capsys.readouterr()
+    run_watch(options, EventLog(json_lines=True, stream=stream))
+    logged = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (warned,) = [e for e in logged if e["event"] == "warning"]
+    assert warned["checkpoint"] == "merged"
+    assert "Merge the adapter folder itself instead" in warned["message"]
+    assert "Warning" not in capsys.readouterr().err
+    assert MergeState.open(lora_zoo["state"]).step == 1
+
+
 def test_the_python_api_warns_with_its_own_category(lora_zoo):
     state = MergeState.in_memory(lora_zoo["tmp"] / "base", "tsv_m")
     with pytest.warns(MergedAdapterWarning, match="merged into the base"):

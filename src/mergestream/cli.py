@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .allocator import return_freed_memory_to_os
-from .errors import ConfigError, MergestreamError
+from .errors import ConfigError, MergestreamError, warnings_as_lines
 from .options import (
     DEFAULT_MAX_SHARD_SIZE,
     EXPORT_DTYPES,
@@ -64,15 +63,13 @@ def _mapping(args: argparse.Namespace) -> dict[str, object]:
 def cmd_add(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_plan(args)
-    from .merged_adapter import MergedAdapterWarning
     from .state import MergeState
 
     state = MergeState.open(args.state)
     backend = _backend(args)
     for checkpoint in args.checkpoints:
         # What a step warns about is told in one line each, after the step's own line.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MergedAdapterWarning)
+        with warnings_as_lines() as warned:
             stats = state.add(
                 checkpoint,
                 allow_duplicate=args.allow_duplicate,
@@ -88,8 +85,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         scalars = ", ".join(f"{k}={v:.6g}" for k, v in stats.scalars.items())
         if not args.quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s ({scalars})")
-        for warning in caught:
-            print(f"mergestream: warning: {warning.message}", file=sys.stderr)
+        for line in warned:
+            print(f"mergestream: warning: {line}", file=sys.stderr)
     return 0
 
 

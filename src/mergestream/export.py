@@ -260,7 +260,8 @@ def check_output_finite(
     where = f" (rows {rows[0]}:{rows[1]})" if rows else ""
     raise MergestreamError(
         f"merged tensor {name!r}{where} is not finite in {dtype_name(tensor.dtype)}: its values "
-        "exceed the dtype's range. Export in a wider dtype (--dtype float32)"
+        "exceed the dtype's range. Export it in a wider dtype (float32: `--dtype float32`, or "
+        "`dtype: float32` under a recipe's `export:`)"
     )
 
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, MergestreamError
+from ..errors import ConfigError, MergestreamError, warnings_as_lines
 from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES, STATE_DTYPE_NAMES
 from ..yaml_lines import key_line
 from .commands import load_yaml_mapping
@@ -296,9 +297,12 @@ def run_recipe(
         )
     _store_recipe(recipe.state_dir, recipe.path)
     for checkpoint in recipe.checkpoints[len(done) :]:
-        stats = state.add(checkpoint, progress=progress, **recipe.add_options)
+        with warnings_as_lines() as warned:
+            stats = state.add(checkpoint, progress=progress, **recipe.add_options)
         if not quiet:
             print(f"step {stats.step}: merged {checkpoint} in {stats.seconds:.2f}s", flush=True)
+        for line in warned:
+            print(f"mergestream: warning: {line}", file=sys.stderr, flush=True)
     export = recipe.export
     if export is not None:
         state.export(

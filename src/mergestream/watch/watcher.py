@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from ..errors import MergestreamError, StateError
+from ..errors import MergestreamError, StateError, warnings_as_lines
 from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES
 from .inbox import Inspection, Settler, inspect_entry, inspect_inbox
 from .journal import DUPLICATE, MERGED, REFUSED, Journal, now_iso, watcher_lock
@@ -348,13 +348,20 @@ class Watcher:
         error: Exception | None = None
         started = time.monotonic()
         try:
-            self._busy_call(
-                lambda: self.state.add(
-                    item.path, device=options.device, workers=options.workers, **options.fitting()
+            with warnings_as_lines() as warned:
+                self._busy_call(
+                    lambda: self.state.add(
+                        item.path,
+                        device=options.device,
+                        workers=options.workers,
+                        **options.fitting(),
+                    )
                 )
-            )
         except Exception as err:  # noqa: BLE001 - whatever a checkpoint does, watching goes on
             error = err
+        else:
+            for line in warned:
+                self.log("warning", f"warning: {item.name}: {line}", checkpoint=item.name)
         if error is not None:
             self._refuse_or_fail(item, error)
             return
