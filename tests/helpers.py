@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
@@ -30,3 +34,19 @@ def tree_digest(root: Path) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` (tmpfs; mounting needs root, the test is skipped
+    otherwise) at `mount`, unmounted afterwards: full-disk tests on a real disk."""
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tree_digest
+from helpers import mounted_tmpfs, tree_digest
 from safetensors.torch import load_file, save_file
 
 import mergestream
@@ -275,17 +275,8 @@ def test_format_1_states_are_still_read(committed, stream):
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A real 1 MiB file system (tmpfs), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def big_stream(tmp_path: Path):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import mounted_tmpfs
 
 import mergestream.state as state_module
 import mergestream.storage as storage_module
@@ -202,17 +202,8 @@ def test_a_failed_prepare_leaves_nothing_behind(tiny_stream, tmp_path, monkeypat
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A real 2 MiB file system (tmpfs; mounting needs root), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def free_bytes(path: Path) -> int:
