@@ -12,10 +12,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from . import allocator  # noqa: E402  (light: lets users call allocator.* after import)
-from .errors import CheckpointError, ConfigError, MergestreamError, StateError  # noqa: E402
+from . import allocator  # (light: lets users call allocator.* after import)
+from ._version import __version__
+from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 
 if TYPE_CHECKING:
     from .methods import METHODS, OPCM, ContinualMethod, get_method

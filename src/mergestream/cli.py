@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from ._version import __version__
 from .allocator import return_freed_memory_to_os
 from .errors import ConfigError, MergestreamError, warnings_as_lines
 from .options import (

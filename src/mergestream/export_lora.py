@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .classify import default_is_linear_weight
 from .errors import ConfigError, MergestreamError
 from .export import check_output_finite

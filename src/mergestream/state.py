@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .distributed import Executor, resolve_backend, run_distributed_step
 from .engine import (
     StateReader,

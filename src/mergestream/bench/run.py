@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import torch
 from safetensors.torch import load_file
 
-from .. import __version__
+from .._version import __version__
 from ..hashing import sha256_tensors
 from ..io.checkpoint import MemorySource
 from ..io.lora import base_identity, is_adapter_dir
