@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mergestream import CheckpointError, MergeState
 from mergestream.cli import main
-from mergestream.io.checkpoint import open_checkpoint
+from mergestream.io.open import open_checkpoint
 
 # Wording of torch's own errors that must not reach the user: torch's advice to retry with
 # weights_only=False, and its opcode dumps (which quote bytes of the file).

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from mergestream import engine
 from mergestream.cli import main
 from mergestream.errors import CheckpointError, StateError
-from mergestream.io.checkpoint import open_checkpoint
 from mergestream.io.lora import LoraSource, base_identity, open_adapter
 from mergestream.io.mapping import NameMapping
+from mergestream.io.open import open_checkpoint
 from mergestream.methods import METHODS
 from mergestream.state import MergeState
 

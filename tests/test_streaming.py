@@ -12,7 +12,7 @@ from helpers import TINY_SHAPES, memory_stream
 from safetensors.torch import load_file, save_file
 
 from mergestream import CheckpointError, MergeState, engine, merge
-from mergestream.io.checkpoint import open_checkpoint
+from mergestream.io.open import open_checkpoint
 from mergestream.io.safetensors_stream import (
     SafetensorsFile,
     StreamingSafetensorsWriter,

@@ -323,7 +323,7 @@ def test_a_float64_merged_adapter_gives_no_warning(tmp_path, capsys):
 def test_the_detector_finds_the_rank_under_rounding_and_nothing_else(dtype):
     """On one matrix: rank 3 plus the rounding of `dtype` is found as rank 3; the same with a
     full-rank perturbation, a rank too large to be an adapter, or rounding alone is not."""
-    from mergestream.io.checkpoint import MemorySource
+    from mergestream.io.source import MemorySource
 
     g = torch.Generator().manual_seed(0)
     theta = (torch.randn(96, 80, generator=g, dtype=torch.float64) * 0.05).to(dtype)

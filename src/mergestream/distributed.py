@@ -42,8 +42,9 @@ from .engine import (
 )
 from .errors import ConfigError, MergestreamError, StateError
 from .hashing import header_fingerprint
-from .io.checkpoint import TensorSource, open_checkpoint
 from .io.mapping import NameMapping, apply_mapping
+from .io.open import open_checkpoint
+from .io.source import TensorSource
 from .manifest import generation_dir_name
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import STATE_DTYPES, Scalars

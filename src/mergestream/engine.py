@@ -29,9 +29,9 @@ import torch
 
 from .classify import LinearRule
 from .errors import CheckpointError, ConfigError
-from .io.checkpoint import TensorSource, tensor_location
 from .io.mapping import mismatch_hint
 from .io.safetensors_stream import dtype_name
+from .io.source import TensorSource, tensor_location
 from .methods.base import (
     COMPUTE_DTYPE,
     ContinualMethod,

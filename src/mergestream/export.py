@@ -23,8 +23,9 @@ import torch
 
 from .engine import add_chunked, is_streamed, row_blocks
 from .errors import ConfigError, MergestreamError
-from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, TensorSource
+from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
+from .io.source import TensorSource
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import NoProgress, Progress

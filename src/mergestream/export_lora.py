@@ -44,7 +44,7 @@ from .io.lora import ADAPTER_CONFIG, PEFT_PREFIX
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 
 if TYPE_CHECKING:
-    from .io.checkpoint import TensorSource
+    from .io.source import TensorSource
     from .state import MergeState
 
 ADAPTER_FILE = "adapter_model.safetensors"

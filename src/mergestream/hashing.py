@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .io.checkpoint import TensorSource
+from .io.source import TensorSource
 from .progress import NoProgress, Progress
 
 CHUNK = 8 << 20

@@ -14,13 +14,13 @@ import json
 import os
 import struct
 import uuid
-import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .errors import StateError
+from .io.checksum import file_crc32
 from .options import STATE_DTYPE_NAMES
 
 MANIFEST = "manifest.json"
@@ -290,24 +290,6 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "format_version": manifest["format_version"],
         "mergestream_version": manifest["mergestream_version"],
     }
-
-
-CRC_CHUNK = 8 << 20
-
-
-def file_crc32(fd: int, offset: int, size: int) -> int:
-    """CRC-32 of `size` bytes of an open file from `offset` on, read in chunks."""
-    crc = 0
-    buffer = bytearray(min(size, CRC_CHUNK))
-    view = memoryview(buffer)
-    done = 0
-    while done < size:
-        n = os.preadv(fd, [view[: min(len(view), size - done)]], offset + done)
-        if n == 0:
-            raise EOFError
-        crc = zlib.crc32(view[:n], crc)
-        done += n
-    return crc
 
 
 def load_manifest(path: Path) -> dict[str, Any]:

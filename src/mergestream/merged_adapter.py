@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from .engine import load_task_rows
-from .io.checkpoint import TensorSource
 from .io.safetensors_stream import dtype_name
+from .io.source import TensorSource
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 
 

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from . import engine
-from .io.checkpoint import TensorSource
 from .io.lora import LoraSource
 from .io.mapping import MappedSource
 from .io.safetensors_stream import dtype_name
+from .io.source import TensorSource
 from .methods.base import TensorInfo
 from .progress import format_size
 

@@ -54,10 +54,11 @@ from .export import (
     write_model,
 )
 from .hashing import content_hash, file_stamps, header_fingerprint
-from .io.checkpoint import CheckpointLike, TensorSource, config_dir, open_checkpoint
 from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
+from .io.open import CheckpointLike, config_dir, open_checkpoint
 from .io.safetensors_stream import dtype_name
+from .io.source import TensorSource
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,

@@ -19,8 +19,8 @@ import torch
 
 from mergestream.bench.suite import SuiteError
 from mergestream.errors import CheckpointError
-from mergestream.io.checkpoint import open_checkpoint
 from mergestream.io.lora import LoraAdapter, base_identity, check_base_name, is_adapter_dir
+from mergestream.io.open import open_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 
 from .._version import __version__
 from ..hashing import sha256_tensors
-from ..io.checkpoint import MemorySource
 from ..io.lora import base_identity, is_adapter_dir
+from ..io.source import MemorySource
 from ..progress import Ticker
 from ..state import MergeState
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted

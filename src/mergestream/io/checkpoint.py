@@ -1,7 +1,4 @@
-"""Checkpoints opened for lazy, one-tensor-at-a-time reads.
-
-A `TensorSource` lists tensor names and specs from file headers alone, and reads one tensor's data
-only when asked. Peak memory while merging is therefore a few tensors, whatever the model size.
+"""A checkpoint's weight files found on disk and opened as `TensorSource`s (`source.py`).
 
 Accepted on disk:
 - a `.safetensors` file, or an HF model directory with `model.safetensors` or sharded
@@ -24,12 +21,10 @@ import ctypes
 import ctypes.util
 import json
 import mmap
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Protocol
 
 import torch
 
@@ -42,57 +37,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-class TensorSource(Protocol):
-    """A checkpoint whose tensors can be listed cheaply and read one by one."""
-
-    description: str
-
-    def names(self) -> list[str]:
-        """Tensor names in storage order."""
-        ...
-
-    def spec(self, name: str) -> TensorSpec: ...
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` of a tensor (first dimension), reading no more than those."""
-        ...
-
-    def files(self) -> list[Path]:
-        """The files that hold the tensors (empty for in-memory sources)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class MemorySource:
-    """A state dict already in memory (for the Python API and tests)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], description: str = "<memory>"):
-        self._tensors = dict(tensors)
-        self.description = description
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def spec(self, name: str) -> TensorSpec:
-        t = self._tensors[name]
-        return TensorSpec(t.dtype, tuple(t.shape))
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name].detach()
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensors[name].detach()[start:stop]
-
-    def files(self) -> list[Path]:
-        return []
-
-    def close(self) -> None:
-        pass
 
 
 class _ShardedSource:
@@ -445,18 +389,9 @@ def resolve_checkpoint_files(path: Path) -> list[Path]:
     return resolve_checkpoint(path)[1]
 
 
-CheckpointLike = str | os.PathLike[str] | Mapping[str, torch.Tensor]
-
-
-def open_checkpoint(checkpoint: CheckpointLike) -> TensorSource:
-    """Open a checkpoint path (file or HF model directory) or wrap an in-memory state dict."""
-    if isinstance(checkpoint, Mapping):
-        return MemorySource(checkpoint)
-    path = Path(checkpoint)
-    from .lora import is_adapter_dir, open_adapter  # (lora imports this module)
-
-    if is_adapter_dir(path):  # a PEFT LoRA adapter: fitted to the base by MergeState
-        return open_adapter(path)
+def open_weight_files(path: Path) -> SafetensorsSource | TorchSource:
+    """Open the weight files of the checkpoint at `path` (a file, an HF model directory or a
+    shard index), checking a shard index against its shards."""
     resolved = _resolve(path)
     source: SafetensorsSource | TorchSource
     if resolved.kind == "torch":
@@ -470,26 +405,3 @@ def open_checkpoint(checkpoint: CheckpointLike) -> TensorSource:
             source.close()
             raise
     return source
-
-
-def config_dir(checkpoint: CheckpointLike) -> Path | None:
-    """The HF model directory holding config/tokenizer files, if the checkpoint is one."""
-    if isinstance(checkpoint, Mapping):
-        return None
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    if path.name in (SAFETENSORS_INDEX, TORCH_INDEX):
-        return path.parent
-    return None
-
-
-def tensor_location(source: TensorSource, name: str) -> str:
-    """Where tensor `name` lives, for messages: its file if the source knows it."""
-    file_of = getattr(source, "file_of", None)
-    if file_of is not None:
-        try:
-            return str(file_of(name))
-        except KeyError:
-            pass
-    return source.description

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import SafetensorsSource, TensorSource, TorchSource, tensor_location
+from .checkpoint import SafetensorsSource, TorchSource
 from .mapping import NameMapping
 from .safetensors_stream import TensorSpec
+from .source import TensorSource, tensor_location
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

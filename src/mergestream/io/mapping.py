@@ -25,8 +25,8 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..options import EXTRA_POLICIES, MISSING_POLICIES
-from .checkpoint import TensorSource, tensor_location
 from .safetensors_stream import TensorSpec
+from .source import TensorSource, tensor_location
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..manifest import file_crc32
+from .checksum import file_crc32
 
 # safetensors dtype codes; the same table the format's reference implementation uses.
 DTYPE_CODES: dict[torch.dtype, str] = {
