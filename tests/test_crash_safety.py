@@ -47,8 +47,8 @@ import json, os, signal, sys, time, traceback
 import torch
 torch.set_num_threads(1)  # no thread pool exists when the adds are forked
 import mergestream.cli as cli
-import mergestream.hashing as hashing
-import mergestream.storage as storage
+import mergestream.store.hashing as hashing
+import mergestream.store.storage as storage
 
 def say(text):
     os.write(1, (text + "\n").encode())

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from mergestream import CheckpointError, MergeState
 from mergestream.cli import main
-from mergestream.hashing import content_hash
 from mergestream.io.checkpoint import SafetensorsSource, TorchSource
 from mergestream.io.open import open_checkpoint
 from mergestream.io.safetensors_stream import SafetensorsFile
+from mergestream.store.hashing import content_hash
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
 SHAPES = transformer_shapes(layers=1, hidden=8, intermediate=12, vocab=20, positions=4)

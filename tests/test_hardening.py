@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 import mergestream
 from mergestream import CheckpointError, MergeState, MergestreamError, StateError
 from mergestream.cli import main
-from mergestream.storage import write_json_atomic
+from mergestream.store.storage import write_json_atomic
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
 SHAPES = transformer_shapes(layers=1, hidden=8, intermediate=12, vocab=20, positions=4)

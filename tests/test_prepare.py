@@ -19,8 +19,8 @@ import mergestream
 import mergestream.methods.opcm as opcm
 from mergestream import MergeState
 from mergestream.cli import main
-from mergestream.manifest import seal_manifest
 from mergestream.prepare import DamagedPreparationWarning
+from mergestream.store.manifest import seal_manifest
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
 SHAPES = transformer_shapes(layers=2, hidden=16, intermediate=24, vocab=30, positions=8)

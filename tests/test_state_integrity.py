@@ -19,7 +19,7 @@ import torch
 from helpers import mounted_tmpfs
 
 import mergestream.state as state_module
-import mergestream.storage as storage_module
+import mergestream.store.storage as storage_module
 from mergestream import MergeState, StateError
 from mergestream.cli import main
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from mergestream import MergeState, merge
 from mergestream.cli import main as cli_main
-from mergestream.hashing import sha256_files
+from mergestream.store.hashing import sha256_files
 from mergestream.synthetic import write_stream
 from mergestream.watch.inbox import Settler, inspect_entry, inspect_inbox
 from mergestream.watch.watcher import EventLog, WatchOptions, run_watch

@@ -121,7 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .manifest import read_state_status
+    from .store.manifest import read_state_status
 
     info = read_state_status(Path(args.state), verify=args.verify)
     if args.tensors:

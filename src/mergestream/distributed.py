@@ -41,15 +41,15 @@ from .engine import (
     tensor_nbytes,
 )
 from .errors import ConfigError, MergestreamError, StateError
-from .hashing import header_fingerprint
 from .io.mapping import NameMapping, apply_mapping
 from .io.open import open_checkpoint
 from .io.source import TensorSource
-from .manifest import generation_dir_name
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import STATE_DTYPES, Scalars
 from .progress import NoProgress, Progress
-from .storage import DiskStorage, PartWriter
+from .store.hashing import header_fingerprint
+from .store.manifest import generation_dir_name
+from .store.storage import DiskStorage, PartWriter
 
 # The plan aims at this many tasks per slot (a slot runs one task at a time), so that slots
 # that finish early pick up more work instead of idling behind a straggler.

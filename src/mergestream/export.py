@@ -5,7 +5,7 @@ or shards `model-00001-of-00003.safetensors` with a `model.safetensors.index.jso
 exceeds `max_shard_size`. Tensors are computed and written one at a time, and tensors past the
 engine's streaming limit by row blocks (a method's task vector is elementwise in its state, so
 rows of the state give rows of the task vector). The files are written into a fresh directory
-that `publish.publish_directory` switches in whole, so a reader of the output never sees a
+that `store.atomic.publish_directory` switches in whole, so a reader of the output never sees a
 half-written file or a mixture of two exports.
 """
 
@@ -29,7 +29,7 @@ from .io.source import TensorSource
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import NoProgress, Progress
-from .publish import files_under
+from .store.atomic import files_under
 
 # Files of an HF model directory that are weights (not copied next to the merged weights).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}

@@ -34,8 +34,8 @@ from .engine import default_workers, is_streamed, resolve_device
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from .methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
 from .progress import NoProgress, Progress
-from .publish import fsync_dir
-from .storage import writing
+from .store.atomic import fsync_dir
+from .store.storage import writing
 
 PREPARED_FILE = "prepared-{}.safetensors"
 

@@ -53,24 +53,11 @@ from .export import (
     write_json_file,
     write_model,
 )
-from .hashing import content_hash, file_stamps, header_fingerprint
 from .io.lora import LoraAdapter, LoraSource, base_identity, refuse_adapter_as_base
 from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.open import CheckpointLike, config_dir, open_checkpoint
 from .io.safetensors_stream import dtype_name
 from .io.source import TensorSource
-from .manifest import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    check_format,
-    check_parts,
-    generation_dir_name,
-    model_identity,
-    new_state_id,
-    state_status,
-    summary,
-)
 from .merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
@@ -85,8 +72,21 @@ from .prepare import (
     write_prepared,
 )
 from .progress import Progress
-from .publish import publish_directory
-from .storage import (
+from .store.atomic import publish_directory
+from .store.hashing import content_hash, file_stamps, header_fingerprint
+from .store.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_format,
+    check_parts,
+    generation_dir_name,
+    model_identity,
+    new_state_id,
+    state_status,
+    summary,
+)
+from .store.storage import (
     DamagedPart,
     DiskStorage,
     MemoryStorage,
@@ -828,7 +828,7 @@ class MergeState:
         model card with provenance, so `transformers.AutoModel.from_pretrained(out)` loads it.
 
         Floating-point tensors are written in `dtype`, or the base's dtype by default. The
-        export is built beside `out` and switched in whole (`publish.py`): a reader of `out`
+        export is built beside `out` and switched in whole (`store/atomic.py`): a reader of `out`
         sees the previous export or the new one, never a mixture. `out` must be new, empty or
         an earlier export; a directory holding other files is refused unless `overwrite`, and
         even then only the files an export writes are replaced. Files of `out` that an export

@@ -34,11 +34,11 @@ import torch
 from safetensors.torch import load_file
 
 from .._version import __version__
-from ..hashing import sha256_tensors
 from ..io.lora import base_identity, is_adapter_dir
 from ..io.source import MemorySource
 from ..progress import Ticker
 from ..state import MergeState
+from ..store.hashing import sha256_tensors
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
 from .encoder import pooling_of
 from .finetune import TASK_WEIGHT_FILES

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergestreamError
-from ..publish import fsync_dir
+from ..store.atomic import fsync_dir
 from .journal import now_iso, write_json_atomic
 
 VERSION_NAME = re.compile(r"step-(\d{6,})-([0-9a-f]+)")

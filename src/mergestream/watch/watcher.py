@@ -622,8 +622,8 @@ def _group_alive(pgid: int) -> bool:
 
 def _content_hash(path: Path) -> str:
     """The content hash the ledger records for the checkpoint at `path`."""
-    from ..hashing import content_hash
     from ..io.open import open_checkpoint
+    from ..store.hashing import content_hash
 
     source = open_checkpoint(path)
     try:

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .errors import StateError
-from .io.checksum import file_crc32
-from .options import STATE_DTYPE_NAMES
+from .._version import __version__
+from ..errors import StateError
+from ..io.checksum import file_crc32
+from ..options import STATE_DTYPE_NAMES
 
 MANIFEST = "manifest.json"
 LOCK = "lock"

@@ -35,8 +35,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import CheckpointError, StateError
-from .io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
+from ..errors import CheckpointError, StateError
+from ..io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
+from ..methods.base import TensorInfo
+from .atomic import fsync_dir
 from .manifest import (
     LOCK,
     MANIFEST,
@@ -46,8 +48,6 @@ from .manifest import (
     seal_manifest,
     state_lock,
 )
-from .methods.base import TensorInfo
-from .publish import fsync_dir
 
 
 class DamagedPart(StateError):

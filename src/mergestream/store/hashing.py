@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .io.source import TensorSource
-from .progress import NoProgress, Progress
+from ..errors import CheckpointError
+from ..io.source import TensorSource
+from ..progress import NoProgress, Progress
 
 CHUNK = 8 << 20
 
