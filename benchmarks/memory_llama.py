@@ -58,7 +58,8 @@ finally:
 IO_FLOOR_METHOD = """
 from dataclasses import dataclass
 import torch
-from mergestream.methods.base import ContinualMethod, MethodConfig, TensorUpdate
+from mergestream.methods.base import ContinualMethod, TensorUpdate
+from mergestream.methods.config import MethodConfig
 from mergestream.methods.registry import register_method
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mergestream import MergeState  # noqa: E402
 from mergestream.bench.run import machine_description  # noqa: E402
-from mergestream.classify import default_is_linear_weight  # noqa: E402
+from mergestream.methods.classify import default_is_linear_weight  # noqa: E402
 from mergestream.methods.dop import _Subspace  # noqa: E402
 from mergestream.synthetic import (  # noqa: E402
     apply,

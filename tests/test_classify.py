@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergestream.classify import LinearRule, classify
 from mergestream.io.safetensors_stream import TensorSpec
+from mergestream.methods.classify import LinearRule, classify
 
 transformers = pytest.importorskip("transformers")
 

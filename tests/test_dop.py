@@ -20,8 +20,8 @@ from baseline_helpers import (
 from pairwise_helpers import check_gpu_equals_cpu, check_streaming_keeps_matrices_whole
 
 from mergestream import ConfigError, MergeState, merge
-from mergestream.classify import default_is_linear_weight
 from mergestream.methods import DOP
+from mergestream.methods.classify import default_is_linear_weight
 from mergestream.methods.dop import min_norm_weight, split_rank
 
 DEFAULTS = {

@@ -26,13 +26,13 @@ from lora_helpers import FAMILIES, Zoo, load_adapter_model, state_dict_of
 from safetensors.torch import load_file
 
 import mergestream
-from mergestream.classify import default_is_linear_weight
 from mergestream.cli import main
 from mergestream.errors import MergestreamError
 from mergestream.export import MARKER
 from mergestream.export_lora import export_lora, truncated_factors
 from mergestream.io.lora import PEFT_PREFIX
 from mergestream.io.safetensors_stream import StreamingSafetensorsWriter
+from mergestream.methods.classify import default_is_linear_weight
 from mergestream.state import MergeState
 from mergestream.synthetic import write_stream
 

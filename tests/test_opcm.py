@@ -9,10 +9,10 @@ import torch
 from helpers import memory_stream
 
 from mergestream import ConfigError, MergeState, merge
-from mergestream.classify import LinearRule
 from mergestream.io.safetensors_stream import TensorSpec
-from mergestream.linalg import right_singular, split_index
 from mergestream.methods import OPCM, opcm_project
+from mergestream.methods.classify import LinearRule
+from mergestream.methods.linalg import right_singular, split_index
 
 # ----------------------------------------------------------------------------- the reference
 # Written plainly from the spec, whole model in memory, full SVD, everything float64.

@@ -18,8 +18,8 @@ from mergestream.io.safetensors_stream import (
     StreamingSafetensorsWriter,
     TensorSpec,
 )
-from mergestream.linalg import r_factor, right_singular, right_singular_from_r
 from mergestream.methods.base import TensorInfo
+from mergestream.methods.linalg import r_factor, right_singular, right_singular_from_r
 from mergestream.methods.opcm import fold_projected_rows, opcm_project
 
 # With these limits the tiny models stream their embedding table (30x16), the tall MLP weight

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .methods.base import parse_param_strings
+    from .methods.config import parse_param_strings
     from .state import MergeState
 
     params = parse_param_strings(args.param)
@@ -273,22 +273,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .method_catalog import describe_methods
+    from .methods.configs import describe_methods  # the configs alone: no torch
 
-    described = describe_methods()
-    if described is None:  # a method file the reader does not understand: ask the classes
-        from .methods import METHODS
-        from .methods.base import describe_config
-
-        listing = [
-            (name, METHODS[name].summary, describe_config(METHODS[name].config_class))
-            for name in sorted(METHODS)
-        ]
-    else:
-        listing = [(d.name, d.summary, d.parameters) for d in described]
-    for name, summary, parameters in listing:
-        print(f"{name}: {summary}")
-        for pname, ptype, default, help_text in parameters:
+    for method in describe_methods():
+        print(f"{method.name}: {method.summary}")
+        for pname, ptype, default, help_text in method.parameters:
             print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
     return 0
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .classify import LinearRule
 from .errors import CheckpointError, ConfigError
 from .io.mapping import mismatch_hint
 from .io.safetensors_stream import dtype_name
@@ -40,6 +39,7 @@ from .methods.base import (
     TensorInfo,
     TensorUpdate,
 )
+from .methods.classify import LinearRule
 from .progress import NoProgress, Progress
 
 StateReader = Callable[[TensorInfo], Mapping[str, torch.Tensor]]

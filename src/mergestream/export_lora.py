@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._version import __version__
-from .classify import default_is_linear_weight
 from .errors import ConfigError, MergestreamError
 from .export import check_output_finite
 from .io.lora import ADAPTER_CONFIG, PEFT_PREFIX
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from .methods.classify import default_is_linear_weight
 
 if TYPE_CHECKING:
     from .io.source import TensorSource

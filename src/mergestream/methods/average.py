@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     TensorInfo,
     TensorUpdate,
-    squared_norm,
 )
-from .registry import register_method
+from .configs.average import AverageConfig
+from .ops import squared_norm
 
 
-@dataclass(frozen=True)
-class AverageConfig(MethodConfig):
-    """The running average has no parameters."""
-
-
-@register_method
 class Average(ContinualMethod):
-    name = "average"
-    summary = "running mean of all models (base + mean task vector; order-independent)"
     config_class = AverageConfig
     state_names = ("mean",)
 

@@ -1,4 +1,4 @@
-"""The contract every continual merge method fulfils, and its typed configuration.
+"""The contract every continual merge method fulfils (its configuration: `config.py`).
 
 A method is a pure per-tensor rule plus a tiny state schema:
 - `state_names`: the per-parameter tensors it keeps (in the state's dtype, float32 unless the
@@ -20,17 +20,15 @@ The engine owns all I/O, ordering, validation and atomic commits; methods never 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..classify import LinearRule
 from ..errors import ConfigError
+from .config import MethodConfig, build_config
 
 STATE_DTYPE = torch.float32  # default stored state precision; all arithmetic runs in float64
 COMPUTE_DTYPE = torch.float64
@@ -40,13 +38,6 @@ Scalars = dict[str, float]
 
 # State keys under which a prepared generation's factors reach `update` (see `prepare_tensor`).
 PREPARED_PREFIX = "prepared."
-
-
-def squared_norm(tensor: torch.Tensor) -> float:
-    """Σ x² (the partial sum behind every global norm), without a temporary of the tensor's
-    size: the largest tensors of a model would otherwise briefly cost a second full copy."""
-    flat = tensor.reshape(-1)
-    return float(torch.dot(flat, flat))
 
 
 @dataclass(frozen=True)
@@ -98,41 +89,22 @@ class TensorUpdate:
     partials: Scalars = dataclasses.field(default_factory=dict)  # summed over all tensors
 
 
-def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A config field with help text (shown by `mergestream methods`)."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """Base class of method configs: frozen dataclasses whose fields carry help text."""
-
-    def validate(self) -> None:
-        """Raise ValueError on an invalid combination of values."""
-
-    def __post_init__(self) -> None:
-        try:
-            self.validate()
-        except ValueError as err:
-            raise ConfigError(f"{type(self).__name__}: {err}") from err
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def linear_rule(self) -> LinearRule:
-        """Which tensors count as linear weights; methods that project override the patterns."""
-        return LinearRule()
-
-
 class ContinualMethod(ABC):
     """A continual merge rule; subclasses set the class variables and implement the hooks."""
 
-    name: ClassVar[str]
-    summary: ClassVar[str]
+    name: ClassVar[str]  # from the config's `method` unless the class sets it
+    summary: ClassVar[str]  # from the config's `summary` unless the class sets it
     config_class: ClassVar[type[MethodConfig]]
     state_names: ClassVar[tuple[str, ...]]
     # Precision of stored state tensors unless the user picks another (see `state_dtype`).
     default_state_dtype: ClassVar[torch.dtype] = STATE_DTYPE
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config = cls.__dict__.get("config_class")
+        for attribute, source in (("name", "method"), ("summary", "summary")):
+            if attribute not in cls.__dict__ and hasattr(config, source):
+                setattr(cls, attribute, getattr(config, source))
 
     def __init__(self, config: MethodConfig | None = None, **params: Any) -> None:
         if config is not None and params:
@@ -236,81 +208,3 @@ class ContinualMethod(ABC):
     ) -> torch.Tensor:
         """Merged minus base for one tensor, float64. Must be elementwise in the state (export
         calls it on blocks of rows of large tensors, with `info.shape` the block's shape)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed parameters from strings (the CLI's --param KEY=VALUE) and from Python values.
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _convert(field_type: Any, raw: Any, key: str) -> Any:
-    origin = get_origin(field_type)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in get_args(field_type) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.lower() in {"none", "null", ""}):
-            return None
-        return _convert(options[0], raw, key)
-    if origin is Literal:
-        allowed = get_args(field_type)
-        if raw not in allowed:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {raw!r}")
-        return raw
-    if field_type is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if field_type in (int, float):
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected a number, got {raw!r}")
-        try:
-            value = field_type(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {field_type.__name__}, got {raw!r}") from None
-        if field_type is int and isinstance(raw, float) and raw != value:
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-        return value
-    if field_type is str:
-        return str(raw)
-    raise TypeError(f"unsupported config field type {field_type!r} for {key}")
-
-
-def build_config(config_class: type[MethodConfig], params: Mapping[str, Any]) -> MethodConfig:
-    """Build a config from loosely typed values (strings from the CLI, or Python values)."""
-    hints = typing.get_type_hints(config_class)
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = [k for k in params if k not in fields]
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r}; valid parameters: {', '.join(fields) or '(none)'}"
-        )
-    values = {k: _convert(hints[k], v, k) for k, v in params.items()}
-    return config_class(**values)
-
-
-def parse_param_strings(items: list[str]) -> dict[str, str]:
-    """`["alpha=0.5", "zero_diagonal=true"]` -> {"alpha": "0.5", ...}."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def describe_config(config_class: type[MethodConfig]) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every parameter, for listings."""
-    hints = typing.get_type_hints(config_class)
-    rows = []
-    for f in dataclasses.fields(config_class):
-        hint = hints[f.name]
-        if get_origin(hint) is Literal:
-            type_name = "|".join(map(str, get_args(hint)))
-        else:
-            type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-        rows.append((f.name, type_name, f.default, f.metadata.get("help", "")))
-    return rows

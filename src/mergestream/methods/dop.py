@@ -64,24 +64,18 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from ..classify import LinearRule
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     TensorInfo,
     TensorUpdate,
-    param,
-    squared_norm,
 )
-from .registry import register_method
-
-ProjSpace = Literal["uv", "u", "v"]
+from .configs.dop import DOPConfig, ProjSpace
+from .ops import dot, squared_norm
 
 # torch.optim.Adam's defaults, which the reference uses.
 ADAM_BETAS = (0.9, 0.999)
@@ -178,10 +172,6 @@ def min_norm_weight(v11: float, v12: float, v22: float) -> float:
     return (v22 - v12) / (v11 + v22 - 2.0 * v12)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
-
-
 def dop_adam(
     tasks: tuple[_Subspace, _Subspace],
     start: torch.Tensor,
@@ -209,9 +199,9 @@ def dop_adam(
             # gradient, whose normalised form is taken as zero).
             n0 = 1.0 / loss0 if loss0 != 0.0 else 0.0
             n1 = 1.0 / loss1 if loss1 != 0.0 else 0.0
-            v11 = _dot(grad0, grad0) * n0 * n0
-            v12 = _dot(grad0, grad1) * n0 * n1
-            v22 = _dot(grad1, grad1) * n1 * n1
+            v11 = dot(grad0, grad0) * n0 * n0
+            v12 = dot(grad0, grad1) * n0 * n1
+            v22 = dot(grad1, grad1) * n1 * n1
             gamma = min_norm_weight(v11, v12, v22)
             weights = (gamma, 1.0 - gamma)
             if ema:
@@ -275,68 +265,7 @@ def dop_exact(
     return start + step
 
 
-@dataclass(frozen=True)
-class DOPConfig(MethodConfig):
-    lr: float = param(1e-4, "Adam's learning rate")
-    num_steps: int = param(200, "Adam steps per linear weight")
-    mgda: bool = param(
-        True, "weights from the two-task MGDA min-norm solution; false: fixed (alpha, 1-alpha)"
-    )
-    alpha: float = param(
-        0.8, "weight of the merged model's loss (fixed weights, the EMA's start, exact solver)"
-    )
-    ema: bool = param(True, "with mgda: use an exponential moving average of the weights")
-    ema_beta: float = param(0.999, "the EMA's decay")
-    svd_epsilon: float = param(
-        0.99999, "energy (fraction of Σσ) kept by each task vector's truncated SVD (0..1)"
-    )
-    svd_proj_space: ProjSpace = param(
-        "uv", "uv: both projections; u: left singular vectors only; v: right only"
-    )
-    solver: Literal["adam", "exact"] = param(
-        "adam",
-        "adam: the reference's optimisation; exact: the minimiser for the fixed weights "
-        "(alpha, 1-alpha) by a Sylvester solve",
-    )
-    keep_base: str | None = param(
-        None,
-        "regex: tensors kept at the base from step 2 (the reference does this to parameters "
-        "of non-leaf modules, e.g. class_embedding); default: averaged",
-    )
-    project_include: str | None = param(
-        None, "regex: also optimise 2-D tensors whose name matches (beyond the linear rule)"
-    )
-    project_exclude: str | None = param(None, "regex: never optimise tensors whose name matches")
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0, got {self.num_steps}")
-        for name in ("alpha", "ema_beta", "svd_epsilon"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0 or math.isnan(value):
-                raise ValueError(f"{name} must be within [0, 1], got {value}")
-        self.linear_rule()
-        if self.keep_base is not None:
-            try:
-                re.compile(self.keep_base)
-            except re.error as err:
-                raise ValueError(
-                    f"keep_base: invalid regular expression {self.keep_base!r}: {err}"
-                ) from err
-
-    def linear_rule(self) -> LinearRule:
-        return LinearRule(include=self.project_include, exclude=self.project_exclude)
-
-
-@register_method
 class DOP(ContinualMethod):
-    name = "dop"
-    summary = (
-        "dual orthogonal projections: each linear weight optimised against both task vectors' "
-        "singular subspaces (MGDA-weighted Adam, or exact), average elsewhere"
-    )
     config_class = DOPConfig
     state_names = ("merged",)
     config: DOPConfig

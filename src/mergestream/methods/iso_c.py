@@ -31,25 +31,20 @@ row-streaming size; the averaged ones stream by row blocks.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from .base import (
-    COMPUTE_DTYPE,
-    param,
-)
-from .pairwise import PairwiseConfig, PairwiseMerge
-from .registry import register_method
+from .base import COMPUTE_DTYPE
+from .configs.iso_c import IsoCConfig
+from .ops import average
+from .pairwise import PairwiseMerge
 
 
 def iso_c_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     """Iso-C of two task vectors of one tensor (float64): the flattened-spectrum sum of a 2-D
     pair, the average of any other pair. A new tensor."""
-    merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     if merged.ndim != 2:
-        return (merged + task) / 2
+        return average(merged, task)
+    merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     total = merged + task
     if total.numel() == 0:
         return total
@@ -57,23 +52,6 @@ def iso_c_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     return (u * sigma.mean()) @ vh
 
 
-@dataclass(frozen=True)
-class IsoCConfig(PairwiseConfig):
-    scaling_factor: float = param(
-        1.0, "c: merged = base + c·ISO(merged task vector, incoming task vector)"
-    )
-
-    def validate(self) -> None:
-        if not math.isfinite(self.scaling_factor):
-            raise ValueError(f"scaling_factor must be finite, got {self.scaling_factor}")
-
-
-@register_method
 class IsoC(PairwiseMerge):
-    name = "iso_c"
-    summary = (
-        "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum "
-        "(2-D tensors), average elsewhere, times c"
-    )
     config_class = IsoCConfig
     combine = staticmethod(iso_c_combine)

@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     TensorInfo,
     TensorUpdate,
-    param,
-    squared_norm,
 )
-from .registry import register_method
+from .configs.magmax import MagMaxConfig
+from .ops import squared_norm
 
 
 def replaces(incoming: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -46,19 +43,7 @@ def replaces(incoming: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return (incoming_abs > kept_abs) | ((incoming_abs == kept_abs) & positive_over_negative)
 
 
-@dataclass(frozen=True)
-class MagMaxConfig(MethodConfig):
-    scaling_factor: float = param(0.5, "c: merged = base + c·(largest-magnitude task vector)")
-
-    def validate(self) -> None:
-        if not math.isfinite(self.scaling_factor):
-            raise ValueError(f"scaling_factor must be finite, got {self.scaling_factor}")
-
-
-@register_method
 class MagMax(ContinualMethod):
-    name = "magmax"
-    summary = "per entry, the task-vector value of largest magnitude so far, times c"
     config_class = MagMaxConfig
     state_names = ("max",)
     config: MagMaxConfig

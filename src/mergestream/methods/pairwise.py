@@ -12,31 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..classify import EveryMatrixRule, LinearRule
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     TensorInfo,
     TensorUpdate,
-    squared_norm,
 )
-
-
-@dataclass(frozen=True)
-class PairwiseConfig(MethodConfig):
-    """Base of the pairwise methods' configs."""
-
-    def linear_rule(self) -> LinearRule:
-        # Every 2-D tensor takes the SVD route, so `status --tensors` and the planners (cost,
-        # memory) count embedding tables among the matrices, as `combine` treats them.
-        return EveryMatrixRule()
+from .ops import squared_norm
 
 
 class PairwiseMerge(ContinualMethod):

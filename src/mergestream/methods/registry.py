@@ -1,11 +1,34 @@
-"""Name -> method class, for configs, the command line and saved states."""
+"""Name -> method class, for configs, the command line and saved states.
+
+The built-in methods are listed here, once; `register_method` adds others (a plugin, a
+benchmark's own rule) under their `name`.
+"""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
 from ..errors import ConfigError
+from .average import Average
 from .base import ContinualMethod
+from .dop import DOP
+from .iso_c import IsoC
+from .magmax import MagMax
+from .opcm import OPCM
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+from .tsv_m import TsvM
+
+BUILTIN_METHODS: tuple[type[ContinualMethod], ...] = (
+    Average,
+    DOP,
+    IsoC,
+    MagMax,
+    OPCM,
+    TaskArithmetic,
+    Ties,
+    TsvM,
+)
 
 METHODS: dict[str, type[ContinualMethod]] = {}
 
@@ -18,6 +41,10 @@ def register_method(cls: M) -> M:
         raise ValueError(f"method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
     return cls
+
+
+for _method in BUILTIN_METHODS:
+    register_method(_method)
 
 
 def get_method(name: str, **params: Any) -> ContinualMethod:

@@ -12,38 +12,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     TensorInfo,
     TensorUpdate,
-    param,
-    squared_norm,
 )
-from .registry import register_method
+from .configs.task_arithmetic import TaskArithmeticConfig
+from .ops import squared_norm
 
 
-@dataclass(frozen=True)
-class TaskArithmeticConfig(MethodConfig):
-    scaling_factor: float = param(
-        0.3, "c: merged = base + c·Σ task vectors (0.3 suits ~8 models, 0.1 suits 14-20)"
-    )
-
-    def validate(self) -> None:
-        if not math.isfinite(self.scaling_factor):
-            raise ValueError(f"scaling_factor must be finite, got {self.scaling_factor}")
-
-
-@register_method
 class TaskArithmetic(ContinualMethod):
-    name = "task_arithmetic"
-    summary = "base + c · sum of all task vectors (order-independent)"
     config_class = TaskArithmeticConfig
     state_names = ("sum",)
     config: TaskArithmeticConfig

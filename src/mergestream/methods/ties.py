@@ -59,28 +59,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .base import (
     COMPUTE_DTYPE,
     ContinualMethod,
-    MethodConfig,
     Scalars,
     StepTensor,
     TensorInfo,
     TensorUpdate,
-    param,
-    squared_norm,
 )
-from .registry import register_method
+from .configs.ties import MergeFunc, TiesConfig
+from .ops import squared_norm
 
 DIGIT_BITS = 16  # key bits resolved per histogram pass (2^16 counts per histogram)
 PENDING_LIMIT = 1 << 21  # undecided entries kept aside to finish the selection in memory
-
-MergeFunc = Literal["sum", "mean", "max"]
 
 _KEY_MAX = (1 << 63) - 1
 _THRESHOLD_M = "ties_threshold_merged"
@@ -415,34 +409,7 @@ def global_ties_selection(
                 s.narrow(rank)
 
 
-@dataclass(frozen=True)
-class TiesConfig(MethodConfig):
-    scaling_factor: float = param(
-        0.3, "c: each step adds c·TIES(merged task vector, incoming task vector)"
-    )
-    threshold: float = param(
-        20.0, "top-k percent: each vector keeps its entries of largest magnitude (0 < k <= 100)"
-    )
-    scope: Literal["model", "tensor"] = param(
-        "model",
-        "model: top-k and majority sign over the whole model (exact; extra read passes); "
-        "tensor: within each tensor (one pass, as mergekit and PEFT)",
-    )
-    merge_func: MergeFunc = param(
-        "sum", "how agreeing entries combine: sum, mean, or max (largest magnitude)"
-    )
-
-    def validate(self) -> None:
-        if not math.isfinite(self.scaling_factor):
-            raise ValueError(f"scaling_factor must be finite, got {self.scaling_factor}")
-        if not 0.0 < self.threshold <= 100.0:
-            raise ValueError(f"threshold is a percentage in (0, 100], got {self.threshold}")
-
-
-@register_method
 class Ties(ContinualMethod):
-    name = "ties"
-    summary = "TIES (trim, elect sign, disjoint merge) of the merged and the incoming task vector"
     config_class = TiesConfig
     state_names = ("merged",)
     config: TiesConfig

@@ -33,17 +33,12 @@ shuffling or seeding. Where the truncated singular vectors of the two are linear
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from .base import (
-    COMPUTE_DTYPE,
-    param,
-)
-from .pairwise import PairwiseConfig, PairwiseMerge
-from .registry import register_method
+from .base import COMPUTE_DTYPE
+from .configs.tsv_m import TsvMConfig
+from .ops import average
+from .pairwise import PairwiseMerge
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +50,9 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
 def tsv_m_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     """TSV-M of two task vectors of one tensor (float64): the merged singular triplets of a 2-D
     pair (see the module docstring), the average of any other pair. A new tensor."""
-    merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     if merged.ndim != 2:
-        return (merged + task) / 2
+        return average(merged, task)
+    merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     rows, cols = merged.shape
     rank = min(rows, cols)
     keep = rank // 2
@@ -75,23 +70,6 @@ def tsv_m_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     return (_polar(u) * sigma) @ _polar(vh)
 
 
-@dataclass(frozen=True)
-class TsvMConfig(PairwiseConfig):
-    scaling_factor: float = param(
-        1.0, "c: merged = base + c·TSV(merged task vector, incoming task vector)"
-    )
-
-    def validate(self) -> None:
-        if not math.isfinite(self.scaling_factor):
-            raise ValueError(f"scaling_factor must be finite, got {self.scaling_factor}")
-
-
-@register_method
 class TsvM(PairwiseMerge):
-    name = "tsv_m"
-    summary = (
-        "continual TSV-M: top half of the singular triplets of the merged and the incoming "
-        "task vector, orthogonalised (2-D tensors), average elsewhere, times c"
-    )
     config_class = TsvMConfig
     combine = staticmethod(tsv_m_combine)

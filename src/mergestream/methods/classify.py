@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .io.safetensors_stream import TensorSpec
+if TYPE_CHECKING:  # a spec is only read (shape, dtype): no torch here, configs use the rules
+    from ..io.safetensors_stream import TensorSpec
 
 # Matched against the last component of the module name (the part before ".weight").
 EMBEDDING_MODULE = re.compile(

@@ -1,0 +1,24 @@
+"""Continual Iso-C's config (`methods/iso_c.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import param, require_finite
+from .pairwise import PairwiseConfig
+
+
+@dataclass(frozen=True)
+class IsoCConfig(PairwiseConfig):
+    method = "iso_c"
+    summary = (
+        "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum "
+        "(2-D tensors), average elsewhere, times c"
+    )
+
+    scaling_factor: float = param(
+        1.0, "c: merged = base + c·ISO(merged task vector, incoming task vector)"
+    )
+
+    def validate(self) -> None:
+        require_finite("scaling_factor", self.scaling_factor)

@@ -1,0 +1,18 @@
+"""MagMax's config (`methods/magmax.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import MethodConfig, param, require_finite
+
+
+@dataclass(frozen=True)
+class MagMaxConfig(MethodConfig):
+    method = "magmax"
+    summary = "per entry, the task-vector value of largest magnitude so far, times c"
+
+    scaling_factor: float = param(0.5, "c: merged = base + c·(largest-magnitude task vector)")
+
+    def validate(self) -> None:
+        require_finite("scaling_factor", self.scaling_factor)
