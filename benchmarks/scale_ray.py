@@ -71,7 +71,7 @@ def run_mode(mode: str, work: Path, state_dir: Path, steps: int) -> dict:
     if mode.startswith("ray"):
         import ray
 
-        from mergestream.ray_backend import RayBackend
+        from mergestream.step.ray_backend import RayBackend
 
         ray.init(num_cpus=int(mode[-1]), include_dashboard=False, log_to_driver=False)
         ray.get(ray.remote(lambda: None).remote())  # workers up before the clock starts
@@ -186,7 +186,7 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_tasks":
         from mergestream import MergeState
-        from mergestream.distributed import plan_tasks
+        from mergestream.step.tasks import plan_tasks
 
         work = Path(sys.argv[2])
         state = MergeState.create(work / "plan-state", work / "base", "opcm")

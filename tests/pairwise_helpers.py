@@ -10,7 +10,8 @@ import pytest
 import torch
 from baseline_helpers import make_stream
 
-from mergestream import MergeState, engine, merge
+from mergestream import MergeState, merge
+from mergestream.step import engine
 
 # With these limits every 2-D tensor of the test models and the MLP's 24-entry bias reach the
 # streaming size (the bias in blocks of 10 entries, the matrices in blocks of one row).

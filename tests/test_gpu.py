@@ -10,10 +10,11 @@ import pytest
 import torch
 from helpers import memory_stream
 
-from mergestream import MergeState, engine, merge
+from mergestream import MergeState, merge
 from mergestream.cli import main as cli_main
 from mergestream.methods.base import TensorInfo
 from mergestream.methods.opcm import fold_projected_rows, opcm_project
+from mergestream.step import engine
 
 # The device under test. Everything below is written against this name so that the same checks
 # can be pointed at another device.

@@ -230,7 +230,7 @@ def test_status_is_not_healthy_without_its_generation_file(committed):
 
 def test_row_streamed_tensors_are_verified(stream, tmp_path, monkeypatch):
     """Tensors folded by row blocks are checked when their last block is read."""
-    import mergestream.engine as engine
+    import mergestream.step.engine as engine
 
     monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", 64)
     monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 40)

@@ -26,7 +26,6 @@ from lora_helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-from mergestream import engine
 from mergestream.cli import main
 from mergestream.errors import CheckpointError, StateError
 from mergestream.io.lora import LoraSource, base_identity, open_adapter
@@ -34,6 +33,7 @@ from mergestream.io.mapping import NameMapping
 from mergestream.io.open import open_checkpoint
 from mergestream.methods import METHODS
 from mergestream.state import MergeState
+from mergestream.step import engine
 
 LLAMA_VOCAB = 40
 READ_TOLERANCE = 1e-12

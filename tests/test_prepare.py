@@ -19,7 +19,7 @@ import mergestream
 import mergestream.methods.opcm as opcm
 from mergestream import MergeState
 from mergestream.cli import main
-from mergestream.prepare import DamagedPreparationWarning
+from mergestream.step.prepare import DamagedPreparationWarning
 from mergestream.store.manifest import seal_manifest
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 

@@ -23,20 +23,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergestream import MergeState, engine
-from mergestream.distributed import (
+from mergestream import MergeState
+from mergestream.errors import ConfigError, MergestreamError, StateError
+from mergestream.methods import get_method
+from mergestream.step import engine
+from mergestream.step.tasks import (
     PAUSE_DIR_ENV,
     TASKS_PER_SLOT,
     SerialExecutor,
     plan_tasks,
     tensor_cost,
 )
-from mergestream.errors import ConfigError, MergestreamError, StateError
-from mergestream.methods import get_method
 from mergestream.synthetic import llama_shapes, write_stream
 
 ray = pytest.importorskip("ray")
-from mergestream.ray_backend import RayBackend  # noqa: E402 - needs ray
+from mergestream.step.ray_backend import RayBackend  # noqa: E402 - needs ray
 
 METHODS = {
     "opcm": {},
@@ -469,7 +470,7 @@ def test_a_cluster_started_with_ray_start(models, tmp_path):
         script = (
             "import sys\n"
             "from mergestream import MergeState\n"
-            "from mergestream.ray_backend import RayBackend\n"
+            "from mergestream.step.ray_backend import RayBackend\n"
             "state = MergeState.create(sys.argv[1], sys.argv[2], 'ties', threshold=30.0)\n"
             "for path in sys.argv[4:]:\n"
             "    state.add(path, backend=RayBackend(address=sys.argv[3]))\n"

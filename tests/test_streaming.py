@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_SHAPES, memory_stream
 from safetensors.torch import load_file, save_file
 
-from mergestream import CheckpointError, MergeState, engine, merge
+from mergestream import CheckpointError, MergeState, merge
 from mergestream.io.open import open_checkpoint
 from mergestream.io.safetensors_stream import (
     SafetensorsFile,
@@ -21,6 +21,7 @@ from mergestream.io.safetensors_stream import (
 from mergestream.methods.base import TensorInfo
 from mergestream.methods.linalg import r_factor, right_singular, right_singular_from_r
 from mergestream.methods.opcm import fold_projected_rows, opcm_project
+from mergestream.step import engine
 
 # With these limits the tiny models stream their embedding table (30x16), the tall MLP weight
 # (24x16) and the square attention weights (16x16) in blocks of 3 rows; biases, norms and the

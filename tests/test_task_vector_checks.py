@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from mergestream import CheckpointError, MergeState, merge
 from mergestream.cli import main
-from mergestream.distributed import SerialExecutor
-from mergestream.merged_adapter import MergedAdapterWarning, merged_adapter_rank
 from mergestream.methods.base import TensorInfo
+from mergestream.step.merged_adapter import MergedAdapterWarning, merged_adapter_rank
+from mergestream.step.tasks import SerialExecutor
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 from mergestream.watch.watcher import EventLog, WatchOptions, run_watch
 
@@ -122,7 +122,7 @@ def test_a_distributed_step_refuses_a_zero_task_vector_too(zoo):
 
 def test_row_streamed_tensors_count_towards_the_task_vector(zoo, monkeypatch):
     """Tensors folded by row blocks: a zero one is seen as zero, a changed one as changed."""
-    import mergestream.engine as engine
+    import mergestream.step.engine as engine
 
     monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", 64)
     monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 40)

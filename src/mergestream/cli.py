@@ -97,14 +97,16 @@ def _backend(args: argparse.Namespace) -> object:
         if args.ray_address is not None or args.ray_cpus_per_task is not None:
             raise ConfigError("--ray-address and --ray-cpus-per-task need --backend ray")
         return None
-    from .ray_backend import RayBackend
+    from .step.backends import resolve_executor
 
-    return RayBackend(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task or 1)
+    return resolve_executor(
+        "ray", address=args.ray_address, cpus_per_task=args.ray_cpus_per_task or 1
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan
     from .state import MergeState
+    from .step.plan import format_plan
 
     state = MergeState.open(args.state)
     plans = [

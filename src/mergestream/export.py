@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from .engine import add_chunked, is_streamed, row_blocks
 from .errors import ConfigError, MergestreamError
 from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
@@ -29,6 +28,7 @@ from .io.source import TensorSource
 from .methods.base import COMPUTE_DTYPE, TensorInfo
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import NoProgress, Progress
+from .step.engine import add_chunked, is_streamed, row_blocks
 from .store.atomic import files_under
 
 # Files of an HF model directory that are weights (not copied next to the merged weights).

@@ -25,21 +25,6 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .distributed import Executor, resolve_backend, run_distributed_step
-from .engine import (
-    StateReader,
-    StateRowReader,
-    StepStats,
-    check_all_finite,
-    check_compatible,
-    default_workers,
-    ordered_map,
-    resolve_device,
-    run_step,
-    single_threaded_kernels,
-    tensor_infos,
-    zero_task_vector_error,
-)
 from .errors import CheckpointError, ConfigError, MergestreamError, StateError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -58,12 +43,21 @@ from .io.mapping import MappedSource, NameMapping, apply_mapping
 from .io.open import CheckpointLike, config_dir, open_checkpoint
 from .io.safetensors_stream import dtype_name
 from .io.source import TensorSource
-from .merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, STATE_DTYPES
 from .modelcard import provenance_metadata, render_model_card
-from .plan import Plan, plan_add
-from .prepare import (
+from .progress import Progress
+from .step.backends import choose_backend
+from .step.engine import (
+    StepStats,
+    check_all_finite,
+    check_compatible,
+    tensor_infos,
+    zero_task_vector_error,
+)
+from .step.merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
+from .step.plan import Plan, plan_add
+from .step.prepare import (
     DamagedPreparationWarning,
     kernel_regime,
     prepare_key,
@@ -71,7 +65,8 @@ from .prepare import (
     usable_parts,
     write_prepared,
 )
-from .progress import Progress
+from .step.runtime import default_workers, ordered_map, resolve_device, single_threaded_kernels
+from .step.tasks import Executor, StepRequest
 from .store.atomic import publish_directory
 from .store.hashing import content_hash, file_stamps, header_fingerprint
 from .store.manifest import (
@@ -357,18 +352,23 @@ class MergeState:
         checkpoint that looks like a LoRA adapter merged into the base (low rank plus round-off,
         `merged_adapter.py`) is merged with a warning and a ledger note: the adapter is exact.
 
-        `backend="ray"` (or an executor such as `ray_backend.RayBackend(...)`) folds the step's
-        tensors in tasks on a cluster instead of in this process (`distributed.py`), with the
-        same results to the bit; it needs a state on disk and a checkpoint given by path.
+        `backend="ray"` (or an executor such as `step.ray_backend.RayBackend(...)`) folds the
+        step's tensors in tasks on a cluster instead of in this process (`step/backends.py`),
+        with the same results to the bit; it needs a state on disk and a checkpoint given by
+        path.
         """
         mapping = NameMapping(strip_prefix, add_prefix, missing, extra)
-        executor = self._executor(backend, checkpoint)
+        runner = choose_backend(
+            backend,
+            state_on_disk=not isinstance(self._storage, MemoryStorage),
+            checkpoint_is_path=not isinstance(checkpoint, Mapping),
+        )
         with self._storage.lock(exclusive=True), contextlib.ExitStack() as cleanup:
             self._reload_manifest()
             base_stamps = self._check_base_unchanged(verify=verify_base)
             raw, source = self._open_input(checkpoint, mapping, force_base)
             cleanup.callback(raw.close)
-            if executor is not None and isinstance(raw, LoraAdapter):
+            if not runner.local and isinstance(raw, LoraAdapter):
                 raise ConfigError(
                     f"{source.description}: backend {backend!r} merges full checkpoints; a LoRA "
                     "adapter is merged by the local engine (from its factors, which keeps the "
@@ -417,9 +417,9 @@ class MergeState:
             # distributed step recomputes in its tasks, and its driver may lack the device.
             dropped: list[str] = []  # what was wrong with a damaged preparation
             prepared = (
-                (lambda name: {})
-                if executor is not None
-                else self._prepared_reader(device, workers, dropped)
+                self._prepared_reader(device, workers, dropped)
+                if runner.local
+                else (lambda name: {})
             )
             cleanup.callback(_tell_dropped_preparation, dropped)
 
@@ -430,40 +430,29 @@ class MergeState:
             def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
                 return self.state_rows(info.name, start, stop)
 
-            if executor is not None:
-                assert isinstance(self._storage, DiskStorage)  # checked by _executor
-                stats, parts = run_distributed_step(
-                    executor,
-                    self._storage,
-                    method,
-                    step,
-                    self.scalars,
-                    self._infos,
-                    self._base,
-                    source,
-                    (self._manifest["base"]["path"], str(Path(checkpoint).resolve())),
-                    mapping,
-                    generation,
-                    (self._manifest["generation"], self._manifest.get("parts")),
-                    read_state,
-                    read_state_rows,
-                    device=str(device),
+            stats, parts = runner.run(
+                StepRequest(
+                    method=method,
+                    step=step,
+                    scalars=self.scalars,
+                    infos=self._infos,
+                    base=self._base,
+                    checkpoint=source,
+                    storage=self._storage,
+                    generation=generation,
+                    previous_generation=self._manifest["generation"],
+                    previous_parts=self._manifest.get("parts"),
+                    read_state=read_state,
+                    read_state_rows=read_state_rows,
+                    base_path=self._manifest["base"]["path"],
+                    checkpoint_path=_describe(checkpoint, source),
+                    mapping=mapping,
+                    device=device,
                     workers=workers,
                     progress=progress,
                     allow_zero=allow_zero,
                 )
-            else:
-                stats, parts = self._local_step(
-                    step,
-                    generation,
-                    source,
-                    read_state,
-                    read_state_rows,
-                    device,
-                    workers,
-                    progress,
-                    allow_zero=allow_zero,
-                )
+            )
             manifest = json.loads(json.dumps(self._manifest))
             manifest["format_version"] = FORMAT_VERSION
             manifest["mergestream_version"] = __version__
@@ -503,66 +492,6 @@ class MergeState:
                     stacklevel=2,
                 )
             return stats
-
-    def _executor(
-        self, backend: str | Executor | None, checkpoint: CheckpointLike
-    ) -> Executor | None:
-        """The executor of `add(backend=...)`, or None for this process's engine; refuses what
-        a cluster cannot reach (a state or checkpoint that lives in memory)."""
-        if backend is None or backend == "local":
-            return None
-        if isinstance(self._storage, MemoryStorage):
-            raise ConfigError(
-                f"backend {backend!r} needs a state on disk (its tasks write the new generation "
-                "into the state directory); this state lives in memory"
-            )
-        if isinstance(checkpoint, Mapping):
-            raise ConfigError(
-                f"backend {backend!r} needs the checkpoint as a path that every node can read; "
-                "an in-memory state dict cannot be sent to its tasks"
-            )
-        return resolve_backend(backend)
-
-    def _local_step(
-        self,
-        step: int,
-        generation: int,
-        source: TensorSource,
-        read_state: StateReader,
-        read_state_rows: StateRowReader,
-        device: torch.device | str,
-        workers: int | None,
-        progress: Progress | None,
-        *,
-        allow_zero: bool = False,
-    ) -> tuple[StepStats, list[dict[str, Any]]]:
-        """One step in this process: run_step into a new generation (removed on failure)."""
-        method = self.method
-        writer = self._storage.begin(
-            generation, method.state_names, self._infos, method.state_dtype
-        )
-        try:
-            stats = run_step(
-                method,
-                step,
-                self.scalars,
-                self._infos,
-                self._base,
-                source,
-                read_state,
-                writer.put,
-                read_state_rows=read_state_rows,
-                write_state_rows=writer.put_rows,
-                device=device,
-                workers=workers,
-                progress=progress,
-                allow_zero=allow_zero,
-            )
-            writer.close()
-            return stats, writer.parts()
-        except BaseException:
-            writer.abort()
-            raise
 
     def plan(
         self,

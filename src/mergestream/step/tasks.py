@@ -1,8 +1,8 @@
-"""One merge step spread over many processes: the plan, a task's work, and the reduction.
+"""What a step's tasks are and do: a step spread over many processes, one task at a time.
 
-An executor (`ray_backend.RayBackend`, or `SerialExecutor` in this process) runs tasks; this
-module says what a task is and what the driver does around them, without importing any
-cluster library:
+A distributed backend (`backends.DistributedBackend`) runs a step as tasks on an executor
+(`ray_backend.RayBackend`, or `SerialExecutor` in this process); this module says what a task
+is, how a step is cut into tasks, and what a task does, without importing any cluster library:
 
 - The driver plans from file headers only (`plan_tasks`): every floating-point tensor of the
   base goes to exactly one task; the costliest tensors (row-streamed ones, the largest projected
@@ -10,12 +10,13 @@ cluster library:
 - A task carries paths and tensor names (`StepJob`, `TaskSpec`), never tensor data. The process
   running it opens the base, the checkpoint and the previous generation itself (a filesystem
   shared by every machine), folds its tensors with the local engine's own code
-  (`engine.fold_tensors`), writes its share of the new generation as part files of its own
-  (`storage.PartWriter`: temporary name, fsync, rename) and returns each tensor's partial sums
-  and the parts' checksums (`TaskResult`).
-- The driver adds the partial sums up in storage order (`engine.finish_step_scalars`), whatever
-  order the tasks finished in, so the step's scalars, and every stored tensor, are the same bits
-  as the local engine's. It then commits the manifest as a local step does.
+  (`engine.fold_tensors`, with the driver's thread counts and row blocks, passed as values),
+  writes its share of the new generation as part files of its own (`storage.PartWriter`:
+  temporary name, fsync, rename) and returns each tensor's partial sums and the parts'
+  checksums (`TaskResult`).
+
+`StepRequest`, what `MergeState.add` asks of any backend (this process's included), is here too:
+the one vocabulary every backend and its tasks share.
 """
 
 from __future__ import annotations
@@ -23,33 +24,32 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from . import engine
+from ..errors import StateError
+from ..io.mapping import NameMapping, apply_mapping
+from ..io.open import open_checkpoint
+from ..io.source import TensorSource
+from ..methods import ContinualMethod, TensorInfo, get_method
+from ..methods.base import STATE_DTYPES, Scalars
+from ..progress import Progress
+from ..store.hashing import header_fingerprint
+from ..store.manifest import generation_dir_name
+from ..store.storage import DiskStorage, PartWriter, Storage
 from .engine import (
-    StepStats,
-    finish_step_scalars,
+    StateReader,
+    StateRowReader,
+    Streaming,
     fold_tensors,
     is_streamed,
-    prepare_step_scalars,
     tensor_infos,
     tensor_nbytes,
 )
-from .errors import ConfigError, MergestreamError, StateError
-from .io.mapping import NameMapping, apply_mapping
-from .io.open import open_checkpoint
-from .io.source import TensorSource
-from .methods import ContinualMethod, TensorInfo, get_method
-from .methods.base import STATE_DTYPES, Scalars
-from .progress import NoProgress, Progress
-from .store.hashing import header_fingerprint
-from .store.manifest import generation_dir_name
-from .store.storage import DiskStorage, PartWriter
 
 # The plan aims at this many tasks per slot (a slot runs one task at a time), so that slots
 # that finish early pick up more work instead of idling behind a straggler.
@@ -58,6 +58,35 @@ TASKS_PER_SLOT = 4
 # A test hook for fault injection: when this names a directory, each task writes a file
 # "<part>.<pid>" there after folding its first tensor and waits until a file "go" appears.
 PAUSE_DIR_ENV = "MERGESTREAM_TASK_PAUSE_DIR"
+
+
+@dataclass
+class StepRequest:
+    """One step, as `MergeState.add` asks any backend to run it: fold `checkpoint` (in the base's
+    names, checked against it) into the state's generation `generation`, reading the previous
+    one through `read_state` / `read_state_rows`. A backend writes the new generation into
+    `storage` and returns the step's statistics and the parts it wrote (`Backend.run`); the
+    caller commits them."""
+
+    method: ContinualMethod
+    step: int
+    scalars: Scalars
+    infos: list[TensorInfo]
+    base: TensorSource
+    checkpoint: TensorSource
+    storage: Storage
+    generation: int
+    previous_generation: int | None
+    previous_parts: list[dict[str, Any]] | None
+    read_state: StateReader
+    read_state_rows: StateRowReader
+    base_path: str  # as the manifest records it: the tasks of a distributed step open it again
+    checkpoint_path: str  # the checkpoint's resolved path (or description, for one in memory)
+    mapping: NameMapping
+    device: torch.device | str = "cpu"
+    workers: int | None = None
+    progress: Progress | None = None
+    allow_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,10 +119,9 @@ class StepJob:
     # a node that sees other files at the same paths is refused instead of merging them.
     base_headers: str | None = None
     checkpoint_headers: str | None = None
-    # The engine's streaming constants as the driver planned with them, so that every process
-    # cuts tensors into the same row blocks.
-    stream_min_elements: int = 0
-    row_block_elements: int = 0
+    # The engine's streaming sizes as the driver planned with them, so that every process cuts
+    # tensors into the same row blocks (None: the sizes of the process running the task).
+    streaming: Streaming | None = None
 
 
 @dataclass(frozen=True)
@@ -194,9 +222,6 @@ def plan_tasks(infos: Sequence[TensorInfo], method: ContinualMethod, slots: int)
 def run_task(job: StepJob, task: TaskSpec) -> TaskResult:
     """Fold the task's tensors into part files of the new generation (in a worker process)."""
     started = time.perf_counter()
-    # Per process, set from the driver's values: every process cuts the same row blocks.
-    engine.STREAM_MIN_ELEMENTS = job.stream_min_elements
-    engine.ROW_BLOCK_ELEMENTS = job.row_block_elements
     state_dir = Path(job.state_path)
     directory = state_dir / generation_dir_name(job.generation)
     if not directory.is_dir():
@@ -251,6 +276,7 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
                 device=job.device,
                 workers=job.task_cpus if job.workers > 1 else 1,
                 single_threaded=job.workers > 1 and torch.device(job.device).type == "cpu",
+                streaming=job.streaming,  # the driver's row blocks, whatever this process's
             ):
                 partials.append((info.name, more))
                 if len(partials) == 1:
@@ -329,167 +355,3 @@ def _pause_for_tests(part: str) -> None:
     Path(directory, f"{part}.{os.getpid()}").touch()
     while not Path(directory, "go").exists():
         time.sleep(0.05)
-
-
-# ---------------------------------------------------------------------------------- driver
-
-
-def run_distributed_step(
-    executor: Executor,
-    storage: DiskStorage,
-    method: ContinualMethod,
-    step: int,
-    scalars: Scalars,
-    infos: list[TensorInfo],
-    base: TensorSource,
-    checkpoint: TensorSource,
-    job_paths: tuple[str, str],
-    mapping: NameMapping,
-    generation: int,
-    previous: tuple[int | None, list[dict[str, Any]] | None],
-    read_state: engine.StateReader,
-    read_state_rows: engine.StateRowReader,
-    *,
-    device: str = "cpu",
-    workers: int | None = None,
-    progress: Progress | None = None,
-    allow_zero: bool = False,
-) -> tuple[StepStats, list[dict[str, Any]]]:
-    """One step with its tensors folded by `executor`'s tasks; returns the step's statistics and
-    the generation's parts for the manifest (the caller commits). `previous` is the previous
-    generation and its parts (the manifest's), or (None, None) at the first step. On any
-    failure the new generation's directory is removed and the state stays at its previous step.
-
-    A method's preparation passes (TIES's whole-model top-k) run here, in the driver, reading
-    one tensor or one row block at a time: their memory is bounded by constants, not by the
-    model, and they read the model once or a few times more.
-
-    Tasks run their kernels with this process's thread counts (`StepJob.threads`, `workers`
-    as in `run_step`): that is what makes their results the local engine's bits.
-    """
-    started = time.perf_counter()
-    base_path, checkpoint_path = job_paths
-    try:
-        torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"device {device!r}: {err}") from None
-    step_scalars = prepare_step_scalars(
-        method,
-        step,
-        scalars,
-        infos,
-        base,
-        checkpoint,
-        read_state,
-        read_state_rows=read_state_rows,
-        device="cpu",
-    )
-    job = StepJob(
-        state_path=str(Path(storage.path).resolve()),
-        generation=generation,
-        previous_generation=previous[0],
-        previous_parts=previous[1],
-        method=method.name,
-        params=method.config.to_dict(),
-        state_dtype=next(k for k, v in STATE_DTYPES.items() if v == method.state_dtype),
-        step=step,
-        step_scalars=step_scalars,
-        base_path=base_path,
-        checkpoint_path=checkpoint_path,
-        mapping=mapping,
-        device=device,
-        attempt=os.urandom(4).hex(),
-        threads=torch.get_num_threads(),
-        workers=workers or engine.default_workers(torch.device(device)),
-        task_cpus=max(1, int(getattr(executor, "cpus_per_task", 1))),
-        base_headers=header_fingerprint(base.files()),
-        checkpoint_headers=header_fingerprint(checkpoint.files()),
-        stream_min_elements=engine.STREAM_MIN_ELEMENTS,
-        row_block_elements=engine.ROW_BLOCK_ELEMENTS,
-    )
-    tasks = plan_tasks(infos, method, executor.slots(device))
-    progress = progress or NoProgress()
-    directory = storage.begin_parts(generation)
-    try:
-        progress.start(f"step {step}", len(infos), sum(tensor_nbytes(i) for i in infos))
-        try:
-            results = list(_collect(executor.run(job, tasks), infos, progress))
-        finally:
-            progress.finish()
-        by_name = _partials_by_name(results, infos, tasks)
-        new_scalars = finish_step_scalars(
-            method,
-            checkpoint,
-            step,
-            scalars,
-            [by_name[i.name] for i in infos],
-            allow_zero=allow_zero,
-        )
-        parts = sorted((p for r in results for p in r.parts), key=lambda p: p["file"])
-        _remove_strays(directory, parts)
-        storage.seal_parts(directory)
-    except BaseException:
-        storage.discard_parts(directory)
-        raise
-    stats = StepStats(
-        step=step,
-        scalars=new_scalars,
-        seconds=time.perf_counter() - started,
-        tensors=len(infos),
-        projected=sum(i.projected for i in infos),
-    )
-    return stats, parts
-
-
-def _collect(
-    results: Iterable[TaskResult], infos: list[TensorInfo], progress: Progress
-) -> Iterator[TaskResult]:
-    by_name = {i.name: i for i in infos}
-    for result in results:
-        done = [by_name[name] for name, _ in result.partials if name in by_name]
-        progress.advance(len(done), sum(tensor_nbytes(i) for i in done))
-        yield result
-
-
-def _partials_by_name(
-    results: list[TaskResult], infos: list[TensorInfo], tasks: Sequence[TaskSpec]
-) -> dict[str, Scalars]:
-    """Each tensor's partial sums; refuses results that miss or repeat a tensor."""
-    by_name: dict[str, Scalars] = {}
-    for result in results:
-        for name, partials in result.partials:
-            if name in by_name:
-                raise MergestreamError(f"tensor {name!r} was folded by two tasks of the step")
-            by_name[name] = partials
-    missing = [i.name for i in infos if i.name not in by_name]
-    if missing or len(results) != len(tasks):
-        raise MergestreamError(
-            f"the step's tasks returned {len(results)} of {len(tasks)} results"
-            + (f"; tensor {missing[0]!r} was not folded" if missing else "")
-        )
-    return by_name
-
-
-def _remove_strays(directory: Path, parts: list[dict[str, Any]]) -> None:
-    """Remove files of the new generation that no part names: the temporary files of task
-    attempts whose process died (their task ran again and wrote its own)."""
-    named = {Path(p["file"]).name for p in parts}
-    for item in directory.iterdir():
-        if item.name not in named:
-            item.unlink()
-
-
-def resolve_backend(backend: object, **options: Any) -> Executor:
-    """An executor from `add(backend=...)`: an executor object, or "ray" (options go to
-    `RayBackend`); "local" or None mean the in-process engine and never get here."""
-    if backend == "ray":
-        from .ray_backend import RayBackend  # Ray is imported only when asked for
-
-        return RayBackend(**options)
-    if isinstance(backend, str):
-        raise MergestreamError(f"unknown backend {backend!r}; available: local, ray")
-    if options:
-        raise TypeError("backend options go with backend='ray', not with a backend object")
-    if not (hasattr(backend, "run") and hasattr(backend, "slots")):
-        raise TypeError(f"backend must be 'local', 'ray' or an executor, got {backend!r}")
-    return backend  # type: ignore[return-value]

@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
-from .engine import default_workers, is_streamed, resolve_device
-from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
-from .methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
-from .progress import NoProgress, Progress
-from .store.atomic import fsync_dir
-from .store.storage import writing
+from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from ..methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
+from ..progress import NoProgress, Progress
+from ..store.atomic import fsync_dir
+from ..store.storage import writing
+from .engine import is_streamed
+from .runtime import default_workers, resolve_device
 
 PREPARED_FILE = "prepared-{}.safetensors"
 

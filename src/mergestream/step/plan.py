@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from ..io.lora import LoraSource
+from ..io.mapping import MappedSource
+from ..io.safetensors_stream import dtype_name
+from ..io.source import TensorSource
+from ..methods.base import TensorInfo
+from ..progress import format_size
 from . import engine
-from .io.lora import LoraSource
-from .io.mapping import MappedSource
-from .io.safetensors_stream import dtype_name
-from .io.source import TensorSource
-from .methods.base import TensorInfo
-from .progress import format_size
 
 # n x n float64 matrices alive while a weight is projected (Gram, Sᵀτ, eigenvectors, the
 # solver's workspace, the removal matrix)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from ..io.safetensors_stream import dtype_name
+from ..io.source import TensorSource
+from ..methods.base import COMPUTE_DTYPE, TensorInfo
 from .engine import load_task_rows
-from .io.safetensors_stream import dtype_name
-from .io.source import TensorSource
-from .methods.base import COMPUTE_DTYPE, TensorInfo
 
 
 class MergedAdapterWarning(UserWarning):

@@ -3,7 +3,7 @@
     state.add("finetuned/", backend="ray")                       # the cluster Ray finds
     state.add("finetuned/", backend=RayBackend(address="10.0.0.1:6379", cpus_per_task=4))
 
-What a task does and how the driver reduces the results is `distributed.py`; this module only
+What a task does is `tasks.py`, how the driver reduces the results `backends.py`; this module only
 submits tasks and collects results. Tasks carry paths and tensor names: every node must see the
 state directory, the base and the checkpoint at the same paths (a shared filesystem), and have
 mergestream installed. Ray retries a task whose worker process died (`max_retries`); a task that
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .distributed import StepJob, TaskResult, TaskSpec, run_task
-from .errors import ConfigError, MergestreamError
+from ..errors import ConfigError, MergestreamError
+from .tasks import StepJob, TaskResult, TaskSpec, run_task
 
 try:
     import ray

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError, ConfigError
-from .io.mapping import mismatch_hint
-from .io.safetensors_stream import dtype_name
-from .io.source import TensorSource, tensor_location
-from .methods.base import (
+from ..errors import CheckpointError
+from ..io.mapping import mismatch_hint
+from ..io.safetensors_stream import dtype_name
+from ..io.source import TensorSource, tensor_location
+from ..methods.base import (
     COMPUTE_DTYPE,
     ContinualMethod,
     Scalars,
@@ -39,8 +36,16 @@ from .methods.base import (
     TensorInfo,
     TensorUpdate,
 )
-from .methods.classify import LinearRule
-from .progress import NoProgress, Progress
+from ..methods.classify import LinearRule
+from ..progress import NoProgress, Progress
+from .runtime import (
+    default_workers,
+    ordered_map,
+    resolve_device,
+    single_threaded_kernels,
+    warm_cuda_linalg,
+    worker_stream,
+)
 
 StateReader = Callable[[TensorInfo], Mapping[str, torch.Tensor]]
 StateWriter = Callable[[TensorInfo, Mapping[str, torch.Tensor]], None]
@@ -329,22 +334,24 @@ def prepare_step_scalars(
     *,
     read_state_rows: StateRowReader | None = None,
     device: torch.device | str = "cpu",
+    streaming: Streaming | None = None,
 ) -> Scalars:
     """The scalars every tensor's `update` sees: the previous ones plus what the method's
     read-only preparation passes find (`ContinualMethod.prepare_step`; most methods make none).
     A pass reads one tensor, or one row block of a large tensor, at a time."""
     device = resolve_device(device)
+    streaming = streaming or current_streaming()
 
     def pass_over_tensors() -> Iterator[StepTensor]:
         for info in infos:
-            if not (read_state_rows is not None and _streams(method, info)):
+            if not (read_state_rows is not None and streaming.streams(method, info)):
                 yield StepTensor(
                     info,
                     _on_device(read_state(info), device),
                     load_task_vector(info, base, checkpoint, device),
                 )
                 continue
-            for start, stop in row_blocks(info.shape):
+            for start, stop in streaming.row_blocks(info.shape):
                 yield StepTensor(
                     info.rows(start, stop),
                     _on_device(read_state_rows(info, start, stop), device),
@@ -373,6 +380,7 @@ def fold_tensors(
     workers: int | None = None,
     progress: Progress | None = None,
     single_threaded: bool | None = None,
+    streaming: Streaming | None = None,
 ) -> Iterator[tuple[TensorInfo, Scalars]]:
     """Run the method's update over `infos` (any subset of the step's tensors, in their order):
     write each tensor's new state and yield (tensor, its partial sums) in the order of `infos`.
@@ -386,26 +394,37 @@ def fold_tensors(
     reductions of the kernels round differently with another thread count, so a process that
     must give another's bits sets both as that process did.
 
+    `streaming` (default: this module's sizes now) says which tensors go by row blocks, and
+    how large the blocks are.
+
     Each tensor's partial sums also hold the engine's `NONZERO_PARTIAL`.
     """
     device = resolve_device(device)
+    streaming = streaming or current_streaming()
     if workers is None:
         workers = default_workers(device)
     progress = progress or NoProgress()
     can_stream = read_state_rows is not None and write_state_rows is not None
 
     def streamed(info: TensorInfo) -> _StreamedTensor | None:
-        if not (can_stream and _streams(method, info)):
+        if not (can_stream and streaming.streams(method, info)):
             return None
         assert read_state_rows is not None and write_state_rows is not None
         return _StreamedTensor(
-            info, method, base, checkpoint, read_state_rows, write_state_rows, device
+            info,
+            streaming.row_blocks(info.shape),
+            method,
+            base,
+            checkpoint,
+            read_state_rows,
+            write_state_rows,
+            device,
         )
 
     own_streams = workers > 1 and device.type == "cuda"
 
     def process(info: TensorInfo) -> TensorUpdate:
-        with _worker_stream(device) if own_streams else contextlib.nullcontext():
+        with worker_stream(device) if own_streams else contextlib.nullcontext():
             task_vector = load_task_vector(info, base, checkpoint, device)
             state = _on_device(read_state(info), device)
             nonzero = float(bool(task_vector.any()))  # before `update`, which may reuse it
@@ -421,7 +440,7 @@ def fold_tensors(
         return TensorUpdate(state=on_host, partials=partials)
 
     if own_streams:
-        _warm_cuda_linalg(device)
+        warm_cuda_linalg(device)
     for segment, rows in _segments(infos, streamed):
         if rows is not None:  # one large tensor, alone, with every core
             more = method.update_rows(rows.info, step, rows, step_scalars)
@@ -431,8 +450,8 @@ def fold_tensors(
             continue
         if single_threaded is None:
             single_threaded = workers > 1 and device.type == "cpu"
-        with _single_threaded_kernels(single_threaded):
-            results = _ordered_map(process, segment, workers)
+        with single_threaded_kernels(single_threaded):
+            results = ordered_map(process, segment, workers)
             for info, update in zip(segment, results, strict=True):
                 write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
                 progress.advance(1, tensor_nbytes(info))
@@ -468,21 +487,43 @@ def _on_device(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {k: v.to(device) for k, v in state.items()}
 
 
-def _streams(method: ContinualMethod, info: TensorInfo) -> bool:
-    """Whether the engine folds this tensor by row blocks (given the state can be read and
-    written by rows)."""
-    return is_streamed(info) and method.streams_rows(info)
+@dataclass(frozen=True)
+class Streaming:
+    """Which tensors a step folds by row blocks (`min_elements` entries and more) and the size
+    of a block (about `block_elements` entries): values, so that every process of a step (the
+    tasks of a distributed one) cuts the same blocks as the process that planned it."""
+
+    min_elements: int
+    block_elements: int
+
+    def is_streamed(self, info: TensorInfo) -> bool:
+        """Whether a tensor is large enough to be folded by row blocks (if its method can)."""
+        return len(info.shape) >= 1 and _numel(info.shape) >= self.min_elements
+
+    def streams(self, method: ContinualMethod, info: TensorInfo) -> bool:
+        """Whether the engine folds this tensor by row blocks (given the state can be read
+        and written by rows)."""
+        return self.is_streamed(info) and method.streams_rows(info)
+
+    def row_blocks(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(start, stop) row ranges of about `block_elements` entries covering a tensor."""
+        per_block = max(1, self.block_elements // max(1, _numel(shape[1:])))
+        return [(s, min(s + per_block, shape[0])) for s in range(0, shape[0], per_block)]
+
+
+def current_streaming() -> Streaming:
+    """This module's streaming sizes as they are now (a test may set smaller ones)."""
+    return Streaming(STREAM_MIN_ELEMENTS, ROW_BLOCK_ELEMENTS)
 
 
 def is_streamed(info: TensorInfo) -> bool:
     """Whether a tensor is large enough to be folded by row blocks (if its method can)."""
-    return len(info.shape) >= 1 and _numel(info.shape) >= STREAM_MIN_ELEMENTS
+    return current_streaming().is_streamed(info)
 
 
 def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """(start, stop) row ranges of about ROW_BLOCK_ELEMENTS entries covering a tensor."""
-    per_block = max(1, ROW_BLOCK_ELEMENTS // max(1, _numel(shape[1:])))
-    return [(s, min(s + per_block, shape[0])) for s in range(0, shape[0], per_block)]
+    return current_streaming().row_blocks(shape)
 
 
 class _StreamedTensor:
@@ -491,6 +532,7 @@ class _StreamedTensor:
     def __init__(
         self,
         info: TensorInfo,
+        blocks: list[tuple[int, int]],
         method: ContinualMethod,
         base: TensorSource,
         checkpoint: TensorSource,
@@ -499,7 +541,7 @@ class _StreamedTensor:
         device: torch.device,
     ):
         self.info = info
-        self.blocks = row_blocks(info.shape)
+        self.blocks = blocks
         self._method = method
         self._base = base
         self._checkpoint = checkpoint
@@ -626,90 +668,6 @@ def _segments(
         yield run, None
 
 
-def resolve_device(device: torch.device | str) -> torch.device:
-    """A torch device, refusing clearly one that this machine does not have."""
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"device {device!r}: {err}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: no CUDA GPU is available to torch here")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device!r}: MPS is not available to torch here")
-    return resolved
-
-
-def default_workers(device: torch.device) -> int:
-    """One worker per available CPU core (at most 8) on the CPU; one elsewhere.
-
-    On a CUDA GPU more workers (`workers=N`) each run on a stream of their own. A
-    decomposition of one weight there is bound by its kernel launches and host-side steps, not
-    by the chip, so independent tensors on separate streams overlap: 12 float64 thin SVDs of
-    3072 x 768 took 82 ms each one after another on an H100, 29 ms each from 4 threads with a
-    stream apiece and 19 ms from 12. It stays opt-in until a whole step is measured that way."""
-    if device.type != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
-_WARMED_CUDA_LINALG: set[int] = set()
-
-
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _warm_cuda_linalg(device: torch.device) -> None:
-    """Run each decomposition once on this thread before worker threads use them: torch loads
-    its CUDA linear-algebra library lazily at the first call, and two threads making that first
-    call together fail with "lazy wrapper should be called at most once" (pytorch#90613)."""
-    index = _cuda_index(device)
-    if index in _WARMED_CUDA_LINALG:
-        return
-    probe = torch.eye(2, dtype=COMPUTE_DTYPE, device=device)
-    torch.linalg.eigh(probe)
-    torch.linalg.svd(probe, full_matrices=False)
-    torch.linalg.qr(probe)
-    torch.cuda.synchronize(device)
-    _WARMED_CUDA_LINALG.add(index)
-
-
-_THREAD_STREAMS = threading.local()
-
-
-@contextlib.contextmanager
-def _worker_stream(device: torch.device) -> Iterator[None]:
-    """Run the block on this thread's own stream of the CUDA `device` and wait for it at the
-    end. Streams are kept per thread, so a worker reuses its stream."""
-    streams = getattr(_THREAD_STREAMS, "by_device", None)
-    if streams is None:
-        streams = _THREAD_STREAMS.by_device = {}
-    index = _cuda_index(device)
-    stream = streams.get(index)
-    if stream is None:
-        stream = streams[index] = torch.cuda.Stream(device=index)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
-
-
-@contextlib.contextmanager
-def _single_threaded_kernels(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     numel = 1
     for d in shape:
@@ -724,31 +682,3 @@ def _row_numel(info: TensorInfo) -> int:
 def tensor_nbytes(info: TensorInfo) -> int:
     """Bytes of one tensor in the base's dtype."""
     return _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
-
-
-def _ordered_map(fn, items, workers: int):  # noqa: ANN001, ANN202
-    """map(fn, items) in order; with workers > 1, a bounded window runs ahead on threads
-    (torch releases the GIL inside its kernels). Partial sums stay in storage order, so results
-    are bitwise identical whatever the worker count."""
-    if workers <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    # OpenMP keeps its thread count per thread, so each worker sets its own to one: otherwise
-    # every worker's kernels spread over all cores and the workers oversubscribe them.
-    with ThreadPoolExecutor(
-        max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)
-    ) as pool:
-        window = []
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) > workers:
-                yield window.pop(0).result()
-        for future in window:
-            yield future.result()
-
-
-# Passes outside a step that must run kernels exactly as a step does (MergeState.prepare: its
-# factors must equal, bit for bit, those the step would compute).
-ordered_map = _ordered_map
-single_threaded_kernels = _single_threaded_kernels
