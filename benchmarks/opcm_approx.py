@@ -26,7 +26,7 @@ from pathlib import Path
 from mergestream import MergeState
 from mergestream.bench.protocol import mean_std
 from mergestream.bench.run import MethodSpec, machine_description, run_benchmark
-from mergestream.bench.tasks import cache_root
+from mergestream.bench.sources import cache_root
 
 EXACT = MethodSpec("OPCM (alpha=0.5), exact gram", "opcm", {"alpha": 0.5})
 APPROX = MethodSpec(

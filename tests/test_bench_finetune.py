@@ -17,7 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from mergestream.bench import encoder as E  # noqa: E402
 from mergestream.bench import finetune as FT  # noqa: E402
-from mergestream.bench.tasks import load_task  # noqa: E402
+from mergestream.bench.suite import load_task  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 N_TEST = 20

@@ -15,7 +15,7 @@ pytest.importorskip("rdata")
 
 from mergestream.bench import suite as S  # noqa: E402
 from mergestream.bench.splits import SplitConfig, split_examples  # noqa: E402
-from mergestream.bench.tasks import load_task  # noqa: E402
+from mergestream.bench.suite import load_task  # noqa: E402
 from mergestream.cli import main  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"

@@ -11,7 +11,9 @@ import pytest
 pytest.importorskip("yaml")
 pytest.importorskip("rdata")
 
+from mergestream.bench import sources as S  # noqa: E402
 from mergestream.bench import tasks as T  # noqa: E402
+from mergestream.bench.suite import load_task  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 
@@ -57,7 +59,7 @@ FIXTURE_SIZES = {
 
 def _load(name: str, **kw) -> T.TaskData:
     kw.setdefault("n_test", 10)
-    return T.load_task(name, FIXTURES, fetch=False, **kw)
+    return load_task(name, FIXTURES, fetch=False, **kw)
 
 
 def test_task_names_order() -> None:
@@ -129,15 +131,15 @@ def test_dedupe_drops_conflicts() -> None:
 
 def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MERGESTREAM_CACHE", str(tmp_path / "env"))
-    assert T.cache_root() == tmp_path / "env"
-    assert T.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert S.cache_root() == tmp_path / "env"
+    assert S.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("MERGESTREAM_CACHE")
-    assert T.cache_root() == Path.home() / ".cache" / "mergestream" / "bench"
+    assert S.cache_root() == Path.home() / ".cache" / "mergestream" / "bench"
 
 
 def test_missing_source_without_fetch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(T, "_SYSTEM_ROOT", tmp_path / "no-system")
-    with pytest.raises(T.SourceUnavailableError, match="wordnet-base"):
+    monkeypatch.setattr(S, "_SYSTEM_ROOT", tmp_path / "no-system")
+    with pytest.raises(S.SourceUnavailableError, match="wordnet-base"):
         T.ensure_sources(["wordnet_verb_supersense"], tmp_path, fetch=False)
     with pytest.raises(KeyError):
         T.ensure_sources(["no_such_task"], tmp_path)
@@ -146,7 +148,7 @@ def test_missing_source_without_fetch(monkeypatch: pytest.MonkeyPatch, tmp_path:
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_debian_source_from_local_deb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A .deb already in <cache>/debs is unpacked without any download."""
-    monkeypatch.setattr(T, "_SYSTEM_ROOT", tmp_path / "no-system")
+    monkeypatch.setattr(S, "_SYSTEM_ROOT", tmp_path / "no-system")
     pkg = tmp_path / "pkg"
     (pkg / "DEBIAN").mkdir(parents=True)
     (pkg / "DEBIAN" / "control").write_text(
@@ -159,7 +161,7 @@ def test_debian_source_from_local_deb(monkeypatch: pytest.MonkeyPatch, tmp_path:
     (cache / "debs").mkdir(parents=True)
     deb = cache / "debs" / "wordnet-base_3.0-0_all.deb"
     subprocess.run(["dpkg-deb", "--build", str(pkg), str(deb)], check=True, capture_output=True)
-    root = T.source_dir("wordnet-base", cache)
+    root = S.source_dir("wordnet-base", cache)
     assert root == cache / "debian" / "wordnet-base"
-    task = T.load_task("wordnet_verb_supersense", cache, n_test=14, fetch=False)
+    task = load_task("wordnet_verb_supersense", cache, n_test=14, fetch=False)
     assert task == _load("wordnet_verb_supersense", n_test=14)

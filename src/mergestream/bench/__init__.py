@@ -10,6 +10,7 @@ Modules:
 - :mod:`mergestream.bench.suite` reads suite files: the tasks (a user's CSV/TSV/JSONL/Parquet
   files, or built-in tasks by name), the encoder, the split and the recipe.
 - :mod:`mergestream.bench.splits` splits a task: stratified or balanced, optionally grouped.
+- :mod:`mergestream.bench.sources` fetches and caches the PyPI and Debian packages tasks read.
 - :mod:`mergestream.bench.tasks` parses the eight built-in tasks from packaged public data.
 - :mod:`mergestream.bench.encoder` embeds text (mean or CLS pooling), builds zero-shot heads and
   evaluates.
@@ -19,7 +20,8 @@ Modules:
 """
 
 from mergestream.bench.splits import Split, SplitConfig, split_examples
-from mergestream.bench.tasks import TASK_NAMES, TaskData, ensure_sources, load_task
+from mergestream.bench.suite import load_task
+from mergestream.bench.tasks import TASK_NAMES, TaskData, ensure_sources
 
 __all__ = [
     "TASK_NAMES",

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 @contextlib.contextmanager
 def _plain_errors() -> Iterator[None]:
     """Report missing files, bad values and unavailable sources without a traceback."""
-    from mergestream.bench.tasks import SourceUnavailableError
+    from mergestream.bench.sources import SourceUnavailableError
 
     try:
         yield

@@ -75,9 +75,10 @@ from mergestream.bench.encoder import (
     save_pooling,
     transformer_dir,
 )
+from mergestream.bench.sources import cache_root
 from mergestream.bench.splits import SplitConfig
 from mergestream.bench.suite import Suite, TaskSpec, builtin_suite, load_task_data
-from mergestream.bench.tasks import TASK_NAMES, TaskData, cache_root, describe
+from mergestream.bench.tasks import TASK_NAMES, TaskData, describe
 from mergestream.errors import CheckpointError
 from mergestream.io.lora import ADAPTER_WEIGHTS
 from mergestream.progress import Ticker

@@ -928,3 +928,24 @@ tasks:
   # wordnet_verb_supersense, austen_book, fine_food.
   - builtin: rt_sentiment
 """
+
+
+def load_task(
+    name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    n_test: int = DEFAULT_N_TEST,
+    max_train: int | None = DEFAULT_MAX_TRAIN,
+    seed: int = 0,
+    fetch: bool = True,
+) -> TaskData:
+    """Load built-in task ``name`` with a stratified split fixed by ``seed``.
+
+    This is the suite entry ``{builtin: name, n_test: ..., max_train: ..., seed: ...}`` loaded
+    through :func:`load_task_data`, the path every task takes.
+    ``cache_dir`` is where sources are looked for and fetched to (see
+    :func:`mergestream.bench.sources.cache_root`);
+    ``fetch=False`` raises instead of downloading a missing source.
+    """
+    suite = builtin_suite([name], SplitConfig(n_test=n_test, max_train=max_train, seed=seed))
+    return load_task_data(suite.tasks[0], cache_dir=cache_dir, fetch=fetch)
