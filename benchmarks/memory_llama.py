@@ -121,8 +121,8 @@ def write_checkpoint(directory: Path, shapes: dict, make, config: dict, shard: s
     """Write an HF-style sharded bf16 checkpoint, one tensor in memory at a time."""
     import torch
 
-    from mergestream.export import plan_shards, shard_file_names
     from mergestream.io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+    from mergestream.publish.export import plan_shards, shard_file_names
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

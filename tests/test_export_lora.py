@@ -28,11 +28,11 @@ from safetensors.torch import load_file
 import mergestream
 from mergestream.cli import main
 from mergestream.errors import MergestreamError
-from mergestream.export import MARKER
-from mergestream.export_lora import export_lora, truncated_factors
 from mergestream.io.lora import PEFT_PREFIX
 from mergestream.io.safetensors_stream import StreamingSafetensorsWriter
 from mergestream.methods.classify import default_is_linear_weight
+from mergestream.publish.destination import MARKER
+from mergestream.publish.export_lora import export_lora, truncated_factors
 from mergestream.state import MergeState
 from mergestream.synthetic import write_stream
 
@@ -320,7 +320,7 @@ def test_a_failed_adapter_export_leaves_out_as_it_was(synthetic, tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr("mergestream.state.write_json_file", disk_full)
+        patch.setattr("mergestream.publish.destination.write_json_file", disk_full)
         with pytest.raises(MergestreamError, match="is unchanged"):
             export_lora(synthetic, out, rank=1)
     assert tree_digest(out) == before and _hidden_siblings(out) == []
@@ -329,7 +329,7 @@ def test_a_failed_adapter_export_leaves_out_as_it_was(synthetic, tmp_path, monke
 KILLED_EXPORT = r"""
 import sys, time
 from pathlib import Path
-import mergestream.export_lora as export_lora
+import mergestream.publish.export_lora as export_lora
 from mergestream.state import MergeState
 
 state_dir, out, flag = sys.argv[1:]

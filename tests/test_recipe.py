@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from mergestream import MergeState, MergestreamError, merge
 from mergestream.cli import main
 from mergestream.errors import ConfigError
+from mergestream.recipe import run_recipe
 from mergestream.synthetic import write_stream
 from mergestream.watch.commands import config_options
-from mergestream.watch.recipe import run_recipe
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))

@@ -84,7 +84,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
         def interrupted(*args: object, **kwargs: object) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(state_module, "_dtype_notes", interrupted)
+        monkeypatch.setattr(state_module, "dtype_notes", interrupted)
 
 
 PHASES = [

@@ -22,6 +22,7 @@ from mergestream.methods.base import TensorInfo
 from mergestream.methods.linalg import r_factor, right_singular, right_singular_from_r
 from mergestream.methods.opcm import fold_projected_rows, opcm_project
 from mergestream.step import engine
+from mergestream.store.generation import GenerationReader
 
 # With these limits the tiny models stream their embedding table (30x16), the tall MLP weight
 # (24x16) and the square attention weights (16x16) in blocks of 3 rows; biases, norms and the
@@ -278,13 +279,13 @@ def test_streamed_export_writes_the_same_weights(
         state.add(model)
     state.export(tmp_path / "whole")
     _stream_small(monkeypatch)
-    read_whole = MergeState._task_vector
+    read_whole = GenerationReader.task_vector
 
     def refuse_streamed(self, info):  # noqa: ANN001, ANN202
         assert not engine.is_streamed(info), f"{info.name} was computed whole"
         return read_whole(self, info)
 
-    monkeypatch.setattr(MergeState, "_task_vector", refuse_streamed)
+    monkeypatch.setattr(GenerationReader, "task_vector", refuse_streamed)
     MergeState.open(tmp_path / "state").export(tmp_path / "streamed", max_shard_size="8KB")
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     streamed = {}

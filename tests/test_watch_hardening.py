@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from mergestream import MergeState
 from mergestream.cli import build_parser
 from mergestream.cli import main as cli_main
-from mergestream.export_lora import export_lora
+from mergestream.publish.export_lora import export_lora
 from mergestream.synthetic import write_stream
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

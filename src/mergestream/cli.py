@@ -232,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
     import torch
 
-    from .export_lora import export_lora
+    from .publish.export_lora import export_lora
 
     report = export_lora(
         state,
@@ -506,10 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench)
 
-    # Merging on the fly: `watch` and `run` (arguments and bodies in mergestream.watch).
+    # Merging on the fly (`watch`, in mergestream.watch) and from a recipe (`run`, recipe.py).
+    from .recipe import add_run_command
     from .watch.commands import add_commands as add_watch_commands
 
     add_watch_commands(sub)
+    add_run_command(sub)
     from .bench.commands import add_commands as add_bench_suite_commands
 
     add_bench_suite_commands(sub)  # bench-suite init/check, finetune

@@ -38,7 +38,7 @@ from mergestream.bench.tasks import (
     builtin_examples,
 )
 from mergestream.errors import ConfigError
-from mergestream.yaml_lines import line_loader
+from mergestream.recipe import parse_yaml
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,6 @@ class Suite:
 # YAML with line numbers
 
 
-def _yaml_loader() -> type:
-    return line_loader(SuiteError)
-
-
 class _Reader:
     """Typed access to a parsed mapping, with errors that name file and line."""
 
@@ -249,21 +245,9 @@ def load_suite(path: str | os.PathLike[str]) -> Suite:
 
 def parse_suite(text: str, path: str | os.PathLike[str] | None = None) -> Suite:
     """Parse suite ``text``; ``path`` (for messages and relative paths) defaults to none."""
-    import yaml
-
     label = str(path) if path is not None else "<suite>"
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    loader = _yaml_loader()(text)
-    loader.name = label
-    try:
-        doc = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SuiteError(f"{label}{line}: not valid YAML: {problem}") from None
-    finally:
-        loader.dispose()
+    doc = parse_yaml(text, label, SuiteError)
     if not isinstance(doc, dict):
         raise SuiteError(f"{label}: a suite is a mapping with a `tasks:` list")
     suite = build_suite(doc, label, base_dir)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
-from ..io.mapping import mismatch_hint
+from ..io.open import check_compatible
 from ..io.safetensors_stream import dtype_name
 from ..io.source import TensorSource, tensor_location
 from ..methods.base import (
@@ -67,50 +67,6 @@ def tensor_infos(base: TensorSource, rule: LinearRule) -> list[TensorInfo]:
         if spec.dtype.is_floating_point:
             infos.append(TensorInfo(name, spec.shape, spec.dtype, rule.is_linear(name, spec)))
     return infos
-
-
-def check_compatible(base: TensorSource, checkpoint: TensorSource) -> None:
-    """Refuse a checkpoint whose tensors do not match the base, naming the first offender (and
-    the option that would map the checkpoint onto the base, where one fits)."""
-    incoming = checkpoint.names()
-    incoming_set = set(incoming)
-    base_names = base.names()
-    base_set = set(base_names)
-    float_names = [n for n in base_names if base.spec(n).dtype.is_floating_point]
-    missing = [n for n in float_names if n not in incoming_set]
-    extra = [n for n in incoming if n not in base_set]
-    if missing or extra:
-
-        def first(names: list[str], what: str) -> str:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            return f"tensor {names[0]!r} {what}{more}"
-
-        problems = []
-        if missing:
-            problems.append(first(missing, "of the base is missing"))
-        if extra:
-            problems.append(first(extra, "is not in the base"))
-        problem = "; ".join(problems)
-        buffers = base_set.difference(float_names)  # integer buffers: never merged
-        hint = mismatch_hint(float_names, incoming, buffers)
-        raise CheckpointError(
-            f"{checkpoint.description}: {problem}" + (f". Hint: {hint}" if hint else "")
-        )
-    for name in float_names:
-        spec = base.spec(name)
-        other = checkpoint.spec(name)
-        if other.shape != spec.shape:
-            raise CheckpointError(
-                f"{tensor_location(checkpoint, name)}: tensor {name!r} has shape "
-                f"{list(other.shape)}, the base has {list(spec.shape)}"
-            )
-        if not other.dtype.is_floating_point:
-            raise CheckpointError(
-                f"{tensor_location(checkpoint, name)}: tensor {name!r} has dtype "
-                f"{dtype_name(other.dtype)}, which cannot be cast to the base's "
-                f"{dtype_name(spec.dtype)} for merging (integer, boolean and complex tensors "
-                "carry no task vector)"
-            )
 
 
 def load_task_vector(

@@ -18,19 +18,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..io.lora import LoraSource
 from ..io.mapping import MappedSource
 from ..io.safetensors_stream import dtype_name
 from ..io.source import TensorSource
-from ..methods.base import TensorInfo
+from ..methods.base import ContinualMethod, TensorInfo
 from ..progress import format_size
+from ..store.generation import StateView
+from ..store.ledger import tensor_roles
 from . import engine
 
 # n x n float64 matrices alive while a weight is projected (Gram, Sᵀτ, eigenvectors, the
@@ -117,29 +115,21 @@ def export_working_set(info: TensorInfo, state_size: int) -> int:
 
 
 def plan_add(
-    *,
-    state_path: Path | None,
-    step: int,
-    base: TensorSource,
-    infos: list[TensorInfo],
-    classification: dict[str, str],
+    view: StateView,
+    method: ContinualMethod,
     source: TensorSource,
-    state_names: tuple[str, ...],
-    state_dtype: torch.dtype,
-    streams_rows: Callable[[TensorInfo], bool],
-    workers: int,
-    ledger: list[dict[str, Any]],
     checkpoint_path: str,
+    workers: int,
 ) -> Plan:
-    """The plan for merging `source` (already mapped and checked against the base)."""
-    counts = {"projected": 0, "added": 0, "copied": 0}
-    for role in classification.values():
-        counts[role] += 1
+    """The plan for merging `source` (already mapped and checked against the base) into the
+    state `view` holds still, with `method` on `workers` threads."""
+    step, base, infos, ledger = view.step, view.base, view.infos, view.ledger
+    counts = tensor_roles(base, infos)
     dtypes: dict[str, int] = {}
     for info in infos:
         name = dtype_name(source.spec(info.name).dtype)
         dtypes[name] = dtypes.get(name, 0) + 1
-    state_size = state_dtype.itemsize * len(state_names)
+    state_size = method.state_dtype.itemsize * len(method.state_names)
     peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
     # Whole tensors between two streamed ones run `workers` at a time with one more read
@@ -148,7 +138,7 @@ def plan_add(
     for info in infos:
         generation_bytes += math.prod(info.shape) * state_size
         export_peak = max(export_peak, export_working_set(info, state_size))
-        if engine.is_streamed(info) and streams_rows(info):
+        if engine.is_streamed(info) and method.streams_rows(info):
             window = []  # the engine finishes the run before it streams a tensor
             need, name = streamed_working_set(info, state_size, first_step=step == 0), info.name
         else:
@@ -160,6 +150,7 @@ def plan_add(
     runtime = current_rss()
     # While the step runs, the previous generation and the new one are both on disk.
     disk_needed = generation_bytes
+    state_path = view.state_dir
     disk_free = shutil.disk_usage(state_path).free if state_path is not None else None
     warnings = []
     if disk_free is not None and disk_free < disk_needed:

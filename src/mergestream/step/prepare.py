@@ -24,19 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import StateError
 from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
-from ..methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
+from ..methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, ContinualMethod, TensorInfo
 from ..progress import NoProgress, Progress
 from ..store.atomic import fsync_dir
-from ..store.storage import writing
+from ..store.manifest import check_parts, generation_dir_name
+from ..store.storage import DamagedPart, DiskStorage, Storage, writing
 from .engine import is_streamed
-from .runtime import default_workers, resolve_device
+from .runtime import default_workers, ordered_map, resolve_device, single_threaded_kernels
 
 PREPARED_FILE = "prepared-{}.safetensors"
 
@@ -168,3 +171,117 @@ def _write_files(
             path.unlink(missing_ok=True)
         raise
     return parts
+
+
+def prepared_reader(
+    storage: Storage,
+    manifest: Mapping[str, Any],
+    method: ContinualMethod,
+    state_dir: Path | None,
+    device: torch.device | str,
+    workers: int | None,
+    dropped: list[str],
+) -> Callable[[str], dict[str, torch.Tensor]]:
+    """For a step run on `device` with `workers`: tensor name -> its prepared quantities
+    ({} where none are usable: none prepared, stale, or damaged). The first damage found (a
+    missing file, a header or a tensor that fails its checksum) goes into `dropped`; the step
+    recomputes what it lacks, with the same result."""
+    parts = usable_parts(manifest, kernel_regime(device, workers))
+    if parts is None or state_dir is None:
+        return lambda name: {}
+    damage = check_parts(state_dir, parts)  # files and headers: cheap, before the step
+    if damage:
+        dropped.append(damage[0])
+        return lambda name: {}
+    generation = manifest["generation"]
+    holders = {(part["state"], tensor) for part in parts for tensor in part.get("crc32") or {}}
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        quantities = {}
+        for quantity in method.prepared_names:
+            kind = f"prepared.{quantity}"
+            if (kind, name) not in holders:
+                return {}
+            try:
+                quantities[PREPARED_PREFIX + quantity] = storage.read(generation, kind, name)
+            except StateError as err:  # a tensor failed its checksum, say
+                if not dropped:
+                    damaged = isinstance(err, DamagedPart)
+                    dropped.append(f"{err.path}: {err.problem}" if damaged else str(err))
+                return {}
+        return quantities
+
+    return read
+
+
+def tell_dropped_preparation(dropped: list[str]) -> None:
+    """One line for a damaged preparation that a step did not use (the command line prints
+    warnings of a step as one line each). It is a cache: nothing to restore."""
+    if dropped:
+        warnings.warn(
+            f"{dropped[0]}: the prepared factors are damaged, so this step did not use them "
+            "and computed them anew (the merge is not affected)",
+            DamagedPreparationWarning,
+            stacklevel=2,
+        )
+
+
+def prepare_generation(
+    storage: DiskStorage,
+    manifest: Mapping[str, Any],
+    method: ContinualMethod,
+    infos: list[TensorInfo],
+    read_state: Callable[[str], Mapping[str, torch.Tensor]],
+    *,
+    check_base: Callable[[], object],
+    device: torch.device | str,
+    workers: int | None,
+    progress: Progress | None,
+) -> tuple[int, dict[str, Any] | None]:
+    """Compute and commit the preparation of `manifest`'s generation (see the module
+    docstring); the caller holds the state's exclusive lock. `check_base` refuses a changed
+    base, called once there is something to prepare. Returns
+    how many tensors were prepared and the committed manifest, or (0, None) when there is
+    nothing to prepare or a valid preparation is already stored."""
+    resolved = resolve_device(device)
+    count = default_workers(resolved) if workers is None else workers
+    generation = manifest["generation"]
+    if generation is None or not method.prepared_names:
+        return 0, None
+    regime = kernel_regime(resolved, count)
+    usable = usable_parts(manifest, regime)
+    if usable is not None and not check_parts(storage.path, usable):
+        return 0, None  # prepared already; a damaged preparation is computed again
+    check_base()
+    targets = prepare_targets(method, infos)
+
+    def compute(info: TensorInfo) -> Mapping[str, torch.Tensor]:
+        state = {k: v.to(resolved) for k, v in read_state(info.name).items()}
+        return method.prepare_tensor(info, state)
+
+    def map_in_order(fn, items):  # noqa: ANN001, ANN202 - as the engine runs kernels
+        with single_threaded_kernels(count > 1 and resolved.type == "cpu"):
+            yield from ordered_map(fn, items, count)
+
+    parts = write_prepared(
+        storage.path / generation_dir_name(generation),
+        method,
+        targets,
+        compute,
+        map_in_order=map_in_order,
+        progress=progress,
+    )
+    committed = json.loads(json.dumps(manifest))
+    committed["prepared"] = {
+        "generation": generation,
+        "key": prepare_key(committed, regime),
+        "regime": regime,
+        "tensors": len(targets),
+        "parts": parts,
+    }
+    try:
+        storage.commit(committed)
+    except BaseException:
+        storage.discard_files([part["file"] for part in parts])
+        raise
+    return len(targets), committed

@@ -10,11 +10,13 @@ import hashlib
 import os
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StateError
 from ..io.source import TensorSource
 from ..progress import NoProgress, Progress
 
@@ -138,3 +140,38 @@ def _describing_bytes(path: Path) -> bytes:
                 f.seek(8)
                 return prefix + f.read(header_len)
         return str(size).encode()
+
+
+def check_base_unchanged(
+    recorded: Mapping[str, Any], base: TensorSource, verify: bool = False
+) -> list[dict[str, object]] | None:
+    """Refuse to go on if the base's content changed since the state was created (`recorded`
+    is the manifest's "base").
+
+    Every call compares the base files' headers (safetensors headers, zip directories) with
+    the fingerprint recorded at init; when they, or the files' sizes and modification times,
+    differ, or `verify` asks for it, the full content hash decides. Returns the base files'
+    current stamps when they differ from the recorded ones but the content is the same (e.g.
+    the files were copied), so the next commit can record them."""
+    files = base.files()
+    if not files:
+        return None
+    try:
+        stamps = file_stamps(files)
+        headers = header_fingerprint(files)
+    except (OSError, CheckpointError) as err:
+        raise StateError(
+            f"the base at {recorded['path']} cannot be read any more ({err})"
+        ) from None
+    recorded_headers = recorded.get("headers_sha256")
+    same_headers = recorded_headers is None or headers == recorded_headers
+    if recorded["sha256"] is None or (stamps == recorded["files"] and same_headers and not verify):
+        return None
+    if content_hash(base) != recorded["sha256"]:
+        raise StateError(
+            f"the base at {recorded['path']} has changed since this state was created "
+            f"(its content hash is no longer the recorded {recorded['sha256'][:16]}...); "
+            "merging into or exporting from a different base would be wrong. Restore the "
+            "original base files, or start a new state for the new base"
+        )
+    return None if stamps == recorded["files"] else stamps

@@ -377,6 +377,24 @@ class DiskStorage:
         self._chains: dict[tuple[str, str], _RowChain] = {}
         self._guard = threading.Lock()  # worker threads read state tensors concurrently
 
+    @classmethod
+    def create(cls, path: Path, manifest: dict[str, Any]) -> DiskStorage:
+        """A new state directory `path` (absent or empty) holding `manifest`. The new
+        directories' entries are synced too, so a crash cannot make the new state vanish; on
+        failure nothing half-made is left behind."""
+        created = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        storage = cls(path)
+        try:
+            storage.commit(manifest)
+            for directory in (path, *path.parents)[: len(created) + 1]:
+                fsync_dir(directory)
+        except BaseException:
+            for directory in created:  # innermost first
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return storage
+
     def load_manifest(self) -> dict[str, Any]:
         return load_manifest(self.path)
 

@@ -1,4 +1,4 @@
-"""`mergestream watch` and `mergestream run`: their arguments, and the YAML config of `watch`.
+"""`mergestream watch`: its arguments and its YAML config (`mergestream run` is `recipe.py`).
 
 Importing this module imports neither torch nor the library's merge code, so building the
 command-line parser stays cheap; the commands import what they need when they run.
@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..options import EXTRA_POLICIES, MISSING_POLICIES
-from ..yaml_lines import parse_yaml
+from ..recipe import add_fitting_arguments, load_yaml_mapping
 
 # Types of the WatchOptions fields that a config file or flag may set (paths are resolved
 # against the config file's folder).
@@ -44,28 +43,6 @@ OPTION_TYPES: dict[str, type] = {
     "force_base": bool,
     "allow_zero": bool,
 }
-
-
-def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping, with a clear error if it does not. Its mappings
-    know their keys' lines (`yaml_lines.key_line`); a key given twice is an error naming file
-    and line, since YAML alone would silently keep the last value."""
-    try:
-        import yaml  # noqa: F401 - only to say how to install it
-    except ImportError:
-        raise ConfigError(
-            f"{path}: reading a {what} needs PyYAML (pip install 'mergestream[watch]')"
-        ) from None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    data = parse_yaml(text, str(path), ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
-    return data
 
 
 def config_options(path: Path) -> dict[str, Any]:
@@ -118,47 +95,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_watch(watch_options(args))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .recipe import ADD_KEYS, run_recipe
-
-    # Flags given win over the recipe's keys of the same name; absent ones are None.
-    options = {key: getattr(args, key) for key in (*ADD_KEYS, "overwrite")}
-    run_recipe(Path(args.recipe), quiet=args.quiet, options=options)
-    return 0
-
-
-def _add_fitting_arguments(p: argparse.ArgumentParser) -> None:
-    """`add`'s options that fit a checkpoint to the base, for every checkpoint watched. Without
-    defaults here, so that a value from --config stands unless the flag is given."""
-    group = p.add_argument_group("fitting each checkpoint's tensor names to the base's, as add")
-    group.add_argument(
-        "--strip-prefix", metavar="P", help="remove P from the front of the tensor names"
-    )
-    group.add_argument(
-        "--add-prefix", metavar="P", help="put P in front of the names (after --strip-prefix)"
-    )
-    group.add_argument(
-        "--missing",
-        choices=MISSING_POLICIES,
-        help="base tensors absent from a checkpoint: refuse it (error, the default) or treat "
-        "them as unchanged from the base (base)",
-    )
-    group.add_argument(
-        "--extra",
-        choices=EXTRA_POLICIES,
-        help="checkpoint tensors the base lacks: refuse it (error, the default) or leave them out",
-    )
-    group.add_argument(
-        "--force-base",
-        action="store_const",
-        const=True,
-        help="merge LoRA adapters whose base_model_name_or_path does not name the state's base "
-        "(their shapes are still checked)",
-    )
-
-
 def add_commands(sub: Any) -> None:
-    """Add `watch` and `run` to the `mergestream` subcommands."""
+    """Add `watch` to the `mergestream` subcommands."""
     p = sub.add_parser(
         "watch",
         help="merge each checkpoint that lands in a folder, once it is completely written, and "
@@ -235,7 +173,7 @@ def add_commands(sub: Any) -> None:
         help="with --export: publish the merge as a PEFT LoRA adapter of rank RANK (as `export "
         "--as-lora RANK`) instead of the full model",
     )
-    _add_fitting_arguments(p)
+    add_fitting_arguments(p)
     p.add_argument(
         "--allow-zero",
         action="store_const",
@@ -245,32 +183,3 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--config", metavar="YAML", help="read these options from a YAML file")
     p.set_defaults(func=cmd_watch)
-
-    p = sub.add_parser(
-        "run",
-        help="run a whole merge described by a recipe file (base, method, checkpoints, export)",
-    )
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument(
-        "--overwrite",
-        action="store_const",
-        const=True,
-        help="export into a non-empty directory that is not an earlier export, as the recipe's "
-        "'overwrite: true' under 'export:' does: only the files an export writes are replaced",
-    )
-    p.add_argument(
-        "--allow-duplicate",
-        action="store_const",
-        const=True,
-        help="merge a checkpoint even if identical content was merged before",
-    )
-    p.add_argument(
-        "--allow-zero",
-        action="store_const",
-        const=True,
-        help="merge a checkpoint whose task vector is zero in every tensor (the base itself), "
-        "which still counts as a task",
-    )
-    _add_fitting_arguments(p)  # each also a recipe key: force_base, strip_prefix, ...
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_run)

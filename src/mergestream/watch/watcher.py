@@ -39,7 +39,7 @@ from ..errors import MergestreamError, StateError, warnings_as_lines
 from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES
 from .inbox import Inspection, Settler, inspect_entry, inspect_inbox
 from .journal import DUPLICATE, MERGED, REFUSED, Journal, now_iso, watcher_lock
-from .publish import Publisher
+from .versions import Publisher
 
 ORDERS = ("arrival", "name")
 LOG_DIR = "watch-logs"
@@ -467,7 +467,7 @@ class Watcher:
                 folder, dtype=_dtype(options.dtype), max_shard_size=options.max_shard_size
             )
             return
-        from ..export_lora import export_lora
+        from ..publish.export_lora import export_lora
 
         dtype = _dtype(options.dtype)
         kwargs = {} if dtype is None else {"dtype": dtype}

@@ -27,6 +27,7 @@ appended to the exported model card, so the merged model says how to make it aga
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import os
@@ -35,13 +36,180 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, MergestreamError, warnings_as_lines
-from ..options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES, STATE_DTYPE_NAMES
-from ..yaml_lines import key_line
-from .commands import load_yaml_mapping
+from .errors import ConfigError, MergestreamError, warnings_as_lines
+from .options import EXPORT_DTYPES, EXTRA_POLICIES, MISSING_POLICIES, STATE_DTYPE_NAMES
 
 if TYPE_CHECKING:
-    from ..state import MergeState
+    from .state import MergeState
+
+
+# ------------------------------------------------------------------------------------------
+# YAML read with line numbers, for the files people write by hand (recipes, watch's config,
+# benchmark suites): every mapping remembers the line of each key, and a key given twice is an
+# error that names file and line, where plain YAML would keep the last value without a word.
+# PyYAML is imported when a file is read, so importing this module stays cheap.
+
+
+class LineMap(dict):  # type: ignore[type-arg]
+    """A YAML mapping that remembers its line and the line of each key (1-based)."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+
+
+def key_line(mapping: Any, key: Any = None) -> int:
+    """The line of `key` in a mapping read by `line_loader` (the mapping's own line without a
+    key, or when the key is absent); 0 when unknown."""
+    lines = getattr(mapping, "key_lines", {})
+    return int(lines.get(key, getattr(mapping, "line", 0)))
+
+
+def line_loader(error: type[Exception]) -> type:
+    """A safe YAML loader class whose mappings are `LineMap`s; a key given twice raises `error`
+    with "NAME:LINE:" in front (NAME is the loader's `name`)."""
+    import yaml
+
+    class LineLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> LineMap:
+        loader.flatten_mapping(node)
+        out = LineMap()
+        out.line = node.start_mark.line + 1
+        out.key_lines = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in out:
+                raise error(
+                    f"{loader.name}:{line}: {key!r} is given twice (first on line "
+                    f"{out.key_lines[key]}); give each key once"
+                )
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.key_lines[key] = line
+        return out
+
+    LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return LineLoader
+
+
+def parse_yaml(text: str, label: str, error: type[Exception]) -> Any:
+    """The one document in `text`, its mappings `LineMap`s. Invalid YAML and a key given twice
+    raise `error` naming `label` (the file) and the line."""
+    import yaml
+
+    loader = line_loader(error)(text)
+    loader.name = label
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise error(f"{label}{line}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping, with a clear error if it does not. Its mappings
+    know their keys' lines (`key_line`); a key given twice is an error naming file
+    and line, since YAML alone would silently keep the last value."""
+    try:
+        import yaml  # noqa: F401 - only to say how to install it
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading a {what} needs PyYAML (pip install 'mergestream[watch]')"
+        ) from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    data = parse_yaml(text, str(path), ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
+    return data
+
+
+# ------------------------------------------------------------------------------------------
+# The command line of `run` (and the fitting options `watch` shares)
+
+
+def add_fitting_arguments(p: argparse.ArgumentParser) -> None:
+    """`add`'s options that fit a checkpoint to the base, for every checkpoint of `run` or
+    `watch`. Without defaults here, so that a value from a recipe or --config stands unless the
+    flag is given."""
+    group = p.add_argument_group("fitting each checkpoint's tensor names to the base's, as add")
+    group.add_argument(
+        "--strip-prefix", metavar="P", help="remove P from the front of the tensor names"
+    )
+    group.add_argument(
+        "--add-prefix", metavar="P", help="put P in front of the names (after --strip-prefix)"
+    )
+    group.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        help="base tensors absent from a checkpoint: refuse it (error, the default) or treat "
+        "them as unchanged from the base (base)",
+    )
+    group.add_argument(
+        "--extra",
+        choices=EXTRA_POLICIES,
+        help="checkpoint tensors the base lacks: refuse it (error, the default) or leave them out",
+    )
+    group.add_argument(
+        "--force-base",
+        action="store_const",
+        const=True,
+        help="merge LoRA adapters whose base_model_name_or_path does not name the state's base "
+        "(their shapes are still checked)",
+    )
+
+
+def add_run_command(sub: Any) -> None:
+    """Add `run` to the `mergestream` subcommands."""
+    p = sub.add_parser(
+        "run",
+        help="run a whole merge described by a recipe file (base, method, checkpoints, export)",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument(
+        "--overwrite",
+        action="store_const",
+        const=True,
+        help="export into a non-empty directory that is not an earlier export, as the recipe's "
+        "'overwrite: true' under 'export:' does: only the files an export writes are replaced",
+    )
+    p.add_argument(
+        "--allow-duplicate",
+        action="store_const",
+        const=True,
+        help="merge a checkpoint even if identical content was merged before",
+    )
+    p.add_argument(
+        "--allow-zero",
+        action="store_const",
+        const=True,
+        help="merge a checkpoint whose task vector is zero in every tensor (the base itself), "
+        "which still counts as a task",
+    )
+    add_fitting_arguments(p)  # each also a recipe key: force_base, strip_prefix, ...
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Flags given win over the recipe's keys of the same name; absent ones are None.
+    options = {key: getattr(args, key) for key in (*ADD_KEYS, "overwrite")}
+    run_recipe(Path(args.recipe), quiet=args.quiet, options=options)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# Recipes
+
 
 RECIPE_FILE = "recipe.yaml"
 # What `add` takes to fit a checkpoint to the base or to accept it (names as MergeState.add's
@@ -200,7 +368,7 @@ def read_recipe(path: Path, options: Mapping[str, Any] | None = None) -> Recipe:
 def _read_method(path: Path, raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The recipe's method and parameters, checked by building the method: an unknown method
     or parameter is the recipe's error, so the message says where it is."""
-    from ..methods import get_method
+    from .methods import get_method
 
     method = _value(path, raw, "method", str) or "opcm"
     params = raw.get("params") or {}
@@ -224,7 +392,7 @@ def _read_method(path: Path, raw: Mapping[str, Any]) -> tuple[str, dict[str, Any
 
 def _read_export(path: Path, raw: Mapping[str, Any], overwrite: bool | None) -> RecipeExport | None:
     """The recipe's `export:` mapping, checked; `overwrite` (run's flag) wins over its own."""
-    from ..export import parse_size
+    from .publish.export import parse_size
 
     export = raw.get("export")
     if export is None:
@@ -260,8 +428,8 @@ def run_recipe(
     """Create or continue the recipe's state, merge its checkpoints in order, export; returns
     the state directory. `options` are `run`'s flags (see `read_recipe`). The recipe, the
     state and the export target are all checked before the first step."""
-    from ..progress import default_progress
-    from ..state import MergeState
+    from .progress import default_progress
+    from .state import MergeState
 
     recipe = read_recipe(Path(path), options)
     progress = default_progress(quiet)
@@ -336,7 +504,7 @@ def _check_export(state: MergeState, export: RecipeExport) -> None:
 
 def _check_same_merge(state: MergeState, recipe: Recipe) -> None:
     """Refuse to continue a state made with another base or method than the recipe's."""
-    from ..methods import get_method
+    from .methods import get_method
 
     status = state.status()
     wanted = get_method(recipe.method, **recipe.params)

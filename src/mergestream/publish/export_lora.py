@@ -17,7 +17,7 @@ saved whole through `modules_to_save` (its module's parameters, merged), or, wit
 
 Layers that store their weight as (in, out), GPT-2's `Conv1D`, need `fan_in_fan_out`; it is taken
 from the LoRA adapters in the ledger (or given). The adapter is an export like the full model's
-(`MergeState.publish_export`): the same rules for OUT (new, empty or an earlier export of either
+(`destination.publish_export`): the same rules for OUT (new, empty or an earlier export of either
 kind; another folder only with `overwrite`), built beside OUT and switched into place whole, with
 the export marker listing its files. The factors and the tensors saved whole are held in
 memory until the file is written (the adapter is small next to the model, unless many large
@@ -32,20 +32,18 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ._version import __version__
-from .errors import ConfigError, MergestreamError
+from .._version import __version__
+from ..errors import ConfigError, MergestreamError
+from ..io.lora import ADAPTER_CONFIG, PEFT_PREFIX
+from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from ..methods.classify import default_is_linear_weight
+from ..store.generation import Readable, StateView
+from .destination import publish_export
 from .export import check_output_finite
-from .io.lora import ADAPTER_CONFIG, PEFT_PREFIX
-from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
-from .methods.classify import default_is_linear_weight
-
-if TYPE_CHECKING:
-    from .io.source import TensorSource
-    from .state import MergeState
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
@@ -110,7 +108,7 @@ class LoraExport:
 
 
 def export_lora(
-    state: MergeState,
+    state: Readable,
     out: str | Path,
     *,
     rank: int | None = None,
@@ -123,7 +121,7 @@ def export_lora(
 ) -> LoraExport:
     """Write the state's merge as a PEFT LoRA adapter folder `out` (see the module docstring).
 
-    `out` follows the rules of every export (`MergeState.publish_export`): new, empty or an
+    `out` follows the rules of every export (`destination.publish_export`): new, empty or an
     earlier export (of a full model or an adapter), another folder only with `overwrite`, never
     the state or the base; the folder is switched in whole and records what it holds in its
     export marker. `dtype` is that of every floating-point tensor written; by default the LoRA
@@ -134,15 +132,15 @@ def export_lora(
         raise ConfigError(f"LoRA export energy must be in (0, 1], got {energy}")
     out = Path(out)
     reports: list[LoraExport] = []
-    with state.reading(verify_base) as base:
+    with state.reading(verify_base) as view:
 
         def build(directory: Path) -> list[str]:
             # Computed once OUT was accepted: a refused OUT costs no SVDs.
             report, tensors, lora_bias = _adapter_tensors(
-                state, base, out, rank, energy, drop_other, fan_in_fan_out, dtype
+                view, out, rank, energy, drop_other, fan_in_fan_out, dtype
             )
-            config = _adapter_config(state, report, lora_bias)
-            card = _model_card(state, report, rank, energy, state.ledger)
+            config = _adapter_config(view, report, lora_bias)
+            card = _model_card(view, report, rank, energy)
             _save_tensors(directory / ADAPTER_FILE, tensors)
             (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             (directory / CARD_FILE).write_text(card)
@@ -150,13 +148,12 @@ def export_lora(
             return sorted(ADAPTER_EXPORT_FILES)
 
         written = set(ADAPTER_EXPORT_FILES)
-        state.publish_export(out, written, build, overwrite=overwrite, kind="lora")
+        publish_export(view, out, written, build, overwrite=overwrite, kind="lora")
     return reports[0]
 
 
 def _adapter_tensors(
-    state: MergeState,
-    base: TensorSource,
+    view: StateView,
     out: Path,
     rank: int | None,
     energy: float | None,
@@ -167,15 +164,16 @@ def _adapter_tensors(
     """The adapter's tensors in their output dtype, what they hold, and whether lora_B has
     biases."""
     if fan_in_fan_out is None:
-        fan_in_fan_out = _ledger_fan_in_fan_out(state.ledger)
-    infos = {i.name: i for i in state.infos}
+        fan_in_fan_out = _ledger_fan_in_fan_out(view.ledger)
+    infos = view.info_by_name
+    base = view.base
     report = LoraExport(path=out, fan_in_fan_out=fan_in_fan_out)
     factor_dtype = dtype or torch.float32
     tensors: dict[str, torch.Tensor] = {}
     changed_other: dict[str, torch.Tensor] = {}  # name -> τ, saved whole or dropped
     changed_bias: dict[str, torch.Tensor] = {}
     factors: dict[str, LowRankFactors] = {}
-    for name, tau in state.task_vectors():
+    for name, tau in view.task_vectors():
         if not bool(tau.any()):
             continue
         if len(infos[name].shape) == 2 and default_is_linear_weight(name):
@@ -239,7 +237,7 @@ def _modules_of(names: Iterable[str]) -> list[str]:
     return sorted({n.rpartition(".")[0] for n in names})
 
 
-def _adapter_config(state: MergeState, report: LoraExport, lora_bias: bool) -> dict[str, Any]:
+def _adapter_config(view: StateView, report: LoraExport, lora_bias: bool) -> dict[str, Any]:
     ranks = [m.rank for m in report.modules]
     default_rank = max(set(ranks), key=ranks.count) if ranks else 1
     # Scaling 1 everywhere: lora_alpha equals each module's rank.
@@ -247,7 +245,7 @@ def _adapter_config(state: MergeState, report: LoraExport, lora_bias: bool) -> d
     return {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": state.status()["base"],
+        "base_model_name_or_path": view.base_path,
         "r": default_rank,
         "lora_alpha": default_rank,
         "rank_pattern": pattern,
@@ -267,14 +265,13 @@ def _adapter_config(state: MergeState, report: LoraExport, lora_bias: bool) -> d
 
 
 def _model_card(
-    state: MergeState,
+    view: StateView,
     report: LoraExport,
     rank: int | None,
     energy: float | None,
-    ledger: list[dict[str, Any]],
 ) -> str:
-    status = state.status()
-    method = status["method"]
+    ledger = view.ledger
+    method = view.manifest["method"]
     params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
     chosen = f"rank {rank}" if rank is not None else f"per module, {energy:g} of ‖τ‖² kept"
     lines = [
@@ -286,7 +283,7 @@ def _model_card(
         "# Merged LoRA adapter",
         "",
         f"Written by mergestream {__version__}: the {method['name']} merge ({params}) of "
-        f"{status['step']} inputs into the base `{status['base']}`, as a LoRA adapter whose "
+        f"{view.step} inputs into the base `{view.base_path}`, as a LoRA adapter whose "
         f"B·A is the truncated SVD of each linear weight's merged task vector ({chosen}).",
         "",
         "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",

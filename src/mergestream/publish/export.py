@@ -6,7 +6,8 @@ exceeds `max_shard_size`. Tensors are computed and written one at a time, and te
 engine's streaming limit by row blocks (a method's task vector is elementwise in its state, so
 rows of the state give rows of the task vector). The files are written into a fresh directory
 that `store.atomic.publish_directory` switches in whole, so a reader of the output never sees a
-half-written file or a mixture of two exports.
+half-written file or a mixture of two exports (`destination.py`). `export_model` is the whole
+export of a state held still (`MergeState.export`); `check_export` its checks of OUT alone.
 """
 
 from __future__ import annotations
@@ -15,28 +16,30 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .errors import ConfigError, MergestreamError
-from .io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
-from .io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
-from .io.source import TensorSource
-from .methods.base import COMPUTE_DTYPE, TensorInfo
-from .options import DEFAULT_MAX_SHARD_SIZE
-from .progress import NoProgress, Progress
-from .step.engine import add_chunked, is_streamed, row_blocks
-from .store.atomic import files_under
-
-# Files of an HF model directory that are weights (not copied next to the merged weights).
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
-WEIGHT_INDEXES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
-
-TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
-TaskVectorRowsFn = Callable[[TensorInfo, int, int], torch.Tensor]
+from ..errors import ConfigError, MergestreamError
+from ..io.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
+from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec, dtype_name
+from ..io.source import TensorSource
+from ..methods.base import COMPUTE_DTYPE, TensorInfo
+from ..options import DEFAULT_MAX_SHARD_SIZE
+from ..progress import NoProgress, Progress
+from ..step.engine import add_chunked, is_streamed, row_blocks
+from ..store.generation import StateView, TaskVectorFn, TaskVectorRowsFn
+from .destination import (
+    MARKER,
+    WEIGHT_INDEXES,
+    WEIGHT_SUFFIXES,
+    check_target,
+    plan_output_dir,
+    publish_export,
+    write_json_file,
+)
+from .modelcard import provenance_metadata, render_model_card
 
 _UNITS = {
     "": 1,
@@ -132,62 +135,6 @@ def output_specs(
     return specs
 
 
-MARKER = ".mergestream-export.json"  # what an export wrote, so the next one knows what it owns
-
-
-def read_marker(out: Path) -> dict[str, Any] | None:
-    """The record a previous export left in `out`, or None if `out` is not an export."""
-    try:
-        marker = json.loads((out / MARKER).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != "mergestream-export":
-        return None
-    files = marker.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return None
-    return marker
-
-
-def plan_output_dir(out: Path, overwrite: bool, written: set[str]) -> list[str]:
-    """Check that an export may replace directory `out`, and return the files of `out` to keep.
-
-    A previous export's own files (its marker lists them) are replaced; every other file of
-    `out` is kept. A non-empty `out` that is not a previous export is refused unless
-    `overwrite`, and even then only the files an export writes are replaced. Weights that the
-    export would not replace are refused (a loader could pick them instead of the merged
-    model)."""
-    if not out.exists() and not out.is_symlink():
-        return []
-    if not out.is_dir():
-        raise MergestreamError(f"{out}: exists and is not a directory")
-    present = files_under(out)
-    if not present:
-        return []
-    marker = read_marker(out)
-    owned = set(marker["files"]) | {MARKER} if marker is not None else set()
-    foreign = [f for f in present if f not in owned]
-    if marker is None and not overwrite:
-        shown = ", ".join(foreign[:4]) + (
-            f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
-        )
-        raise MergestreamError(
-            f"{out}: is not empty ({shown}) and was not written by mergestream export; export "
-            "into a new or empty directory, or pass overwrite (--overwrite) to replace only the "
-            "files an export writes there and keep the others"
-        )
-    keep = [f for f in foreign if f not in written]
-    for relative in keep:
-        name = Path(relative).name
-        if "/" not in relative and (Path(name).suffix in WEIGHT_SUFFIXES or name in WEIGHT_INDEXES):
-            raise MergestreamError(
-                f"{out}: holds {relative}, which an export would not replace; a loader could "
-                "pick it instead of the merged weights. Move it away, or export into an empty "
-                "or new directory"
-            )
-    return keep
-
-
 def write_model(
     out: Path,
     base: TensorSource,
@@ -266,15 +213,6 @@ def check_output_finite(
     )
 
 
-def write_json_file(path: Path, content: Any) -> None:
-    """Write JSON to a new file and fsync it."""
-    with open(path, "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def model_files(base_dir: Path | None) -> list[str]:
     """The base directory's files that an export copies beside the merged weights, as paths
     relative to it: config, tokenizer, and every subfolder's non-weight files
@@ -342,3 +280,60 @@ def _sentence_transformers_modules(base_dir: Path) -> set[str]:
         for m in modules
         if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"]
     }
+
+
+def export_model(
+    view: StateView,
+    out: Path,
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    progress: Progress | None,
+    overwrite: bool,
+) -> None:
+    """Write the merged model of `view` to directory `out` (see `MergeState.export`): the
+    weights, the base's config and tokenizer files and a model card, switched in whole."""
+    infos = view.info_by_name
+    written = export_files(view, dtype, max_shard_size)
+    needed = sum(spec.nbytes for _, spec in output_specs(view.base, infos, dtype))
+
+    def build(directory: Path) -> list[str]:
+        files = write_model(
+            directory,
+            view.base,
+            infos,
+            view.task_vector,
+            dtype,
+            provenance_metadata(view.manifest),
+            max_shard_size,
+            progress,
+            task_vector_rows=view.task_vector_rows,
+        )
+        copied = copy_model_files(view.base_dir, directory)
+        dtypes = {dtype_name(dtype or info.dtype) for info in view.infos}
+        weights = [f for f in files if f.endswith(".safetensors")]
+        card = render_model_card(view.manifest, weights, "/".join(sorted(dtypes)), copied)
+        (directory / "README.md").write_text(card)
+        return [*files, *copied, "README.md"]
+
+    publish_export(view, out, written, build, overwrite=overwrite, kind="model", needed=needed)
+
+
+def check_export(
+    view: StateView,
+    out: Path,
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+) -> None:
+    """Refuse `out` for every reason `export_model` would, from paths and headers alone."""
+    check_target(view, out)
+    plan_output_dir(out, overwrite, {*export_files(view, dtype, max_shard_size), MARKER})
+
+
+def export_files(view: StateView, dtype: torch.dtype | None, max_shard_size: int | str) -> set[str]:
+    """The files `export_model` writes, its marker aside: the weights (one file or the shards
+    and their index), the model card and the base's config and tokenizer files."""
+    weight_names = export_weight_names(view.base, view.info_by_name, dtype, max_shard_size)
+    return {*weight_names, "README.md", *model_files(view.base_dir)}

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ._version import __version__
+from .._version import __version__
 
 
 def provenance_metadata(manifest: Mapping[str, Any]) -> dict[str, str]:

@@ -1,0 +1,129 @@
+"""A committed generation as its readers see it: state tensors, the task vectors they give,
+and `StateView`, the whole state held still for a reader (an export, a plan).
+
+The merged model is the base plus the method's task vector, computed per tensor from the
+stored state (`ContinualMethod.task_vector`); rows of the state give rows of the task vector,
+so a tensor too large to hold twice is read a row block at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..io.source import TensorSource
+from ..methods.base import COMPUTE_DTYPE, ContinualMethod, TensorInfo
+from .storage import Storage
+
+
+def use_generation(
+    storage: Storage, manifest: Mapping[str, Any], state_names: tuple[str, ...]
+) -> None:
+    """Tell `storage` the part files of `manifest`'s generation (and of its preparation, when
+    it belongs to that generation), so reads are checked against their records."""
+    generation = manifest["generation"]
+    if generation is None:
+        return
+    storage.use_parts(generation, state_names, manifest.get("parts"))
+    prepared = manifest.get("prepared")
+    if isinstance(prepared, dict) and prepared.get("generation") == generation:
+        storage.use_parts(generation, (), prepared.get("parts") or [])
+
+
+class GenerationReader:
+    """Reads the generation `manifest` names from `storage` (nothing at step 0)."""
+
+    def __init__(
+        self, storage: Storage, method: ContinualMethod, manifest: Mapping[str, Any]
+    ) -> None:
+        self._storage = storage
+        self._method = method
+        self._generation: int | None = manifest["generation"]
+        self._scalars = dict(manifest["scalars"])
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0."""
+        if self._generation is None:
+            return {}
+        return {
+            s: self._storage.read(self._generation, s, name) for s in self._method.state_names
+        }
+
+    def state_rows(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows `start:stop` of `state(name)` (first dimension), reading only those."""
+        if self._generation is None:
+            return {}
+        return {
+            s: self._storage.read_rows(self._generation, s, name, start, stop)
+            for s in self._method.state_names
+        }
+
+    def task_vector(self, info: TensorInfo) -> torch.Tensor:
+        """Merged minus base for one tensor, float64 (zero at step 0)."""
+        if self._generation is None:
+            return torch.zeros(info.shape, dtype=COMPUTE_DTYPE)
+        return self._method.task_vector(info, self.state(info.name), self._scalars)
+
+    def task_vector_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of `task_vector(info)`."""
+        block = info.rows(start, stop)
+        if self._generation is None:
+            return torch.zeros(block.shape, dtype=COMPUTE_DTYPE)
+        return self._method.task_vector(
+            block, self.state_rows(info.name, start, stop), self._scalars
+        )
+
+
+TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
+TaskVectorRowsFn = Callable[[TensorInfo, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StateView:
+    """One generation of a merge state, read under its lock (`MergeState.reading()`).
+
+    `task_vector(info)` is the merged model minus the base for one tensor (float64);
+    `task_vector_rows(info, start, stop)` its rows `start:stop`, reading only those."""
+
+    where: str  # the state directory, or "<memory>"
+    state_dir: Path | None
+    manifest: Mapping[str, Any]
+    base: TensorSource
+    base_dir: Path | None  # the base's folder (config, tokenizer), when it has one
+    infos: list[TensorInfo]
+    task_vector: TaskVectorFn
+    task_vector_rows: TaskVectorRowsFn
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        return [dict(entry) for entry in self.manifest["ledger"]]
+
+    @property
+    def base_path(self) -> str:
+        """The base as the state records it (a path, or a description for one in memory)."""
+        return str(self.manifest["base"]["path"])
+
+    @property
+    def info_by_name(self) -> dict[str, TensorInfo]:
+        return {info.name: info for info in self.infos}
+
+    def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged - base) in float64 for every merged tensor, one at a time."""
+        for info in self.infos:
+            yield info.name, self.task_vector(info)
+
+
+class Readable(Protocol):
+    """Anything that can hold a state still for a reader: a `MergeState`."""
+
+    def reading(self, verify_base: bool = False) -> contextlib.AbstractContextManager[StateView]:
+        ...
