@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from mergestream import ConfigError, MergeState, MergestreamError, __version__
 from mergestream.cli import main
-from mergestream.export import parse_size, plan_shards
 from mergestream.io.safetensors_stream import SafetensorsFile, TensorSpec
+from mergestream.publish.export import parse_size, plan_shards
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
 transformers = pytest.importorskip("transformers")
@@ -123,6 +123,9 @@ def test_model_card_and_metadata_record_provenance(bert):
     state = bert["state"]
     assert f"mergestream {__version__}" in card
     assert "`opcm`" in card and "alpha: `0.5`" in card
+    opcm_config = state.method.config
+    assert f"- paper: [{opcm_config.paper}]({opcm_config.paper_url})" in card
+    assert "arxiv.org/abs/2501.09522" in opcm_config.paper_url
     positions = [card.index(entry["sha256"]) for entry in state.ledger]
     assert positions == sorted(positions), "checkpoints are listed in merge order"
     for entry in state.ledger:

@@ -672,3 +672,7 @@ def test_the_torch_free_method_listing_equals_the_classes():
         cls = METHODS[d.name]
         assert d.summary == cls.summary
         assert d.parameters == describe_config(cls.config_class), d.name
+        # every built-in method cites its paper (the model card shows it)
+        assert cls.config_class.paper.endswith(")"), d.name
+        url = cls.config_class.paper_url
+        assert url == "" or url.startswith("https://arxiv.org/abs/"), d.name

@@ -29,14 +29,19 @@ def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirror
 @dataclass(frozen=True)
 class MethodConfig:
     """Base class of method configs: frozen dataclasses whose fields carry help text. A method's
-    config also names it (`method`, the name `get_method` and the command line know it by) and
-    says in one line what it does (`summary`); its class (`base.ContinualMethod`) takes both."""
+    config also names it (`method`, the name `get_method` and the command line know it by),
+    says in one line what it does (`summary`; its class, `base.ContinualMethod`, takes both)
+    and names the paper it comes from (`paper`, `paper_url`: the model card cites them)."""
 
     # Set by each method's config, as plain class attributes: annotated here only for type
     # checkers, so that dataclasses do not count them among the config's fields.
     if TYPE_CHECKING:
         method: ClassVar[str]
         summary: ClassVar[str]
+        paper: ClassVar[str]
+        paper_url: ClassVar[str]
+    paper = ""  # a method of one's own may cite nothing
+    paper_url = ""
 
     def validate(self) -> None:
         """Raise ValueError on an invalid combination of values."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._version import __version__
+from ..methods.registry import METHODS
 
 
 def provenance_metadata(manifest: Mapping[str, Any]) -> dict[str, str]:
@@ -36,6 +37,16 @@ def _input_record(entry: Mapping[str, Any]) -> dict[str, Any]:
     if entry.get("mapping"):
         record["mapping"] = entry["mapping"]
     return record
+
+
+def _paper_line(name: str) -> list[str]:
+    """The paper a method comes from, as its config names it (none for a method without)."""
+    cls = METHODS.get(name)
+    config = getattr(cls, "config_class", None)
+    title, url = getattr(config, "paper", ""), getattr(config, "paper_url", "")
+    if not title:
+        return []
+    return [f"- paper: [{title}]({url})" if url else f"- paper: {title}"]
 
 
 def _code(value: Any) -> str:
@@ -69,6 +80,7 @@ def render_model_card(
         "## Method",
         "",
         f"- method: {_code(method['name'])}",
+        *_paper_line(method["name"]),
     ]
     for key, value in params.items():
         lines.append(f"- {key}: {_code(json.dumps(value))}")

@@ -12,4 +12,9 @@ class AverageConfig(MethodConfig):
     """The running average has no parameters."""
 
     method = "average"
+    paper = (
+        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
+        "increasing inference time (Wortsman et al., ICML 2022)"
+    )
+    paper_url = "https://arxiv.org/abs/2203.05482"
     summary = "running mean of all models (base + mean task vector; order-independent)"

@@ -16,6 +16,11 @@ ProjSpace = Literal["uv", "u", "v"]
 @dataclass(frozen=True)
 class DOPConfig(MethodConfig):
     method = "dop"
+    paper = (
+        "Continual Model Merging without Data: Dual Projections for Balancing Stability and "
+        "Plasticity (NeurIPS 2025)"
+    )
+    paper_url = ""
     summary = (
         "dual orthogonal projections: each linear weight optimised against both task vectors' "
         "singular subspaces (MGDA-weighted Adam, or exact), average elsewhere"

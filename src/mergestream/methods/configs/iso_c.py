@@ -11,6 +11,11 @@ from .pairwise import PairwiseConfig
 @dataclass(frozen=True)
 class IsoCConfig(PairwiseConfig):
     method = "iso_c"
+    paper = (
+        "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
+        "(Marczak et al., ICML 2025)"
+    )
+    paper_url = "https://arxiv.org/abs/2502.04959"
     summary = (
         "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum "
         "(2-D tensors), average elsewhere, times c"

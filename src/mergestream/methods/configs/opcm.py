@@ -13,6 +13,11 @@ from ..config import MethodConfig, param
 @dataclass(frozen=True)
 class OPCMConfig(MethodConfig):
     method = "opcm"
+    paper = (
+        "Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable "
+        "Continual Model Merging (Tang et al., NeurIPS 2025)"
+    )
+    paper_url = "https://arxiv.org/abs/2501.09522"
     summary = "orthogonal projection against the running sum + adaptive scaling (the default)"
 
     alpha: float = param(

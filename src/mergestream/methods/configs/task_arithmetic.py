@@ -10,6 +10,10 @@ from ..config import MethodConfig, param, require_finite
 @dataclass(frozen=True)
 class TaskArithmeticConfig(MethodConfig):
     method = "task_arithmetic"
+    paper = (
+        "Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)"
+    )
+    paper_url = "https://arxiv.org/abs/2212.04089"
     summary = "base + c · sum of all task vectors (order-independent)"
 
     scaling_factor: float = param(

@@ -13,6 +13,10 @@ MergeFunc = Literal["sum", "mean", "max"]
 @dataclass(frozen=True)
 class TiesConfig(MethodConfig):
     method = "ties"
+    paper = (
+        "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)"
+    )
+    paper_url = "https://arxiv.org/abs/2306.01708"
     summary = "TIES (trim, elect sign, disjoint merge) of the merged and the incoming task vector"
 
     scaling_factor: float = param(

@@ -11,6 +11,11 @@ from .pairwise import PairwiseConfig
 @dataclass(frozen=True)
 class TsvMConfig(PairwiseConfig):
     method = "tsv_m"
+    paper = (
+        "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., "
+        "CVPR 2025)"
+    )
+    paper_url = "https://arxiv.org/abs/2412.00081"
     summary = (
         "continual TSV-M: top half of the singular triplets of the merged and the incoming "
         "task vector, orthogonalised (2-D tensors), average elsewhere, times c"
