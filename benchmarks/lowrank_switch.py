@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from mergestream.methods.base import TensorInfo
 F64 = torch.float64
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_7B = ["4096x4096", "11008x4096", "4096x11008"]  # q/k/v/o, gate/up, down
-SWEEP = [16, 128, 512, 1024, 1536, 2048, 3072, 4096]
+SWEEP = [16, 512, 1024, 2048, 4096]
 
 
 def commit() -> str:
@@ -90,7 +89,7 @@ def main() -> None:
 
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "uname": " ".join(platform.uname()),
+        "uname": subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip(),
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
