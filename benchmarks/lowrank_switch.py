@@ -8,8 +8,9 @@ S·Z, the new sum and the norms) with τ = s·B·A formed as the adapter reader 
 does not depend on k while k < min(m, n): S is then rank deficient and always takes that path
 (the running sum of an adapter stream is). The factored step (`lowrank.opcm_step`) is timed at
 every k of the sweep, on a running sum of rank k held as U, σ, V (the form every step leaves)
-and the same incoming adapter of rank r. Reported: seconds (best of --repeats for k <= 512, one
-run above), the ratio dense/factored, and the state's bytes (U, σ, V against the m×n float64
+and the same incoming adapter of rank r. Reported: wall seconds (best of --repeats for k <= 512,
+one run above) and the CPU seconds of the process (less sensitive to other jobs on a shared
+machine), the ratios dense/factored, and the state's bytes (U, σ, V against the m×n float64
 sum). The crossing points choose `lowrank.DENSE_RANK_FRACTION`.
 
     python benchmarks/lowrank_switch.py                          # the three shapes, k up to min
@@ -50,12 +51,14 @@ def commit() -> str:
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "-uno") else "")
 
 
-def timed(step, repeats: int) -> float:  # noqa: ANN001 - a callable of no arguments
-    best = float("inf")
+def timed(step, repeats: int) -> tuple[float, float]:  # noqa: ANN001 - no-argument callable
+    """Wall and CPU seconds (all threads of this process) of the fastest of `repeats` runs. On
+    a shared machine the wall time grows with the other jobs' load; the CPU time much less."""
+    best = (float("inf"), float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
     return best
 
 
@@ -81,11 +84,19 @@ def main() -> None:
     parser.add_argument("--ranks", default=",".join(map(str, SWEEP)), help="k of the sweep")
     parser.add_argument("--adapter-rank", type=int, default=16, help="r of the incoming adapter")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine, OpenMP threads stall at every barrier of "
+        "LAPACK's small steps while another job holds a core, up to 100x slower)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/lowrank_switch.json")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     sweep = [int(k) for k in args.ranks.split(",")]
     r = args.adapter_rank
+    torch.set_num_threads(args.threads)
 
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -118,13 +129,13 @@ def main() -> None:
         b = torch.randn(m, r, generator=g, dtype=F64) * 0.01
         a = torch.randn(r, n, generator=g, dtype=F64) / n**0.5
         scale = 2.0  # lora_alpha 2r
-        dense_seconds = timed(dense_step(m, n, 256, b, a, scale), 1)
-        print(f"{m}x{n}: dense step {dense_seconds:.2f} s", flush=True)
+        dense_seconds, dense_cpu = timed(dense_step(m, n, 256, b, a, scale), 1)
+        print(f"{m}x{n}: dense step {dense_seconds:.2f} s (CPU {dense_cpu:.2f} s)", flush=True)
         task = lr.Factors.from_lora(b, a, scale)
         for k in [k for k in sweep if k <= min(m, n)]:
             sigma = torch.linspace(1.0, 0.1, k, dtype=F64)
             running = lr.ThinSVD(bases[m][:, :k], sigma, bases[n][:, :k])
-            seconds = timed(
+            seconds, cpu = timed(
                 lambda running=running, task=task: lr.opcm_step(2, running, task, 0.5),
                 args.repeats if k <= 512 else 1,
             )
@@ -136,6 +147,9 @@ def main() -> None:
                 "factored_s": seconds,
                 "dense_s": dense_seconds,
                 "dense_over_factored": dense_seconds / seconds,
+                "factored_cpu_s": cpu,
+                "dense_cpu_s": dense_cpu,
+                "dense_over_factored_cpu": dense_cpu / cpu,
                 "factored_bytes": cost.factored_bytes,
                 "dense_bytes": cost.dense_bytes,
                 "model_flops_ratio": cost.dense_flops / cost.factored_flops,
@@ -143,7 +157,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"  k={k:5d} ({k / min(m, n):.2f} min): factored {seconds:8.3f} s, "
-                f"dense/factored {row['dense_over_factored']:8.1f}x, "
+                f"dense/factored {row['dense_over_factored']:8.1f}x "
+                f"(CPU {cpu:8.3f} s, {row['dense_over_factored_cpu']:.1f}x), "
                 f"bytes {cost.factored_bytes / cost.dense_bytes:.3f} of dense, "
                 f"cost model {row['model_flops_ratio']:.1f}x",
                 flush=True,
@@ -154,14 +169,16 @@ def main() -> None:
 
     print(
         "\n| shape | k | k / min(m,n) | factored (s) | dense (s) | dense / factored | "
-        "state bytes, factored / dense |"
+        "CPU s, factored | CPU s, dense | CPU ratio | state bytes, factored / dense |"
     )
-    print("|---|--:|--:|--:|--:|--:|--:|")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for row in rows:
         m, n = row["shape"]
         print(
             f"| {m}×{n} | {row['k']} | {row['k_fraction']:.2f} | {row['factored_s']:.3f} | "
             f"{row['dense_s']:.1f} | {row['dense_over_factored']:.1f}x | "
+            f"{row['factored_cpu_s']:.3f} | {row['dense_cpu_s']:.1f} | "
+            f"{row['dense_over_factored_cpu']:.1f}x | "
             f"{row['factored_bytes'] / row['dense_bytes']:.3f} |"
         )
     print(f"\nload average at the end: {header['load_average_end']}; results in {args.out}")
