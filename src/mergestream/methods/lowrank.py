@@ -42,9 +42,13 @@ from .base import COMPUTE_DTYPE, Scalars
 from .linalg import rank_rtol, resolved_rank, split_index
 
 # The switch rule: a matrix's running sum is kept as factors while k <= DENSE_RANK_FRACTION ·
-# min(m, n) and goes dense beyond. Provisional value, to be fixed by the measurement of
-# benchmarks/lowrank_switch.py on LLaMA-7B shapes.
-DENSE_RANK_FRACTION = 0.25
+# min(m, n) and goes dense beyond. Measured by benchmarks/lowrank_switch.py on LLaMA-7B shapes
+# (BENCHMARKS.md, "Low-rank streams: where factors stop paying"; 2026-12-03, one core): the
+# factored OPCM step is faster than the dense one at every k <= min(m, n) (8.8-12.4x at
+# min(m, n)/2, 1.3-1.8x at full rank), so time never calls for the switch; the state's bytes,
+# (m + n)·k against m·n, cross at k = m·n/(m + n) >= min(m, n)/2. At 1/2 the factored state is
+# never larger than the dense one, for any shape, and its step is still about 10x faster.
+DENSE_RANK_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
