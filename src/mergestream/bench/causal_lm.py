@@ -77,7 +77,9 @@ def build_dequantized(gguf_path: Path, out: Path) -> Path:
     """Dequantize ``gguf_path`` into a plain Hugging Face folder ``out`` (see the module docstring);
     built beside ``out`` and renamed into place once it loads and answers the sanity prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a line per tensor otherwise
     try:
         import gguf  # noqa: F401
     except ImportError:
