@@ -36,6 +36,13 @@ recipe unchanged, and the task folder holds the adapter (``adapter_config.json``
 pilot on austen_book at rank 8 (accuracy at step 100 / 200 / 300): lr 5e-4 .494 / .606 / .632,
 lr 1e-3 .550 / .646 / .648; full fine-tuning at 1e-4 reaches .684.
 
+A causal-LM suite (``kind: causal-lm``) takes the same path: the zoo's ``pretrained/`` is the
+causal LM, each task folder holds its adapter, ``task.json`` (instruction, scoring, options)
+and ``test.json``, and ``retention.json`` beside them holds the base-retention data
+(:mod:`mergestream.bench.retention`). Its recipe defaults to rank 8 on all seven projections of
+every block, batches of 8, 60 steps and lr 1e-3, trained on the answer tokens
+(:data:`LLM_RECIPE`).
+
 Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
 ``python -m mergestream.bench.finetune --tasks all --steps N --out DIR`` for the built-in
 tasks; ``--tiny`` builds a one-layer zoo on small data fixtures in seconds.
@@ -198,8 +205,8 @@ def _adamw(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
 def finetune(
     model: nn.Module,
     tokenizer: Any,
-    task: TaskData,
-    head: Tensor,
+    task: TaskData | InstructTask,
+    head: Any,
     recipe: Recipe,
     *,
     eval_every: int = 0,
@@ -209,7 +216,9 @@ def finetune(
     initial_accuracy: float | None = None,
     progress: Ticker | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head``.
+    """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head`` (an encoder's
+    class embeddings), or, for an instruction task, on its answers (``head`` is then the
+    task's scoring, used only by the evaluator).
 
     With ``eval_every > 0`` the test accuracy is measured every that many steps (and at
     steps 0 and ``recipe.steps``) using ``evaluator``, whose model must be ``model``;
