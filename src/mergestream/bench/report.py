@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,70 @@ def alpha_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_points(results: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per method: ``(step, accuracy)`` for every step whose matrix row is whole in every
+    order that has a matrix: the mean over those orders of the average accuracy on the tasks
+    merged so far (a diagonal-only matrix has whole rows at step 1, at its ``matrix_rows``
+    and at the end)."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for label, entry in results["methods"].items():
+        matrices = [run["matrix"] for run in entry["runs"] if run.get("matrix")]
+        if not matrices:
+            continue
+        steps = len(matrices[0])
+        found = []
+        for t in range(steps):
+            rows = [m[t][: t + 1] for m in matrices]
+            if all(a is not None for row in rows for a in row):
+                found.append((t + 1, sum(sum(row) / (t + 1) for row in rows) / len(rows)))
+        points[label] = found
+    return points
+
+
+def acc_at_table(results: Mapping[str, Any], counts: Sequence[int] = (4, 8, 14)) -> str:
+    """Markdown: per method, the mean accuracy on the tasks merged so far after ``counts``
+    steps (read from the accuracy matrices), and the number of orders it is read from."""
+    points = step_points(results)
+    steps = len(results["meta"]["tasks"])
+    counts = [c for c in counts if c <= steps]
+    if not points or not counts:
+        return ""
+    lines = ["| method | " + " | ".join(f"ACC after {c} tasks" for c in counts) + " |"]
+    lines.append("|" + "---|" * (len(counts) + 1))
+    for label, found in points.items():
+        at = dict(found)
+        cells = [_pct(at[c]) if c in at else "–" for c in counts]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def retention_table(results: Mapping[str, Any]) -> str:
+    """Markdown: base retention of every merged model (a causal-LM run): the perplexity of the
+    held-out text and the accuracy on the general prompts, mean over the task orders."""
+    reference = results["reference"].get("pretrained_retention")
+    if reference is None:
+        return ""
+    lines = [
+        "| method | held-out perplexity | general prompts (%) | ACC (%) |",
+        "|---|---|---|---|",
+    ]
+    pretrained = results["reference"]["pretrained"]
+    acc0 = sum(pretrained.values()) / len(pretrained)
+    lines.append(
+        f"| pretrained | {reference['perplexity']:.2f} | "
+        f"{_pct(reference['general_accuracy'])} | {_pct(acc0)} |"
+    )
+    for label, entry in results["methods"].items():
+        kept = [run["retention"] for run in entry["runs"] if run.get("retention")]
+        if not kept:
+            continue
+        ppl = mean_std([r["perplexity"] for r in kept])
+        general = mean_std([r["general_accuracy"] for r in kept])
+        acc = mean_std([run["acc"] for run in entry["runs"]])
+        lines.append(f"| {label} | {ppl[0]:.2f} ± {ppl[1]:.2f} | {_pm(*general)} | {_pm(*acc)} |")
+    return "\n".join(lines) + "\n"
+
+
 def step_curves(results: Mapping[str, Any]) -> dict[str, list[float]]:
     """Per method: mean over the orders with a full matrix of the average accuracy over the
     tasks merged so far, after each step."""
@@ -134,11 +198,14 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    curves = step_curves(results)
+    # Every whole row of the matrices: each step for a whole matrix, the chosen rows of a
+    # diagonal-only one (whose first and last rows alone make no curve).
+    steps = len(results["meta"]["tasks"])
+    curves = {k: v for k, v in step_points(results).items() if len(v) > 2 or len(v) == steps > 1}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, curve in curves.items():
-            ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=label)
+        for label, found in curves.items():
+            ax.plot([t for t, _ in found], [100 * a for _, a in found], marker="o", label=label)
         ax.set_xlabel("models merged")
         ax.set_ylabel("mean accuracy on the tasks merged so far (%)")
         ax.set_title("Accuracy after each merge step")
@@ -213,6 +280,21 @@ def write_report(
         "",
         markdown_table(results),
     ]
+    at = acc_at_table(results)
+    if at:
+        text += [
+            "ACC on the tasks merged so far, after that many steps (mean over the orders with "
+            "an accuracy matrix):",
+            "",
+            at,
+        ]
+    kept = retention_table(results)
+    if kept:
+        text += [
+            "Base retention of the final merged models (mean ± std over task orders):",
+            "",
+            kept,
+        ]
     removed = removed_table(results)
     if removed:
         text += [

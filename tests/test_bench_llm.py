@@ -1,0 +1,191 @@
+"""The causal-LM benchmark end to end on a tiny LLaMA built from a config (no download): a
+causal-LM suite, `finetune` (one LoRA adapter per instruction task), the scoring against an
+independent full-sequence computation, `bench` with a diagonal matrix plus whole rows, base
+retention, the same stream as full checkpoints, and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+pytest.importorskip("yaml")
+pytest.importorskip("rdata")
+
+import torch  # noqa: E402
+from llm_helpers import tiny_causal_lm  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from mergestream.bench.causal_lm import LLAMA_PROJECTIONS, LMEvaluator, load_causal_lm  # noqa: E402
+from mergestream.bench.finetune import build_suite_zoo, suite_recipe  # noqa: E402
+from mergestream.bench.report import (  # noqa: E402
+    acc_at_table,
+    retention_table,
+    step_points,
+    write_report,
+)
+from mergestream.bench.run import load_zoo, run_benchmark, select_methods  # noqa: E402
+from mergestream.bench.suite import parse_suite  # noqa: E402
+from mergestream.cli import main  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+TASKS = ("llm_arithmetic", "llm_sentiment", "llm_roman", "llm_language")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A model this small runs fastest on one thread: more only add synchronisation, which a
+    busy machine turns into waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm_zoo(tmp_path_factory, one_thread) -> Path:
+    root = tmp_path_factory.mktemp("bench-llm")
+    corpus = ["0123456789 + - Compute this. Answer with the number only.", "MCDXLVI"] * 20
+    corpus += (FIXTURES / "debian/wamerican/usr/share/dict/american-english").read_text().split()
+    base = tiny_causal_lm(root / "base", corpus)
+    text = (
+        f"kind: causal-lm\nmodel: {base}\nmax_length: 48\n"
+        "split: {n_test: 12, max_train: 64}\n"
+        "finetune: {lora_rank: 4, steps: 8, batch_size: 4, lr: 1.0e-2}\n"
+        "tasks:\n" + "".join(f"  - builtin: {name}\n" for name in TASKS)
+    )
+    suite = parse_suite(text, root / "suite.yaml")
+    build_suite_zoo(root / "zoo", suite, cache_dir=FIXTURES, fetch=False, report=lambda _: None)
+    # A few of the held-out passages and general prompts: each merged model is scored on them.
+    kept = json.loads((root / "zoo" / "retention.json").read_text())
+    kept = {"texts": kept["texts"][:6], "prompts": kept["prompts"][:: len(kept["prompts"]) // 12]}
+    (root / "zoo" / "retention.json").write_text(json.dumps(kept))
+    return root / "zoo"
+
+
+def test_finetune_writes_one_adapter_per_task(llm_zoo: Path) -> None:
+    meta = json.loads((llm_zoo / "zoo.json").read_text())
+    assert meta["kind"] == "causal-lm" and meta["tasks"] == list(TASKS)
+    retention = json.loads((llm_zoo / "retention.json").read_text())
+    assert 12 <= len(retention["prompts"]) < 20 and retention["texts"]
+    for name in TASKS:
+        folder = llm_zoo / name
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(LLAMA_PROJECTIONS)
+        factors = load_file(str(folder / "adapter_model.safetensors"))
+        # two layers, seven projections, A and B each
+        assert len(factors) == 2 * 7 * 2
+        assert any(t.abs().max() > 0 for k, t in factors.items() if "lora_B" in k)
+        info = json.loads((folder / "finetune.json").read_text())
+        scoring = json.loads((folder / "task.json").read_text())
+        assert info["scoring"] == scoring and scoring["name"] == name
+        assert len(json.loads((folder / "test.json").read_text())) == info["n_test"] <= 12
+        curve = [loss for _, loss in info["loss_curve"]]
+        assert curve[-1] < curve[0], name  # the adapter learned the answers' format
+
+
+def _naive_right(model, codec, scoring, test) -> list[bool]:
+    """Each example on its own, whole sequence, no cache: the reference for the evaluator."""
+    right = []
+    with torch.inference_mode():
+        for text, answer in test:
+            rest = codec.rest(text)
+            start = len(codec.prefix) + len(rest)
+            if scoring.scoring == "exact":
+                want = codec.answer(answer)
+                logits = model(input_ids=torch.tensor([codec.prefix + rest + want])).logits[0]
+                right.append(logits[start - 1 : start - 1 + len(want)].argmax(-1).tolist() == want)
+                continue
+            scores = []
+            for option in scoring.options:
+                ids = codec.answer(option)
+                logits = model(input_ids=torch.tensor([codec.prefix + rest + ids])).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
+                scores.append(sum(float(logp[start - 1 + j, t]) for j, t in enumerate(ids)))
+            right.append(scoring.options[max(range(len(scores)), key=scores.__getitem__)] == answer)
+    return right
+
+
+def test_the_shared_prefix_scoring_equals_whole_sequences(llm_zoo: Path) -> None:
+    zoo = load_zoo(llm_zoo)
+    model, tokenizer = load_causal_lm(zoo.pretrained)
+    evaluator = LMEvaluator(model, tokenizer, batch_size=5, max_length=zoo.max_length)
+    for name in ("llm_sentiment", "llm_language", "llm_arithmetic"):
+        evaluator.load_state_dict(zoo.individual_state_dict(name))  # a trained model
+        scoring, test = zoo.heads[name], zoo.test_sets[name]
+        got = evaluator.predictions(test, scoring)
+        assert got == _naive_right(model, evaluator.codec(scoring), scoring, test.test), name
+    texts = zoo.retention["texts"][:5]
+    nll = tokens = 0.0
+    with torch.inference_mode():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss  # mean over tokens after the first
+            nll += float(loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    assert evaluator.perplexity(texts) == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+
+
+def test_bench_with_retention_rows_and_full_checkpoints(llm_zoo: Path, tmp_path: Path) -> None:
+    methods = select_methods(["average", "task_arithmetic", "OPCM (alpha=0.5)"])
+    kwargs = {"methods": methods, "orders": 2, "matrix_orders": 1, "alphas": ()}
+    results = run_benchmark(
+        llm_zoo, diagonal_only=True, matrix_rows=[2], log=lambda _: None, **kwargs
+    )
+    meta = results["meta"]
+    assert meta["kind"] == "causal-lm" and meta["matrix_rows"] == [2]
+    pretrained = results["reference"]["pretrained_retention"]
+    assert pretrained["perplexity"] > 1 and 0 <= pretrained["general_accuracy"] <= 1
+    for entry in results["methods"].values():
+        first = entry["runs"][0]
+        matrix = first["matrix"]
+        assert all(a is not None for a in matrix[1][:2])  # the whole row after 2 tasks
+        assert matrix[2][:2] == [None, None] and matrix[2][2] is not None  # diagonal only
+        for run in entry["runs"]:
+            kept = run["retention"]
+            assert math.isfinite(kept["perplexity"]) and 0 <= kept["general_accuracy"] <= 1
+    points = step_points(results)["average"]
+    assert [t for t, _ in points] == [1, 2, len(TASKS)]
+    row = results["methods"]["average"]["runs"][0]["matrix"][1]
+    assert points[1][1] == pytest.approx(sum(row[:2]) / 2)
+    assert "ACC after 4 tasks" in acc_at_table(results)
+    assert "| pretrained |" in retention_table(results)
+    written = write_report(results, tmp_path / "report")
+    text = written["markdown"].read_text()
+    assert "Base retention" in text and "ACC after" in text
+    assert written["accuracy_per_step"].read_bytes()[:4] == b"\x89PNG"
+
+    full = run_benchmark(
+        llm_zoo,
+        full_checkpoints=tmp_path / "full",
+        log=lambda _: None,
+        **{**kwargs, "methods": select_methods(["task_arithmetic"]), "orders": 1},
+    )
+    assert full["meta"]["full_checkpoints"] is True
+    zoo = load_zoo(llm_zoo)
+    for name in TASKS:
+        saved = load_file(str(tmp_path / "full" / name / "model.safetensors"))
+        exact = zoo.individual_state_dict(name)
+        assert saved.keys() == exact.keys()
+        assert all(torch.equal(saved[k], exact[k]) for k in saved)  # base + τ, rounded once
+    # task arithmetic does not depend on the order: the adapters' and the full checkpoints'
+    # streams give the same model up to the float32 rounding of each full checkpoint
+    adapter_acc = results["methods"]["task arithmetic (c=0.3)"]["runs"][0]["acc"]
+    assert abs(full["methods"]["task arithmetic (c=0.3)"]["runs"][0]["acc"] - adapter_acc) < 0.1
+
+
+def test_the_llm_suite_template_and_recipe(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "llm.yaml"
+    assert main(["bench-suite", "init", "--llm", str(path)]) == 0
+    suite = parse_suite(path.read_text(), path)
+    assert suite.kind == "causal-lm" and len(suite.tasks) == 14
+    recipe = suite_recipe(suite)
+    assert recipe.lora_rank == 8 and recipe.lora_targets == LLAMA_PROJECTIONS
+    assert suite_recipe(suite, lora_rank=32).effective_lora_alpha == 64
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path), "--matrix-rows", "four"]) != 0
+    assert "--matrix-rows takes step numbers" in capsys.readouterr().err
