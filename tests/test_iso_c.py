@@ -94,6 +94,43 @@ def test_combine_of_a_wide_and_a_degenerate_pair():
     assert iso_c_combine(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 4)
 
 
+def low_rank(shape, rank, g):
+    return torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, shape[1], generator=g, dtype=torch.float64
+    )
+
+
+def round_off(x: torch.Tensor, g, size: float = 1e-15) -> torch.Tensor:
+    """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x + noise * (size * x.norm() / noise.norm())
+
+
+def flattened_on_range(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """mean(σ)·U Vᵀ over the top `rank` singular pairs of x, from the eigenpairs of XᵀX."""
+    eigenvalues, v = torch.linalg.eigh(x.mT @ x)
+    sigma, v = eigenvalues[-rank:].sqrt(), v[:, -rank:]
+    return sigma.mean() * (x @ (v / sigma)) @ v.mT
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
+def test_a_rank_deficient_sum_keeps_its_own_directions(shape):
+    """The σ = 0 rule: a sum of rank 5 gets mean(σ) over its 5 directions only, and the result
+    does not move under round-off (with all min(rows, cols) triplets, the 11 null directions
+    would be whatever the SVD returns for σ = 0)."""
+    g = torch.Generator().manual_seed(5)
+    merged, task = low_rank(shape, 3, g), low_rank(shape, 2, g)
+    got = iso_c_combine(merged, task)
+    expected = flattened_on_range(merged + task, 5)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-10 * float(expected.norm()))
+    sigma = torch.linalg.svdvals(got)
+    assert torch.allclose(sigma[:5], sigma[:5].mean().expand(5), rtol=1e-10)
+    assert float(sigma[5]) < 1e-12 * float(sigma[0])
+    for _ in range(3):
+        moved = iso_c_combine(round_off(merged, g), round_off(task, g)) - got
+        assert float(moved.norm()) < 1e-8 * float(got.norm())
+
+
 def test_tensor_roles_follow_the_shape_rule():
     check_roles_follow_the_shape_rule("iso_c")
 

@@ -105,6 +105,46 @@ def test_shapes_odd_ranks_and_a_single_row():
     assert torch.equal(tsv_m_combine(vector, -vector), torch.zeros(6, dtype=torch.float64))
 
 
+def low_rank(shape, rank, g):
+    return torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, shape[1], generator=g, dtype=torch.float64
+    )
+
+
+def round_off(x: torch.Tensor, g, size: float = 1e-15) -> torch.Tensor:
+    """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x + noise * (size * x.norm() / noise.norm())
+
+
+def tsv_of_directions(a: torch.Tensor, b: torch.Tensor, rank_a: int, rank_b: int):
+    """TSV-M from the definition over each input's own directions: its top `rank` triplets,
+    the stacked vectors orthogonalised as M (MᵀM)^(-1/2)."""
+    (ua, sa, va), (ub, sb, vb) = top_triplets(a, rank_a), top_triplets(b, rank_b)
+    left, right = torch.cat([ua, ub], dim=1), torch.cat([va, vb], dim=1)
+    left = left @ inverse_sqrt(left.mT @ left)
+    right = right @ inverse_sqrt(right.mT @ right)
+    return (left * torch.cat([sa, sb])) @ right.mT
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
+def test_rank_deficient_inputs_keep_their_own_directions(shape):
+    """The σ = 0 rule: inputs of rank 3 and 2 (below the budget k = 8) give their 3 and 2
+    triplets, and the result does not move under round-off (with the top 8 of all triplets,
+    the null-space vectors the SVD returns for σ = 0 would bend the polar factors)."""
+    g = torch.Generator().manual_seed(6)
+    merged, task = low_rank(shape, 3, g), low_rank(shape, 2, g)
+    got = tsv_m_combine(merged, task)
+    expected = tsv_of_directions(merged, task, 3, 2)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-10 * float(expected.norm()))
+    for _ in range(3):
+        moved = tsv_m_combine(round_off(merged, g), round_off(task, g)) - got
+        assert float(moved.norm()) < 1e-8 * float(got.norm())
+    # exactly dependent vectors (an input equal to the merge so far): TSV(m, m) = m
+    same = tsv_m_combine(merged, merged)
+    assert torch.allclose(same, merged, rtol=0, atol=1e-12 * float(merged.norm()))
+
+
 def test_tensor_roles_follow_the_shape_rule():
     check_roles_follow_the_shape_rule("tsv_m")
 

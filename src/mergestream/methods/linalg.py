@@ -29,9 +29,27 @@ Decomposition = Literal["gram", "svd", "approx-gram"]
 
 # Relative size below which a singular value counts as zero, per decomposition. For Gram it is
 # the square root of the eigenvalue solver's relative accuracy (with margin); for SVD the usual
-# matrix-rank tolerance.
+# matrix-rank tolerance (`rank_rtol`).
 _EPS64 = torch.finfo(torch.float64).eps
 GRAM_MAX_CONDITION = 1e4
+
+
+def rank_rtol(rows: int, cols: int) -> float:
+    """The rank rule of every SVD-grade decomposition in the project: a singular value σ of a
+    rows x cols float64 matrix with σ <= rank_rtol · σ_max (or σ = 0) is not a direction of
+    the matrix. max(rows, cols)·eps is NumPy's `matrix_rank` default: a backward-stable SVD
+    returns the singular values of a matrix within about that of the input, so anything
+    smaller cannot be told apart from round-off. OPCM's diagonal rule, Iso-C's spectrum,
+    TSV-M's triplets and the low-rank factors (`methods/lowrank.py`) all use it."""
+    return max(rows, cols, 1) * _EPS64
+
+
+def resolved_rank(sigma: torch.Tensor, rtol: float) -> int:
+    """How many of the descending singular values `sigma` exceed rtol·σ_max (0 when all are
+    zero): the rank under the rule of `rank_rtol`."""
+    if sigma.numel() == 0:
+        return 0
+    return int((sigma > rtol * sigma[0]).sum())
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,15 @@ class RightSingular:
     sigma: torch.Tensor  # (n,), descending, exact zeros for unresolved/null directions
     v: torch.Tensor  # (n, n), columns are right singular vectors
     rank: int  # number of nonzero entries of sigma
+
+
+def polar_on_range(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P Qᵀ of x = P S Qᵀ (thin SVD) on the range of x: the pairs
+    with S <= rank_rtol·S_max are left out, because there P and Q are whatever the SVD routine
+    returns (the partial isometry of x; for x of full rank, its orthogonal polar factor)."""
+    p, sigma, qh = torch.linalg.svd(x, full_matrices=False)
+    rank = resolved_rank(sigma, rank_rtol(*x.shape))
+    return p[:, :rank] @ qh[:rank]
 
 
 def right_singular(s: torch.Tensor, method: Decomposition = "gram") -> RightSingular:
@@ -58,7 +85,7 @@ def right_singular(s: torch.Tensor, method: Decomposition = "gram") -> RightSing
         return approximate
     if method == "svd":
         _, sigma, vh = torch.linalg.svd(s, full_matrices=False)
-        return _resolved(sigma, vh.mT, rtol=max(m, n) * _EPS64)
+        return _resolved(sigma, vh.mT, rtol=rank_rtol(m, n))
     raise ValueError(f"unknown decomposition {method!r}")
 
 
@@ -84,7 +111,7 @@ def right_singular_from_r(r: torch.Tensor, rows: int) -> RightSingular:
     """σ and V of a tall matrix with `rows` rows from the R factor of its QR decomposition
     (S = QR has S's singular values and right singular vectors), as accurate as an SVD of S."""
     _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
-    return _resolved(sigma, vh.mT, rtol=max(rows, r.shape[1]) * _EPS64)
+    return _resolved(sigma, vh.mT, rtol=rank_rtol(rows, r.shape[1]))
 
 
 def r_factor(blocks: Iterable[torch.Tensor], n: int) -> torch.Tensor:

@@ -17,8 +17,9 @@ class IsoCConfig(PairwiseConfig):
     )
     paper_url = "https://arxiv.org/abs/2502.04959"
     summary = (
-        "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum "
-        "(2-D tensors), average elsewhere, times c"
+        "continual Iso-C: SVD of merged + incoming task vector with a flat spectrum over its "
+        "nonzero singular values (σ <= max(m,n)·eps·σ_max left out; 2-D tensors), average "
+        "elsewhere, times c"
     )
 
     scaling_factor: float = param(

@@ -18,7 +18,8 @@ class TsvMConfig(PairwiseConfig):
     paper_url = "https://arxiv.org/abs/2412.00081"
     summary = (
         "continual TSV-M: top half of the singular triplets of the merged and the incoming "
-        "task vector, orthogonalised (2-D tensors), average elsewhere, times c"
+        "task vector (those with σ <= max(m,n)·eps·σ_max left out), orthogonalised (2-D "
+        "tensors), average elsewhere, times c"
     )
 
     scaling_factor: float = param(
