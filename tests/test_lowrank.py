@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mergestream.export_lora import truncated_factors
 from mergestream.io.lora import low_rank_delta
 from mergestream.methods import OPCM, Average, IsoC, TaskArithmetic, TsvM, opcm_project
 from mergestream.methods import lowrank as lr
 from mergestream.methods.base import TensorInfo
 from mergestream.methods.linalg import rank_rtol
+from mergestream.publish.export_lora import truncated_factors
 
 F64 = torch.float64
 TOL = 1e-10  # the promise: the dense result to float64 round-off, per tensor
