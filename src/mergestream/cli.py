@@ -40,6 +40,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         method=args.method,
         state_dtype=args.state_dtype,
         progress=default_progress(args.quiet),
+        lowrank=not args.dense,
         **params,
     )
     roles = state.status()["tensors"]
@@ -281,6 +282,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{method.name}: {method.summary}")
         for pname, ptype, default, help_text in method.parameters:
             print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
+        print(
+            "  LoRA adapters: matrices kept as low-rank factors (exact; dense past the switch "
+            "rule)"
+            if method.factored
+            else "  LoRA adapters: every tensor dense (the rule is elementwise or per matrix)"
+        )
     return 0
 
 
@@ -326,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STATE_DTYPE_NAMES,
         default=None,
         help="precision of the stored state (default: the method's; float64 for opcm)",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="keep every tensor dense, also the matrices of LoRA adapters (by default a method "
+        "that can keeps them as low-rank factors, see `mergestream methods`)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_init)

@@ -60,6 +60,7 @@ def _first_manifest(
     *,
     check_values: bool = False,
     progress: Progress | None = None,
+    lowrank: bool = True,
 ) -> tuple[TensorSource, dict[str, Any]]:
     """The base, opened, and the step-0 manifest of a state at `path` (absent or empty; None
     for one in memory). `check_values` refuses NaN/Inf in the base (as in any checkpoint);
@@ -79,7 +80,7 @@ def _first_manifest(
     hashed = path is not None and check_values
     digest = content_hash(source, progress) if hashed else None
     where = str(Path(base).resolve()) if path is not None else source.description  # type: ignore[arg-type]
-    return source, new_manifest(method, source, infos, where, state_dtype, digest)
+    return source, new_manifest(method, source, infos, where, state_dtype, digest, lowrank)
 
 
 class MergeState:
@@ -108,16 +109,27 @@ class MergeState:
         *,
         state_dtype: str | None = None,
         progress: Progress | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """Start a new state in directory `path` (created; must be empty or absent).
 
         `state_dtype` ("float32" or "float64") is the precision of stored state tensors; by
         default the method's own choice (float64 for OPCM, float32 for the baselines).
+        With `lowrank` (the default), a method that supports it keeps the matrices of a LoRA
+        stream as low-rank factors (float64) and tensors no input changed as zero
+        (`step/forms.py`); `lowrank=False` keeps every tensor dense.
         """
         path = Path(path)
         source, manifest = _first_manifest(
-            base, method, params, state_dtype, path, check_values=True, progress=progress
+            base,
+            method,
+            params,
+            state_dtype,
+            path,
+            check_values=True,
+            progress=progress,
+            lowrank=lowrank,
         )
         return cls(DiskStorage.create(path, manifest), source, config_dir(Path(base).resolve()))
 
@@ -141,11 +153,15 @@ class MergeState:
         method: ContinualMethod | str = "opcm",
         *,
         state_dtype: str | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk). Its base is not
-        hashed: the state holds it open for its whole life, so no later run compares it."""
-        source, manifest = _first_manifest(base, method, params, state_dtype, check_values=True)
+        hashed: the state holds it open for its whole life, so no later run compares it.
+        `lowrank` as in `create`."""
+        source, manifest = _first_manifest(
+            base, method, params, state_dtype, check_values=True, lowrank=lowrank
+        )
         storage = MemoryStorage()
         storage.commit(manifest)
         return cls(storage, source, config_dir(base))
@@ -158,6 +174,7 @@ class MergeState:
         method: ContinualMethod | str = "opcm",
         *,
         state_dtype: str | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """The state `create(path, base, method, ...)` would start, held in memory: made from
@@ -165,7 +182,9 @@ class MergeState:
         what it will do before the long work starts, e.g. `check_export` before a first step.
         Raises what `create` would raise for the path, the method or the base."""
         path = Path(path)
-        source, manifest = _first_manifest(base, method, params, state_dtype, path)
+        source, manifest = _first_manifest(
+            base, method, params, state_dtype, path, lowrank=lowrank
+        )
         return cls(_PlannedStorage(path, manifest), source, config_dir(Path(base).resolve()))
 
     # ----------------------------------------------------------------------------- queries

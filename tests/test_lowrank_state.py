@@ -1,0 +1,280 @@
+"""LoRA streams kept as factors end to end (`step/forms.py`): the forms a step plans, the methods'
+hooks on factors, and whole states of real PEFT adapters against dense-only states.
+
+The reference for every factored state is the same stream merged into a state created with
+`lowrank=False` (every tensor dense, the dense kernels of methods/), in float64: the task vectors
+must agree to 1e-10 relative per tensor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from mergestream.errors import StateError
+from mergestream.methods import get_method
+from mergestream.methods import lowrank as lr
+from mergestream.methods.base import TensorInfo
+from mergestream.step.forms import plan_forms, previous_forms
+from mergestream.store.manifest import (
+    DENSE_FORM,
+    FACTORED,
+    ZERO_FORM,
+    TensorForm,
+    forms_record,
+    read_forms,
+)
+
+F64 = torch.float64
+TOL = 1e-10
+FACTORED_METHODS = ("opcm", "task_arithmetic", "average", "iso_c", "tsv_m")
+DENSE_METHODS = ("ties", "magmax", "dop")
+
+
+def rel(got: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> float:
+    denominator = scale if scale is not None else float(expected.norm())
+    return float((got - expected).norm()) / max(denominator, 1e-300)
+
+
+def method_of(name: str, **params):
+    method = get_method(name, **params)
+    method.state_dtype = F64  # the dense reference keeps float64, as the factors do
+    return method
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class FakeInput:
+    """An input described by headers alone: tensors left unchanged, given as factors of some
+    rank, or (any other) given dense."""
+
+    unchanged: set[str] = field(default_factory=set)
+    ranks: dict[str, int] = field(default_factory=dict)
+    description: str = "<fake>"
+
+    def leaves_unchanged(self, name: str) -> bool:
+        return name in self.unchanged
+
+    def task_rank(self, name: str) -> int | None:
+        return self.ranks.get(name)
+
+
+INFOS = [
+    TensorInfo("q.weight", (64, 48), F64, True),
+    TensorInfo("q.bias", (64,), F64, False),
+    TensorInfo("mlp.weight", (40, 64), F64, True),
+    TensorInfo("norm.weight", (48,), F64, False),
+]
+
+
+def test_plan_forms_follows_the_rules():
+    opcm = get_method("opcm")
+    start = previous_forms({"generation": None, "lowrank": True}, INFOS)
+    assert set(start.values()) == {ZERO_FORM}
+    adapter = FakeInput(unchanged={"q.bias", "norm.weight"}, ranks={"q.weight": 4, "mlp.weight": 3})
+    first = plan_forms(opcm, INFOS, start, adapter)
+    assert first == {
+        "q.weight": TensorForm(FACTORED, 4, 4),
+        "q.bias": ZERO_FORM,
+        "mlp.weight": TensorForm(FACTORED, 3, 3),
+        "norm.weight": ZERO_FORM,
+    }
+    # the recorded rank, not the width, bounds the next step; a rank-0 factored sum is zero
+    after = {
+        **first,
+        "q.weight": TensorForm(FACTORED, 2, 4),
+        "mlp.weight": TensorForm(FACTORED, 0, 3),
+    }
+    second = plan_forms(
+        opcm, INFOS, after, FakeInput(unchanged={"q.bias", "mlp.weight"}, ranks={"q.weight": 5})
+    )
+    assert second["q.weight"] == TensorForm(FACTORED, 7, 7)
+    assert second["mlp.weight"] == ZERO_FORM and second["q.bias"] == ZERO_FORM
+    # a full tensor (norm) turns dense; dense stays dense even when an adapter comes back
+    full_norm = FakeInput(unchanged={"q.bias", "mlp.weight"}, ranks={"q.weight": 1})
+    third = plan_forms(opcm, INFOS, second, full_norm)
+    assert third["norm.weight"] == DENSE_FORM and third["q.weight"].kind == FACTORED
+    again = plan_forms(
+        opcm, INFOS, third, FakeInput(unchanged={"norm.weight"}, ranks={"q.weight": 1})
+    )
+    assert again["norm.weight"] == DENSE_FORM
+    # a LoRA given on a dense matrix keeps it dense
+    dense_q = {**third, "q.weight": DENSE_FORM}
+    assert (
+        plan_forms(opcm, INFOS, dense_q, FakeInput(ranks={"q.weight": 1}))["q.weight"] == DENSE_FORM
+    )
+
+
+def test_plan_forms_applies_the_switch_rule_to_the_bound(monkeypatch):
+    opcm = get_method("opcm")
+    start = previous_forms({"generation": None, "lowrank": True}, INFOS)
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 0.25)  # min(64, 48)/4 = 12 for q.weight
+    fits = FakeInput(ranks={"q.weight": 12}, unchanged={"q.bias", "mlp.weight", "norm.weight"})
+    assert plan_forms(opcm, INFOS, start, fits)["q.weight"] == TensorForm(FACTORED, 12, 12)
+    grown = {"q.weight": TensorForm(FACTORED, 10, 12)}
+    past = FakeInput(ranks={"q.weight": 3}, unchanged={"q.bias", "mlp.weight", "norm.weight"})
+    assert plan_forms(opcm, INFOS, grown, past)["q.weight"] == DENSE_FORM  # 10 + 3 > 12
+    # the width never exceeds min(m, n)
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    huge = FakeInput(ranks={"q.weight": 60}, unchanged={"q.bias", "mlp.weight", "norm.weight"})
+    assert plan_forms(opcm, INFOS, start, huge)["q.weight"] == TensorForm(FACTORED, 48, 48)
+
+
+@pytest.mark.parametrize("name", DENSE_METHODS)
+def test_methods_without_factors_plan_dense_everywhere(name):
+    method = get_method(name)
+    assert not method.factored
+    start = previous_forms({"generation": None, "lowrank": True}, INFOS)
+    adapter = FakeInput(unchanged={"q.bias", "norm.weight"}, ranks={"q.weight": 4, "mlp.weight": 3})
+    assert set(plan_forms(method, INFOS, start, adapter).values()) == {DENSE_FORM}
+
+
+def test_dense_only_and_older_states_are_dense():
+    adapter = FakeInput(unchanged={"q.bias", "norm.weight"}, ranks={"q.weight": 4, "mlp.weight": 3})
+    for manifest in ({"generation": None, "lowrank": False}, {"generation": None}):
+        start = previous_forms(manifest, INFOS)
+        assert set(plan_forms(get_method("opcm"), INFOS, start, adapter).values()) == {DENSE_FORM}
+    # a format-2 generation records no forms: every tensor is dense
+    assert set(previous_forms({"generation": 3}, INFOS).values()) == {DENSE_FORM}
+
+
+def test_forms_in_the_manifest_round_trip_and_refuse_damage():
+    forms = {"a": TensorForm(FACTORED, 3, 5), "b": ZERO_FORM, "c": DENSE_FORM}
+    record = forms_record(forms)
+    assert record == {"a": {"form": "factored", "rank": 3, "width": 5}, "b": {"form": "zero"}}
+    assert read_forms({"forms": record}) == {"a": forms["a"], "b": ZERO_FORM}
+    for bad in (
+        {"a": {"form": "factored", "rank": 6, "width": 5}},
+        {"a": {"form": "factored", "rank": 1}},
+        {"a": {"form": "sparse"}},
+        {"a": "zero"},
+    ):
+        with pytest.raises(StateError, match="'a'.*damaged"):
+            read_forms({"forms": bad}, "<test>")
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def low_rank(shape, rank, g, scale=1.0) -> lr.Factors:
+    m, n = shape
+    b = torch.randn(m, rank, generator=g, dtype=F64)
+    a = torch.randn(rank, n, generator=g, dtype=F64)
+    return lr.Factors.from_lora(b, a, scale)
+
+
+def dense_update(method, info, step, state, tau):
+    given = {method.state_names[0]: state.clone()} if state is not None else {}
+    update = method.update(info, step, given, tau.clone(), {})
+    return update.state[method.state_names[0]], update.partials
+
+
+def check_partials(got, expected, scale):
+    assert got.keys() == expected.keys()
+    for key, value in got.items():
+        assert math.isclose(value, expected[key], rel_tol=TOL, abs_tol=TOL * scale), key
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("opcm", {"zero_diagonal": True}),
+        ("opcm", {"zero_diagonal": False}),
+        ("task_arithmetic", {}),
+        ("average", {}),
+        ("iso_c", {"scaling_factor": 0.8}),
+        ("tsv_m", {}),
+    ],
+)
+def test_update_factored_equals_the_dense_update(name, params):
+    """An unchanged tensor (task None), a zero previous state at a later step (state None) and
+    both at once (the zero form) against the dense kernel with zero tensors."""
+    method = method_of(name, **params)
+    assert method.factored and method.keeps_zero
+    g = torch.Generator().manual_seed(7)
+    shape = (18, 12)
+    info = TensorInfo("w", shape, F64, True)
+    zeros = torch.zeros(shape, dtype=F64)
+    state = lr.thin_svd(lr.add(low_rank(shape, 3, g), low_rank(shape, 2, g)))
+    tau = low_rank(shape, 2, g, 0.5)
+    cases = [(3, state, None), (3, None, tau), (1, None, tau), (4, state, tau)]
+    for step, s, t in cases:
+        got, partials = method.update_factored(info, step, s, t, {})
+        dense_state = lr.densify(s) if s is not None else (zeros if step > 1 else None)
+        expected, dense_partials = dense_update(
+            method, info, step, dense_state, lr.densify(t) if t is not None else zeros
+        )
+        assert isinstance(got, lr.ThinSVD)
+        assert rel(lr.densify(got), expected) < TOL, (step, s is None, t is None)
+        check_partials(partials, dense_partials, float(expected.square().sum()) + 1)
+    # zero stays zero, for any shape, with the dense kernel's partial sums of zero tensors
+    for zero_info in (info, TensorInfo("b", (18,), F64, False)):
+        got, partials = method.update_factored(zero_info, 5, None, None, {})
+        zero = torch.zeros(zero_info.shape, dtype=F64)
+        expected, dense_partials = dense_update(method, zero_info, 5, zero, zero)
+        assert got is None and not bool(expected.any())
+        assert partials == dense_partials
+
+
+@pytest.mark.parametrize("name", FACTORED_METHODS)
+def test_task_vector_factored_equals_the_dense_task_vector(name):
+    method = method_of(name)
+    g = torch.Generator().manual_seed(8)
+    info = TensorInfo("w", (14, 9), F64, True)
+    state = lr.thin_svd(low_rank((14, 9), 3, g))
+    scalars = {"scale": 1.7, "norm_sum": 1.0, "merged_norm": 1.0}
+    got = method.task_vector_factored(info, state, scalars)
+    expected = method.task_vector(info, {method.state_names[0]: lr.densify(state)}, scalars)
+    assert rel(lr.densify(got), expected) < 1e-14
+
+
+# ------------------------------------------------------------------------------ reading adapters
+
+
+@pytest.fixture(scope="module", params=("llama", "bert"))
+def zoo(request, tmp_path_factory):
+    from lora_helpers import BERT, LLAMA, Zoo
+
+    family = LLAMA if request.param == "llama" else BERT
+    return Zoo(family, tmp_path_factory.mktemp(request.param))
+
+
+def bound(zoo, adapter):
+    from mergestream.io.lora import base_identity, open_adapter
+    from mergestream.io.mapping import NameMapping
+    from mergestream.io.open import open_checkpoint
+
+    base = open_checkpoint(zoo.base)
+    return open_adapter(adapter).bind(base, NameMapping(), base_identity(str(zoo.base), zoo.base))
+
+
+def test_task_factors_are_the_adapters_task_vector(zoo):
+    """rsLoRA, rank_pattern, an embedding LoRA (transposed), lora_B biases and modules saved
+    whole: the factors' product is the task vector wherever the tensor is LoRA only."""
+    kinds = set()
+    for adapter in zoo.adapters:
+        source = bound(zoo, adapter)
+        try:
+            touched = source.touched()
+            for name in source.names():
+                tau = source.task_vector(name, "cpu")
+                factors = source.task_factors(name, "cpu")
+                rank = source.task_rank(name)
+                if source.leaves_unchanged(name):
+                    assert name not in touched and not bool(tau.any()) and factors is None
+                    continue
+                if factors is None:
+                    assert rank is None and ("full" in touched[name] or "bias" in touched[name])
+                    kinds.add("dense")
+                    continue
+                left, right = factors
+                assert left.dtype == right.dtype == F64 and left.shape[1] == right.shape[1] == rank
+                assert rel(left @ right.mT, tau) < 1e-15, name
+                kinds.add(touched[name].split(" r=")[0])
+        finally:
+            source.close()
+    assert {"lora", "dense"} <= kinds
