@@ -7,6 +7,7 @@ must agree to 1e-10 relative per tensor."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from mergestream.errors import StateError
 from mergestream.methods import get_method
 from mergestream.methods import lowrank as lr
 from mergestream.methods.base import TensorInfo
+from mergestream.methods.linalg import rank_rtol
+from mergestream.state import MergeState
 from mergestream.step.forms import plan_forms, previous_forms
 from mergestream.store.manifest import (
     DENSE_FORM,
@@ -278,3 +281,129 @@ def test_task_factors_are_the_adapters_task_vector(zoo):
         finally:
             source.close()
     assert {"lora", "dense"} <= kinds
+
+
+# ------------------------------------------------------------------------------ whole states
+
+
+def assert_same_merge(factored, dense) -> None:
+    """Task vectors equal to 1e-10 relative per tensor (a zero one exactly), same scalars."""
+    assert factored.step == dense.step
+    for (name, got), (_, expected) in zip(
+        factored.task_vectors(), dense.task_vectors(), strict=True
+    ):
+        assert torch.isfinite(got).all(), name
+        if expected.norm() == 0:
+            assert not bool(got.any()), name
+        else:
+            assert rel(got, expected) < TOL, (name, rel(got, expected))
+    for key, value in dense.scalars.items():
+        assert math.isclose(factored.scalars[key], value, rel_tol=TOL, abs_tol=1e-12), key
+
+
+def forms_of(state) -> dict[str, str]:
+    return {info.name: state.state_form(info.name).kind for info in state.infos}
+
+
+def merged_pair(tmp_path, base, stream, method, **params):
+    """The same stream into a factored state and into a dense-only one (float64 both)."""
+    out = []
+    for lowrank in (True, False):
+        state = MergeState.create(
+            tmp_path / f"{method}-{lowrank}",
+            base,
+            method,
+            state_dtype="float64",
+            lowrank=lowrank,
+            **params,
+        )
+        for checkpoint in stream:
+            state.add(checkpoint, allow_duplicate=True)
+        out.append(state)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stream(zoo, tmp_path_factory):
+    """The zoo's adapters (mixed ranks, rsLoRA, rank_pattern, lora biases, modules saved whole),
+    a third adapter of the first config with other factors, and the zoo's full checkpoint."""
+    from lora_helpers import make_adapter
+
+    root = tmp_path_factory.mktemp(f"{zoo.family.name}-stream")
+    extra = make_adapter(
+        zoo.family, zoo.base, root / "extra", zoo.family.lora_configs[0](), seed=33
+    )
+    return {"base": zoo.base, "adapters": [*zoo.adapters, extra], "full": zoo.full}
+
+
+VARIANTS = [
+    ("opcm", {"zero_diagonal": True}),
+    ("opcm", {"zero_diagonal": False}),
+    ("task_arithmetic", {}),
+    ("average", {}),
+    ("iso_c", {}),
+    ("tsv_m", {"scaling_factor": 0.9}),
+]
+
+
+@pytest.mark.parametrize(
+    "method,params", VARIANTS, ids=lambda v: str(v) if isinstance(v, str) else ""
+)
+def test_adapter_stream_equals_the_dense_state(stream, tmp_path, monkeypatch, method, params):
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)  # no matrix switches here
+    adapters = stream["adapters"]
+    factored, dense = merged_pair(
+        tmp_path, stream["base"], [*adapters, adapters[1]], method, **params
+    )
+    assert_same_merge(factored, dense)
+    forms = forms_of(factored)
+    assert {"factored", "zero", "dense"} <= set(forms.values())  # dense: tensors saved whole
+    assert set(forms_of(dense).values()) == {"dense"}
+    manifest = json.loads((tmp_path / f"{method}-True" / "manifest.json").read_text())
+    for name, record in manifest["forms"].items():
+        if record["form"] == "factored":  # the recorded rank is the rank of the dense state
+            (expected,) = dense.state_tensors(name).values()
+            assert record["rank"] == true_rank(expected) <= record["width"], name
+
+
+def true_rank(x: torch.Tensor) -> int:
+    sigma = torch.linalg.svdvals(x.to(F64))
+    return int((sigma > rank_rtol(*x.shape) * sigma[0]).sum()) if bool(sigma.any()) else 0
+
+
+def test_factor_parts_are_checksummed_and_padded(stream, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from mergestream.store.manifest import read_state_status
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    path = tmp_path / "s"
+    state = MergeState.create(path, stream["base"], "opcm")
+    for adapter in stream["adapters"][:2]:
+        state.add(adapter)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["lowrank"] is True
+    (factor_part,) = [p for p in manifest["parts"] if p.get("form") == "factored"]
+    assert factor_part["file"] == "gen-000002/factors-sum.safetensors"
+    factored = {n: r for n, r in manifest["forms"].items() if r["form"] == "factored"}
+    assert factored and set(factor_part["crc32"]) == {
+        n + s for n in factored for s in (".u", ".sigma", ".v")
+    }
+    with safe_open(str(path / factor_part["file"]), "pt") as f:
+        for name, record in factored.items():
+            k, w = record["rank"], record["width"]
+            u, sigma, v = (f.get_tensor(name + s) for s in (".u", ".sigma", ".v"))
+            assert u.dtype == F64 and u.shape[1] == v.shape[1] == sigma.shape[0] == w
+            assert bool((sigma[:k] > 0).all()) and not bool(sigma[k:].any())
+            assert not bool(u[:, k:].any()) and not bool(v[:, k:].any())
+            (dense,) = state.state_tensors(name).values()
+            assert rel((u * sigma) @ v.mT, dense) < 1e-15
+    assert read_state_status(path, verify=True)["health"]["ok"]
+    # a flipped byte in a factor is found on read and by verify, naming the file
+    data = bytearray((path / factor_part["file"]).read_bytes())
+    data[-9] ^= 0x10
+    (path / factor_part["file"]).write_bytes(bytes(data))
+    problems = read_state_status(path, verify=True)["health"]["problems"]
+    assert len(problems) == 1 and "factors-sum.safetensors" in problems[0]
+    with pytest.raises(StateError, match="does not match the checksum"):
+        MergeState.open(path).add(stream["adapters"][2])

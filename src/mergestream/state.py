@@ -27,11 +27,13 @@ from .io.open import CheckpointLike, FittedCheckpoint, config_dir, open_checkpoi
 from .io.source import TensorSource
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import STATE_DTYPES
+from .methods.lowrank import ThinSVD
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import Progress
 from .publish.export import check_export, export_model, merged_tensors
 from .step.backends import choose_backend
 from .step.engine import StepStats, check_all_finite, tensor_infos, zero_task_vector_error
+from .step.forms import plan_forms, previous_forms, with_ranks
 from .step.merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
 from .step.plan import Plan, plan_add
 from .step.prepare import prepare_generation, prepared_reader, tell_dropped_preparation
@@ -47,7 +49,16 @@ from .store.ledger import (
     step_entry,
     tensor_roles,
 )
-from .store.manifest import MANIFEST, check_format, model_identity, state_status, summary
+from .store.manifest import (
+    FACTORED,
+    MANIFEST,
+    TensorForm,
+    check_format,
+    forms_record,
+    model_identity,
+    state_status,
+    summary,
+)
 from .store.storage import DiskStorage, MemoryStorage, Storage
 
 
@@ -311,6 +322,8 @@ class MergeState:
             )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
+            before = previous_forms(self._manifest, self._infos)
+            forms = plan_forms(self.method, self._infos, before, fitted.source)
 
             def discard_on_failure(kind: type[BaseException] | None, *_: object) -> bool:
                 # Whatever fails from here to the commit (a full disk at the manifest, an
@@ -333,6 +346,8 @@ class MergeState:
                     workers=workers,
                     progress=progress,
                     allow_zero=allow_zero,
+                    forms=forms,
+                    previous_forms=before,
                 )
             )
             notes = dtype_notes(self._infos, fitted.source)
@@ -340,7 +355,13 @@ class MergeState:
                 notes.append(f"looks like a merged LoRA adapter ({adapter_note})")
             entry = step_entry(step, fitted, digest, stats.seconds, stats.scalars, notes)
             manifest = next_manifest(
-                self._manifest, entry, generation, parts, stats.scalars, base_stamps
+                self._manifest,
+                entry,
+                generation,
+                parts,
+                stats.scalars,
+                base_stamps,
+                forms_record(with_ranks(forms, stats.ranks)),
             )
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -384,10 +405,13 @@ class MergeState:
 
         def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
             # still the previous generation here, with its prepared factors if usable
-            return {**reader.state(info.name), **prepared(info.name)}
+            return {**reader.state(info.name, info.shape), **prepared(info.name)}
 
         def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
-            return reader.state_rows(info.name, start, stop)
+            return reader.state_rows(info.name, start, stop, info.shape)
+
+        def read_factors(info: TensorInfo) -> ThinSVD | None:
+            return reader.factors(info.name) if reader.form(info.name).kind == FACTORED else None
 
         return StepRequest(
             method=self.method,
@@ -402,6 +426,7 @@ class MergeState:
             previous_parts=self._manifest.get("parts"),
             read_state=read_state,
             read_state_rows=read_state_rows,
+            read_factors=read_factors,
             base_path=self._manifest["base"]["path"],
             checkpoint_path=fitted.path,
             mapping=mapping,
@@ -495,12 +520,21 @@ class MergeState:
         return GenerationReader(self._storage, self.method, self._manifest)
 
     def state_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0."""
-        return self._reader().state(name)
+        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0. A
+        tensor kept as factors (or zero) is formed dense (see `state_factors`)."""
+        return self._reader().state(name, self._info_by_name[name].shape)
 
     def state_rows(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows `start:stop` of `state_tensors(name)` (first dimension), reading only those."""
-        return self._reader().state_rows(name, start, stop)
+        return self._reader().state_rows(name, start, stop, self._info_by_name[name].shape)
+
+    def state_form(self, name: str) -> TensorForm:
+        """How one tensor's state is kept now: dense, factored (with its rank) or zero."""
+        return self._reader().form(name)
+
+    def state_factors(self, name: str) -> ThinSVD | None:
+        """A factored tensor's state as its thin SVD (None for a zero tensor)."""
+        return self._reader().factors(name)
 
     def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged - base) in float64 for every floating-point tensor, one at a time."""

@@ -21,7 +21,7 @@ from .base import (
     TensorUpdate,
 )
 from .configs.average import AverageConfig
-from .lowrank import Factors, ThinSVD, average_step
+from .lowrank import Factors, ThinSVD, average_step, device_of
 from .ops import squared_norm
 
 
@@ -64,9 +64,9 @@ class Average(ContinualMethod):
         if state is None and task is None:
             return None, {"task_norm_sq": 0.0, "mean_norm_sq": 0.0}
         shape = (info.shape[0], info.shape[1])
-        tau = task if task is not None else Factors.zeros(shape)
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
         if state is None and step > 1:
-            state = ThinSVD.zeros(shape)
+            state = ThinSVD.zeros(shape, tau.left.device)
         return average_step(step, state, tau)
 
     def task_vector_factored(

@@ -144,6 +144,11 @@ class ThinSVD:
 LowRank = Factors | ThinSVD
 
 
+def device_of(x: LowRank | None) -> torch.device:
+    """Where a matrix's factors live (the CPU for None), for the zero matrices a step adds."""
+    return x.left.device if x is not None else torch.device("cpu")
+
+
 def _check_pair(what: str, left: torch.Tensor, right: torch.Tensor) -> None:
     if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
         raise ValueError(

@@ -36,7 +36,7 @@ from .linalg import (
     right_singular_from_r,
     split_index,
 )
-from .lowrank import Factors, ThinSVD, opcm_step, scaled
+from .lowrank import Factors, ThinSVD, device_of, opcm_step, scaled
 from .ops import squared_norm
 
 
@@ -287,7 +287,7 @@ class OPCM(ContinualMethod):
         if state is None and task is None:
             return None, {"task_norm_sq": 0.0, "sum_norm_sq": 0.0, "removed_norm_sq": 0.0}
         shape = (info.shape[0], info.shape[1])
-        tau = task if task is not None else Factors.zeros(shape)
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
         cfg = self.config
         result = opcm_step(step, state, tau, cfg.alpha, cfg.zero_diagonal, info.projected)
         return result.sum, result.partials()

@@ -23,7 +23,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
 )
-from .lowrank import Combine, Factors, ThinSVD, pairwise_step
+from .lowrank import Combine, Factors, ThinSVD, device_of, pairwise_step
 from .ops import squared_norm
 
 
@@ -77,9 +77,9 @@ class PairwiseMerge(ContinualMethod):
         if state is None and task is None:
             return None, {"task_norm_sq": 0.0, "merged_norm_sq": 0.0}
         shape = (info.shape[0], info.shape[1])
-        tau = task if task is not None else Factors.zeros(shape)
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
         if state is None and step > 1:
-            state = ThinSVD.zeros(shape)
+            state = ThinSVD.zeros(shape, tau.left.device)
         c = self.config.scaling_factor  # type: ignore[attr-defined]
         return pairwise_step(step, state, tau, c, type(self).combine_factored)
 

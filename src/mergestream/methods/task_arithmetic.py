@@ -23,7 +23,7 @@ from .base import (
     TensorUpdate,
 )
 from .configs.task_arithmetic import TaskArithmeticConfig
-from .lowrank import Factors, ThinSVD, scaled, task_arithmetic_step
+from .lowrank import Factors, ThinSVD, device_of, scaled, task_arithmetic_step
 from .ops import squared_norm
 
 
@@ -63,7 +63,8 @@ class TaskArithmetic(ContinualMethod):
     ) -> tuple[ThinSVD | None, Scalars]:
         if state is None and task is None:
             return None, {"task_norm_sq": 0.0, "sum_norm_sq": 0.0}
-        tau = task if task is not None else Factors.zeros((info.shape[0], info.shape[1]))
+        shape = (info.shape[0], info.shape[1])
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
         return task_arithmetic_step(step, state, tau)
 
     def task_vector_factored(

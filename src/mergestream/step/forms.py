@@ -142,6 +142,20 @@ def _plan_one(
     return TensorForm(FACTORED, width, width)
 
 
+def with_ranks(
+    planned: Mapping[str, TensorForm], ranks: Mapping[str, int]
+) -> dict[str, TensorForm]:
+    """The planned forms with each factored tensor's true rank, as the step found it."""
+    out = {}
+    for name, form in planned.items():
+        if form.kind == FACTORED:
+            if name not in ranks:
+                raise RuntimeError(f"the step reported no rank for factored tensor {name!r}")
+            form = TensorForm(FACTORED, ranks[name], form.width)
+        out[name] = form
+    return out
+
+
 def form_counts(forms: Mapping[str, TensorForm]) -> dict[str, int]:
     """How many tensors have each form."""
     counts = {DENSE: 0, FACTORED: 0, ZERO: 0}

@@ -153,14 +153,17 @@ def next_manifest(
     parts: list[dict[str, Any]],
     scalars: Mapping[str, float],
     base_stamps: list[dict[str, object]] | None,
+    forms: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest after the step `entry` records: a new dict, `manifest` untouched."""
+    """The manifest after the step `entry` records: a new dict, `manifest` untouched. `forms`
+    is the new generation's record of its tensors' forms (`manifest.forms_record`)."""
     out = json.loads(json.dumps(manifest))
     out["format_version"] = FORMAT_VERSION
     out["mergestream_version"] = __version__
     out["step"] = entry["step"]
     out["generation"] = generation
     out["parts"] = parts
+    out["forms"] = dict(forms or {})
     out.pop("prepared", None)  # it belonged to the previous generation
     out["scalars"] = dict(scalars)
     out["updated"] = now()
