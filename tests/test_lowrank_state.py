@@ -407,3 +407,91 @@ def test_factor_parts_are_checksummed_and_padded(stream, tmp_path, monkeypatch):
     assert len(problems) == 1 and "factors-sum.safetensors" in problems[0]
     with pytest.raises(StateError, match="does not match the checksum"):
         MergeState.open(path).add(stream["adapters"][2])
+
+
+# ------------------------------------------------------------------------------ exports
+
+
+def test_exact_lora_export_of_a_factored_state_loads_in_peft(stream, zoo, tmp_path, monkeypatch):
+    """`export --as-lora` without a rank: PeftModel loads it, and its merge_and_unload() is the
+    full export; each factored module has exactly the rank the manifest records."""
+    from lora_helpers import load_adapter_model
+
+    from mergestream.cli import main
+    from mergestream.publish.export_lora import export_lora
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    path = tmp_path / "s"
+    state = MergeState.create(path, stream["base"], "opcm")
+    for adapter in stream["adapters"]:
+        state.add(adapter)
+    out = tmp_path / "adapter"
+    export_lora(state, out, dtype=F64)
+    assert "exact: each module at its rank, no truncation" in (out / "README.md").read_text()
+    # the command line's --as-lora without a rank is the same export (float32 factors)
+    assert main(["export", str(path), str(tmp_path / "cli"), "--as-lora", "--quiet"]) == 0
+    assert (tmp_path / "cli" / "adapter_config.json").read_text() == (
+        out / "adapter_config.json"
+    ).read_text()
+    config = json.loads((out / "adapter_config.json").read_text())
+    ranks = {
+        m: config["rank_pattern"].get(m.replace(".", "\\."), config["r"])
+        for m in config["target_modules"]
+    }
+    forms = json.loads((path / "manifest.json").read_text())["forms"]
+    factored = {
+        n.removesuffix(".weight"): r["rank"] for n, r in forms.items() if r["form"] == "factored"
+    }
+    assert factored and all(ranks[m] == k for m, k in factored.items() if m in ranks)
+    merged = load_adapter_model(zoo.family, zoo.base, out).merge_and_unload()
+    exported = state.state_dict()
+    for name, tensor in merged.state_dict().items():
+        expected = exported[name]
+        if bool((tensor != expected).any()):
+            assert rel(tensor.to(F64), expected) < TOL, name
+
+
+def test_truncated_lora_export_from_factors_equals_the_dense_one(stream, tmp_path, monkeypatch):
+    from mergestream.publish.export_lora import export_lora
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    factored, dense = merged_pair(tmp_path, stream["base"], stream["adapters"], "task_arithmetic")
+    results = []
+    for state, name in ((factored, "f"), (dense, "d")):
+        report = export_lora(state, tmp_path / name, rank=2, dtype=torch.float64)
+        results.append(({m.module: (m.rank, m.retained) for m in report.modules}, tmp_path / name))
+    assert results[0][0].keys() == results[1][0].keys()
+    for module, (rank, retained) in results[0][0].items():
+        assert rank == results[1][0][module][0] and math.isclose(
+            retained, results[1][0][module][1], rel_tol=1e-9
+        )
+    from safetensors.torch import load_file
+
+    got = load_file(str(results[0][1] / "adapter_model.safetensors"))
+    expected = load_file(str(results[1][1] / "adapter_model.safetensors"))
+    for key in got:
+        if key.endswith("lora_A.weight"):
+            b_key = key.replace("lora_A", "lora_B")
+            product = got[b_key] @ got[key]
+            assert rel(product, expected[b_key] @ expected[key]) < 1e-9, key
+
+
+def test_full_export_forms_factored_weights_by_row_blocks(stream, tmp_path, monkeypatch):
+    """Exported weights of a factored state, with every matrix written by row blocks, equal
+    the dense-only state's export."""
+    from safetensors.torch import load_file
+
+    from mergestream.step import engine
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    factored, dense = merged_pair(tmp_path, stream["base"], stream["adapters"], "average")
+    monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", 64)
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 50)
+    got = load_file(str(factored.export(tmp_path / "f") / "model.safetensors"))
+    expected = load_file(str(dense.export(tmp_path / "d") / "model.safetensors"))
+    assert got.keys() == expected.keys()
+    streamed = [i.name for i in factored.infos if factored.state_form(i.name).kind == "factored"]
+    assert streamed and all(engine.is_streamed(i) for i in factored.infos if i.name in streamed)
+    for name, tensor in got.items():
+        if not torch.equal(tensor, expected[name]):
+            assert rel(tensor.to(F64), expected[name].to(F64)) < TOL, name

@@ -230,6 +230,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+EXACT = "exact"  # `--as-lora` without a rank
+
+
+def _lora_rank(text: str) -> int | str:
+    if text == EXACT:  # argparse passes `const` through the type too
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank (an integer), got {text!r}") from None
+
+
 def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
     import torch
 
@@ -238,7 +250,7 @@ def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
     report = export_lora(
         state,
         args.out,
-        rank=args.as_lora,
+        rank=None if args.as_lora == EXACT else args.as_lora,
         energy=args.as_lora_energy,
         drop_other=args.lora_drop_other,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
@@ -428,10 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     lora = p.add_mutually_exclusive_group()
     lora.add_argument(
         "--as-lora",
-        type=int,
+        type=_lora_rank,
+        nargs="?",
+        const=EXACT,
         metavar="RANK",
         help="write a PEFT LoRA adapter instead: the rank-RANK truncated SVD of each linear "
-        "weight's merged task vector",
+        "weight's merged task vector; without RANK, each module at its exact rank (weights "
+        "kept as factors are written from them, never formed)",
     )
     lora.add_argument(
         "--as-lora-energy",

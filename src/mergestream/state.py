@@ -574,6 +574,7 @@ class MergeState:
             infos=list(self._infos),
             task_vector=reader.task_vector,
             task_vector_rows=reader.task_vector_rows,
+            task_vector_factors=reader.task_vector_factors,
         )
 
     # ---------------------------------------------------------------------------- exports

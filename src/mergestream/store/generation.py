@@ -53,6 +53,9 @@ class GenerationReader:
         self._generation: int | None = manifest["generation"]
         self._scalars = dict(manifest["scalars"])
         self._forms = read_forms(manifest)
+        # The last factored task vector formed: a large tensor exported by row blocks reads
+        # and scales its factors once, not once per block.
+        self._last: tuple[str, ThinSVD] | None = None
 
     def form(self, name: str) -> TensorForm:
         """How tensor `name` is stored in this generation (dense at step 0)."""
@@ -131,9 +134,13 @@ class GenerationReader:
         tensor stored dense or zero."""
         if self._generation is None or self.form(info.name).kind != FACTORED:
             return None
+        if self._last is not None and self._last[0] == info.name:
+            return self._last[1]
         svd = self.factors(info.name)
         assert svd is not None
-        return self._method.task_vector_factored(info, svd, self._scalars)
+        merged = self._method.task_vector_factored(info, svd, self._scalars)
+        self._last = (info.name, merged)
+        return merged
 
 
 def _rows(svd: ThinSVD, start: int, stop: int) -> torch.Tensor:
@@ -143,6 +150,11 @@ def _rows(svd: ThinSVD, start: int, stop: int) -> torch.Tensor:
 
 TaskVectorFn = Callable[[TensorInfo], torch.Tensor]
 TaskVectorRowsFn = Callable[[TensorInfo, int, int], torch.Tensor]
+TaskVectorFactorsFn = Callable[[TensorInfo], ThinSVD | None]
+
+
+def _no_factors(info: TensorInfo) -> ThinSVD | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,9 @@ class StateView:
     """One generation of a merge state, read under its lock (`MergeState.reading()`).
 
     `task_vector(info)` is the merged model minus the base for one tensor (float64);
-    `task_vector_rows(info, start, stop)` its rows `start:stop`, reading only those."""
+    `task_vector_rows(info, start, stop)` its rows `start:stop`, reading only those;
+    `task_vector_factors(info)` the task vector of a tensor kept as factors as a thin SVD (None
+    for any other tensor), which a reader that can use factors takes instead of forming it."""
 
     where: str  # the state directory, or "<memory>"
     state_dir: Path | None
@@ -160,6 +174,7 @@ class StateView:
     infos: list[TensorInfo]
     task_vector: TaskVectorFn
     task_vector_rows: TaskVectorRowsFn
+    task_vector_factors: TaskVectorFactorsFn = _no_factors
 
     @property
     def step(self) -> int:
