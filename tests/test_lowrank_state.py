@@ -495,3 +495,54 @@ def test_full_export_forms_factored_weights_by_row_blocks(stream, tmp_path, monk
     for name, tensor in got.items():
         if not torch.equal(tensor, expected[name]):
             assert rel(tensor.to(F64), expected[name].to(F64)) < TOL, name
+
+
+# ------------------------------------------------------------------------------ status, plan
+
+
+def test_status_and_plan_show_forms_bytes_and_cost(stream, tmp_path, monkeypatch, capsys):
+    from mergestream.cli import main
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    path = tmp_path / "s"
+    state = MergeState.create(path, stream["base"], "opcm")
+    first, second = stream["adapters"][:2]
+    plan = state.plan(first)
+    # before the first step every tensor is zero: the adapter's LoRA matrices become factored
+    # at its ranks, its tensors saved whole dense, the rest stays zero
+    touched = plan.adapter["touched"]
+    for name, how in plan.matrices.items():
+        if name not in touched:
+            assert how == "zero", name
+        elif "full" in touched[name] or "bias" in touched[name]:
+            assert how == "zero -> dense", name
+        else:
+            assert how == f"zero -> factored <= {touched[name].split('r=')[1]}", name
+    state.add(first)
+    on_disk = sum(p.stat().st_size for p in (path / "gen-000001").iterdir())
+    forms = state.tensor_forms()
+    assert sum(f["bytes"] for f in forms.values()) <= on_disk  # headers aside
+    assert state.status()["storage"]["bytes"] == on_disk
+    # the next step's plan: the bytes of the planned forms, and a cost from the ranks
+    plan = state.plan(second)
+    assert plan.state_bytes == on_disk and plan.forms["factored"] > 0
+    dense_plan = MergeState.create(tmp_path / "d", stream["base"], "opcm", lowrank=False)
+    dense_plan.add(first)
+    dense_next = dense_plan.plan(second)
+    assert plan.state_generation_bytes < dense_next.state_generation_bytes
+    assert 0 < plan.step_flops < dense_next.step_flops and plan.step_seconds > 0
+    assert set(dense_next.matrices.values()) == {"dense"} and dense_next.forms["factored"] == 0
+    capsys.readouterr()
+    assert main(["status", str(path), "--tensors"]) == 0
+    text = capsys.readouterr().out
+    factored = [n for n, f in forms.items() if f["form"] == "factored"]
+    line = next(row for row in text.splitlines() if f" {factored[0]}  " in row)
+    assert f"factored (rank {forms[factored[0]]['rank']})," in line
+    assert "tensors as factors (rank <=" in text
+    assert main(["plan", str(path), str(second)]) == 0
+    text = capsys.readouterr().out
+    assert "forms:    after the step" in text and "compute:  about" in text
+    ties = MergeState.create(tmp_path / "t", stream["base"], "ties")
+    assert ties.plan(first).forms["factored"] == 0
+    assert main(["plan", str(tmp_path / "t"), str(first)]) == 0
+    assert "this method keeps every tensor dense" in capsys.readouterr().out

@@ -130,7 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         from .state import MergeState
 
-        info["classification"] = MergeState.open(args.state).classification()
+        opened = MergeState.open(args.state)
+        info["classification"] = opened.classification()
+        info["forms"] = opened.tensor_forms()
     health = info["health"]
     # What `mergestream watch` on this state waits for or refused (absent if it never ran).
     from .watch.journal import watch_status_lines, watch_summary
@@ -155,6 +157,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"tensors: {roles['projected']} projected, {roles['added']} added, "
             f"{roles['copied']} copied from the base"
         )
+    storage = info.get("storage")
+    if storage is not None:
+        print(
+            f"storage: {_size(storage['bytes'])} in the current generation; "
+            + (
+                f"{storage['factored']} tensors as factors (rank <= {storage['max_rank']}), "
+                f"{storage['zero']} zero, the others dense"
+                if storage["lowrank"]
+                else "every tensor dense"
+            )
+        )
     print(f"steps:   {info['step']}")
     for key, value in info["scalars"].items():
         print(f"  {key} = {value:.6g}")
@@ -171,8 +184,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             + (f"  [{notes}]" if notes else "")
         )
     if args.tensors:
+        forms = info["forms"]
         for name, role in info["classification"].items():
-            print(f"  {role:9s} {name}")
+            form = forms.get(name)
+            if form is None:  # copied from the base: no state
+                print(f"  {role:9s} {name}")
+                continue
+            how = form["form"] + (f" (rank {form['rank']})" if form["form"] == "factored" else "")
+            print(f"  {role:9s} {name}  {how}, {_size(form['bytes'])}")
     prepared = info.get("prepared")
     if prepared is not None:
         regime = prepared["regime"] or {}
@@ -206,6 +225,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for problem in health["problems"]:
         print(f"  {problem}")
     return 1
+
+
+def _size(nbytes: int) -> str:
+    from .progress import format_size  # no torch
+
+    return format_size(nbytes)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from .step.backends import choose_backend
 from .step.engine import StepStats, check_all_finite, tensor_infos, zero_task_vector_error
 from .step.forms import plan_forms, previous_forms, with_ranks
 from .step.merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
-from .step.plan import Plan, plan_add
+from .step.plan import Plan, plan_add, stored_bytes
 from .step.prepare import prepare_generation, prepared_reader, tell_dropped_preparation
 from .step.runtime import default_workers
 from .step.tasks import Executor, StepRequest
@@ -240,6 +240,19 @@ class MergeState:
             info.update(summary(self._manifest))
             info["health"] = {"ok": True, "problems": [], "verified": False}
         return info
+
+    def tensor_forms(self) -> dict[str, dict[str, Any]]:
+        """Per merged tensor: its form now ("dense", "factored" with its rank and width, or
+        "zero") and the bytes its state takes on disk."""
+        forms = previous_forms(self._manifest, self._infos)  # step 0: zero (or dense) throughout
+        state_size = self.method.state_dtype.itemsize * len(self.method.state_names)
+        return {
+            info.name: {
+                **forms[info.name].to_json(),
+                "bytes": stored_bytes(info, forms[info.name], state_size) if self.step else 0,
+            }
+            for info in self._infos
+        }
 
     def classification(self) -> dict[str, str]:
         """Tensor name -> "projected" | "added" | "copied" under the state's method config."""

@@ -312,6 +312,7 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
     info = summary(manifest)
     if "tensors" in manifest:
         info["tensors"] = manifest["tensors"]
+    info["storage"] = storage_summary(manifest)
     generation = manifest["generation"]
     parts = manifest.get("parts")
     problems: list[str] = []
@@ -347,6 +348,20 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
         "checksums": generation is None or manifest.get("parts") is not None,
     }
     return info
+
+
+def storage_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """How the current generation stores its tensors: bytes of its files, how many tensors are
+    factored (and their largest rank) or zero, and whether the state keeps factors at all."""
+    forms = read_forms(manifest)
+    factored = [f.rank for f in forms.values() if f.kind == FACTORED]
+    return {
+        "bytes": sum(int(p.get("bytes", 0)) for p in manifest.get("parts") or []),
+        "lowrank": keeps_factors(manifest),
+        "factored": len(factored),
+        "max_rank": max(factored, default=0),
+        "zero": sum(f.kind == ZERO for f in forms.values()),
+    }
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
