@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mergestream.errors import StateError
 from mergestream.methods import get_method
@@ -317,8 +318,9 @@ def merged_pair(tmp_path, base, stream, method, **params):
             lowrank=lowrank,
             **params,
         )
-        for checkpoint in stream:
-            state.add(checkpoint, allow_duplicate=True)
+        for item in stream:
+            checkpoint, options = item if isinstance(item, tuple) else (item, {})
+            state.add(checkpoint, allow_duplicate=True, **options)
         out.append(state)
     return out
 
@@ -333,7 +335,17 @@ def stream(zoo, tmp_path_factory):
     extra = make_adapter(
         zoo.family, zoo.base, root / "extra", zoo.family.lora_configs[0](), seed=33
     )
-    return {"base": zoo.base, "adapters": [*zoo.adapters, extra], "full": zoo.full}
+    # a full checkpoint of the first layer only: the other tensors are the base's
+    full = load_file(str(zoo.full / "model.safetensors"))
+    partial = root / "partial"
+    partial.mkdir()
+    save_file({k: v for k, v in full.items() if ".0." in k}, str(partial / "model.safetensors"))
+    return {
+        "base": zoo.base,
+        "adapters": [*zoo.adapters, extra],
+        "full": zoo.full,
+        "partial": partial,
+    }
 
 
 VARIANTS = [
@@ -546,3 +558,258 @@ def test_status_and_plan_show_forms_bytes_and_cost(stream, tmp_path, monkeypatch
     assert ties.plan(first).forms["factored"] == 0
     assert main(["plan", str(tmp_path / "t"), str(first)]) == 0
     assert "this method keeps every tensor dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", FACTORED_METHODS)
+def test_adapters_mixed_with_full_checkpoints(stream, tmp_path, monkeypatch, method):
+    """A checkpoint of one layer turns that layer's tensors dense; the other layer's stay
+    factored or zero, and later adapters keep them so."""
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    a0, a1, a2 = stream["adapters"]
+    mixed = [a0, (stream["partial"], {"missing": "base"}), a1, a2]
+    # Once dense, OPCM's default Gram route carries errors of eps·κ² (`linalg`), so two
+    # running sums that differ by round-off (the factored one formed once) move apart by up
+    # to ~1e-10 over a few steps in either state; the SVD route keeps them at eps·κ.
+    params = {"decomposition": "svd"} if method == "opcm" else {}
+    factored, dense = merged_pair(tmp_path, stream["base"], mixed, method, **params)
+    assert_same_merge(factored, dense)
+    forms = forms_of(factored)
+    for name, form in forms.items():
+        if ".0." in name:
+            assert form == "dense", name
+    assert "factored" in {f for n, f in forms.items() if ".1." in n}
+    # then a full model: every tensor it gives is dense from there on
+    for state in (factored, dense):
+        state.add(stream["full"])
+    assert_same_merge(factored, dense)
+    assert set(forms_of(factored).values()) == {"dense"}
+
+
+@pytest.mark.parametrize("method", ["opcm", "tsv_m"])
+def test_a_stream_that_crosses_the_switch_rule(stream, tmp_path, monkeypatch, method):
+    """With a small DENSE_RANK_FRACTION, matrices whose rank bound passes it go dense by
+    themselves at that step and stay dense; the merge is the dense one all along."""
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 0.3)  # min(m, n) = 16 here: up to rank 4
+    a0, a1, a2 = stream["adapters"]
+    factored, dense = merged_pair(tmp_path, stream["base"], [a0], method)
+    first = forms_of(factored)
+    assert "factored" in first.values()
+    for state in (factored, dense):
+        for adapter in (a1, a2, a1):
+            state.add(adapter, allow_duplicate=True)
+    assert_same_merge(factored, dense)
+    last = forms_of(factored)
+    switched = [n for n, f in first.items() if f == "factored" and last[n] == "dense"]
+    assert switched  # the first config again doubles their rank bound past 4
+    manifest = json.loads((tmp_path / f"{method}-True" / "manifest.json").read_text())
+    for record in manifest["forms"].values():
+        assert record["form"] == "zero" or record["width"] <= 0.3 * 16
+
+
+def test_factored_state_takes_a_fraction_of_the_dense_bytes(tmp_path):
+    """Rank-1 adapters on all seven projections of a LLaMA of hidden size 64: the factored
+    generation is the factors' bytes (and the headers), a small fraction of the dense one."""
+    import transformers
+    from lora_helpers import Family, make_adapter, save_base
+    from peft import LoraConfig
+
+    from mergestream.step.plan import stored_bytes
+
+    def build():
+        config = transformers.LlamaConfig(
+            vocab_size=40,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+        )
+        return transformers.LlamaForCausalLM(config)
+
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    family = Family("llama64", build, transformers.LlamaForCausalLM, ())
+    base = save_base(family, tmp_path / "base")
+    adapters = [
+        make_adapter(
+            family,
+            base,
+            tmp_path / f"a{i}",
+            LoraConfig(r=1, lora_alpha=2, target_modules=projections, init_lora_weights=False),
+            seed=i,
+        )
+        for i in range(2)
+    ]
+    factored, dense = merged_pair(tmp_path, base, adapters, "opcm")
+    assert_same_merge(factored, dense)
+
+    def generation_bytes(state) -> int:
+        return sum(p.stat().st_size for p in (state._path / "gen-000002").iterdir())
+
+    f_bytes, d_bytes = generation_bytes(factored), generation_bytes(dense)
+    forms = factored.tensor_forms()
+    assert sum(f["form"] == "factored" for f in forms.values()) == 14
+    assert all(f["rank"] == 2 for f in forms.values() if f["form"] == "factored")
+    expected = sum(
+        stored_bytes(i, factored.state_form(i.name), 8) for i in factored.infos
+    )  # U, σ, V of rank 2 per projection, nothing for the untouched tensors
+    assert expected == sum(
+        8 * (sum(i.shape) * 2 + 2) for i in factored.infos if len(i.shape) == 2 and "proj" in i.name
+    )
+    assert expected <= f_bytes <= expected + 16 * 1024  # two files' headers
+    assert f_bytes * 12 < d_bytes
+
+
+@pytest.mark.parametrize("method", ["opcm", "iso_c"])
+def test_rank_deficient_and_repeated_adapters_keep_the_true_rank(
+    stream, tmp_path, monkeypatch, method
+):
+    """An adapter whose B factors have a zero column (rank r − 1), merged twice, then another:
+    no NaN, and every recorded rank is the dense state's rank, never the sum of the ranks."""
+    import shutil
+
+    monkeypatch.setattr(lr, "DENSE_RANK_FRACTION", 1.0)
+    source = stream["adapters"][0]
+    deficient = tmp_path / "deficient"
+    shutil.copytree(source, deficient)
+    weights = load_file(str(deficient / "adapter_model.safetensors"))
+    for key, tensor in weights.items():
+        if key.endswith("lora_B.weight"):
+            tensor[:, 1] = 0
+    save_file(weights, str(deficient / "adapter_model.safetensors"))
+    items = [deficient, deficient, stream["adapters"][1]]
+    factored, dense = merged_pair(tmp_path, stream["base"], items[:1], method)
+    manifests = []
+    for state in (factored, dense):
+        for item in items[1:]:
+            state.add(item, allow_duplicate=True)
+            if state is factored:
+                path = tmp_path / f"{method}-True" / "manifest.json"
+                manifests.append(json.loads(path.read_text())["forms"])
+    assert_same_merge(factored, dense)
+    after_repeat = manifests[0]
+    touched = [n for n, r in after_repeat.items() if r["form"] == "factored"]
+    assert touched
+    for name in touched:
+        lora = stream_rank(source, name)
+        assert after_repeat[name]["rank"] == lora - 1, name  # the zero column is no direction
+    final = json.loads((tmp_path / f"{method}-True" / "manifest.json").read_text())["forms"]
+    for name, record in final.items():
+        if record["form"] == "factored":
+            (expected,) = dense.state_tensors(name).values()
+            assert record["rank"] == true_rank(expected), name
+            svd = factored.state_factors(name)
+            assert all(bool(torch.isfinite(t).all()) for t in (svd.u, svd.sigma, svd.v)), name
+
+
+def stream_rank(adapter, name: str) -> int:
+    """The LoRA rank an adapter folder gives base tensor `name` (from its factors' shapes)."""
+    from mergestream.io.lora import open_adapter
+
+    opened = open_adapter(adapter)
+    try:
+        module = name.removesuffix(".weight")
+        parsed = opened.modules()[module]
+        return opened.weights.spec(parsed.a).shape[0]
+    finally:
+        opened.close()
+
+
+def test_a_format_2_state_opens_and_adds_dense(stream, tmp_path):
+    """A state written before forms existed (format 2: no `forms`, no `lowrank`) is dense: it
+    opens, shows its status, and adds an adapter densely, as a dense-only state does."""
+    from mergestream.store.manifest import read_state_status, seal_manifest
+
+    a0, a1 = stream["adapters"][:2]
+    path = tmp_path / "old"
+    MergeState.create(path, stream["base"], "average", lowrank=False).add(a0)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    for key in ("forms", "lowrank"):
+        del manifest[key]
+    (path / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
+    assert read_state_status(path, verify=True)["health"]["ok"]
+    old = MergeState.open(path)
+    old.add(a1)
+    upgraded = json.loads((path / "manifest.json").read_text())
+    assert upgraded["format_version"] == 3 and upgraded["forms"] == {}
+    assert "lowrank" not in upgraded and set(forms_of(old).values()) == {"dense"}
+    reference = MergeState.create(tmp_path / "ref", stream["base"], "average", lowrank=False)
+    for adapter in (a0, a1):
+        reference.add(adapter)
+    for (name, got), (_, expected) in zip(
+        old.task_vectors(), reference.task_vectors(), strict=True
+    ):
+        assert torch.equal(got, expected), name
+
+
+# ------------------------------------------------------------------------------ crash safety
+
+
+def test_a_factored_step_killed_at_any_instant(stream, zoo, tmp_path):
+    """SIGKILL during an adapter's step on a factored state, in every phase (hashing, the
+    tensor pass, each fsync of the dense and factor parts, the manifest's rename, the cleanup)
+    and at random instants: the state is the previous step or the new one, and the same add
+    completes it."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    from test_crash_safety import DELAY, ForkServer, file_digests, same_weights
+
+    if zoo.family.name != "llama":
+        pytest.skip("the phases of a step do not depend on the model: one family is enough")
+    a0, a1 = stream["adapters"][:2]
+    pristine = tmp_path / "pristine"
+    MergeState.create(pristine, stream["base"], "opcm").add(a0)
+    assert "factored" in forms_of(MergeState.open(pristine)).values()
+    server = ForkServer(tmp_path)
+    try:
+        reference = tmp_path / "reference"
+        shutil.copytree(pristine, reference)
+        code, err = server.run(["add", str(reference), str(a1), "--quiet"], DELAY)
+        assert code == 0, err
+        duration = server.phases[-1][0] - server.started
+        phases = [p for _, p in server.phases]
+        before = MergeState.open(pristine).state_dict()
+        after = MergeState.open(reference).state_dict()
+        pristine_files = file_digests(pristine)
+        targets = [("start:hashing", 1, 0.05), ("start:step", 1, 0.05)]
+        targets += [("fsync", k, 1.5 * DELAY) for k in range(1, phases.count("fsync") + 1)]
+        targets += [("replace", 1, 1.5 * DELAY), ("rmtree", 1, 1.5 * DELAY)]
+        targets += [("", 1, duration)] * 3
+        rng = random.Random(5)
+        landed = set()
+        for trial, (phase, occurrence, window) in enumerate(targets):
+            state_dir = tmp_path / f"trial-{trial}"
+            shutil.copytree(pristine, state_dir)
+            server.start(["add", str(state_dir), str(a1), "--quiet"], DELAY)
+            if phase:
+                assert server.wait_for(phase, occurrence), f"{phase} #{occurrence} never came"
+            time.sleep(rng.uniform(0, window))
+            server.kill()
+            code, err = server.finish()
+            context = f"trial {trial}: kill after {phase or 'start'} #{occurrence}, exit {code}"
+            assert code in (0, -signal.SIGKILL), f"{context}: {err}"
+            state = MergeState.open(state_dir)
+            committed = state.step == 2
+            landed.add(committed)
+            assert same_weights(state.state_dict(), after if committed else before), context
+            if not committed:
+                now = file_digests(state_dir)
+                for name in pristine_files:
+                    if name == "manifest.json" or name.startswith("gen-"):
+                        assert now[name] == pristine_files[name], f"{context}: {name} changed"
+            code, err = server.run(["add", str(state_dir), str(a1), "--quiet"])
+            assert code == (2 if committed else 0), f"{context}: {err}"
+            final = MergeState.open(state_dir)
+            assert final.step == 2 and same_weights(final.state_dict(), after), context
+            if not committed:  # the completed add removed what the killed one left
+                leftovers = sorted(p.name for p in state_dir.iterdir())
+                assert leftovers == ["gen-000002", "lock", "manifest.json"], context
+            shutil.rmtree(state_dir)
+        assert landed == {False, True}
+    finally:
+        server.close()
