@@ -127,14 +127,19 @@ def factored_working_set(info: TensorInfo, form: TensorForm) -> int:
 
 
 def step_flops(
-    info: TensorInfo, before: TensorForm, after: TensorForm, rank_in: int, method: ContinualMethod
+    info: TensorInfo,
+    before: TensorForm,
+    after: TensorForm,
+    rank_in: int,
+    method: ContinualMethod,
+    first_step: bool,
 ) -> float:
     """Operations of one tensor's fold (`lowrank.opcm_step_cost` for matrices, a few per entry
-    for elementwise rules)."""
+    for elementwise rules and for a first step, which only stores the task vector)."""
     numel = math.prod(info.shape)
     if after.kind == ZERO:
         return 0.0
-    if len(info.shape) != 2:
+    if len(info.shape) != 2 or (first_step and after.kind == DENSE):
         return 10.0 * numel
     m, n = info.shape
     if after.kind == FACTORED:
@@ -209,7 +214,7 @@ def plan_add(
         form = after[info.name]
         generation_bytes += stored_bytes(info, form, state_size)
         came = incoming(source, info.name)
-        flops += step_flops(info, before[info.name], form, came.rank, method)
+        flops += step_flops(info, before[info.name], form, came.rank, method, step == 0)
         if len(info.shape) == 2:
             matrices[info.name] = _form_change(before[info.name], form)
         export_peak = max(export_peak, export_working_set(info, state_size))
