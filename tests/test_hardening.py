@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 import mergestream
 from mergestream import CheckpointError, MergeState, MergestreamError, StateError
 from mergestream.cli import main
+from mergestream.store.manifest import FORMAT_VERSION
 from mergestream.store.storage import write_json_atomic
 from mergestream.synthetic import apply, make_base, make_task_vector, transformer_shapes
 
@@ -266,7 +267,7 @@ def test_format_1_states_are_still_read(committed, stream):
     }
     MergeState.open(state).add(stream["paths"][2])
     upgraded = json.loads((state / "manifest.json").read_text())
-    assert upgraded["format_version"] == 2 and upgraded["parts"]
+    assert upgraded["format_version"] == FORMAT_VERSION and upgraded["parts"]
 
 
 # ------------------------------------------------------------------------------ 5. full disk
@@ -671,6 +672,7 @@ def test_the_torch_free_method_listing_equals_the_classes():
     for d in described:
         cls = METHODS[d.name]
         assert d.summary == cls.summary
+        assert d.factored == cls.factored, d.name
         assert d.parameters == describe_config(cls.config_class), d.name
         # every built-in method cites its paper (the model card shows it)
         assert cls.config_class.paper.endswith(")"), d.name

@@ -222,6 +222,54 @@ def test_lora_adapters_are_merged_locally_only(tmp_path):
     assert state.step == 1
 
 
+@pytest.mark.parametrize("method", ["opcm", "tsv_m"])
+def test_a_factored_state_gives_the_local_engines_bits(cluster, streamed_rows, tmp_path, method):
+    """A state that keeps an adapter's matrices as factors, then a checkpoint of layer 0 only:
+    its tensors turn dense (their factored sums formed in the tasks), layer 1's stay factored
+    (folded by `update_factored` with an unchanged task vector) or zero. Ray's tasks write the
+    local engine's bits."""
+    pytest.importorskip("peft")
+    from lora_helpers import LLAMA, make_adapter, save_base, state_dict_of
+    from peft import LoraConfig
+
+    from mergestream.store.storage import DiskStorage
+
+    base = save_base(LLAMA, tmp_path / "base")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+    )
+    adapter = make_adapter(LLAMA, base, tmp_path / "adapter", config, seed=1)
+    weights = state_dict_of(base)
+    layer0 = {k: v + 0.01 * torch.randn_like(v) for k, v in weights.items() if ".layers.0." in k}
+    (tmp_path / "partial").mkdir()
+    save_file(layer0, str(tmp_path / "partial" / "model.safetensors"))
+    states = {}
+    for backend in ("local", "ray"):
+        state = MergeState.create(tmp_path / backend, base, method)
+        state.add(adapter)
+        state.add(tmp_path / "partial", missing="base", backend=backend)
+        states[backend] = state
+    local, remote = states["local"], states["ray"]
+    forms = {i.name: local.state_form(i.name) for i in local.infos}
+    assert forms == {i.name: remote.state_form(i.name) for i in remote.infos}
+    kinds = {(".layers.0." in n, f.kind) for n, f in forms.items()}
+    assert (False, "factored") in kinds and (True, "factored") not in kinds
+    assert remote.scalars == local.scalars
+    for name, form in forms.items():
+        if form.kind == "factored":
+            a, b = local.state_factors(name), remote.state_factors(name)
+            for x, y in zip((a.u, a.sigma, a.v), (b.u, b.sigma, b.v), strict=True):
+                assert torch.equal(x, y), name
+        elif form.kind == "dense":
+            (x,) = local.state_tensors(name).values()
+            (y,) = remote.state_tensors(name).values()
+            assert torch.equal(x, y), name
+    assert remote.status(verify=True)["health"]["ok"]
+    parts = DiskStorage(tmp_path / "ray").load_manifest()["parts"]
+    assert sum(p.get("form") == "factored" for p in parts) >= 1
+    assert_same_bits(exported(local, tmp_path / "a"), exported(remote, tmp_path / "b"))
+
+
 def test_plan_puts_costly_tensors_first_and_alone():
     from mergestream.methods import TensorInfo
 

@@ -40,6 +40,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         method=args.method,
         state_dtype=args.state_dtype,
         progress=default_progress(args.quiet),
+        lowrank=not args.dense,
         **params,
     )
     roles = state.status()["tensors"]
@@ -129,7 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.tensors:
         from .state import MergeState
 
-        info["classification"] = MergeState.open(args.state).classification()
+        opened = MergeState.open(args.state)
+        info["classification"] = opened.classification()
+        info["forms"] = opened.tensor_forms()
     health = info["health"]
     # What `mergestream watch` on this state waits for or refused (absent if it never ran).
     from .watch.journal import watch_status_lines, watch_summary
@@ -154,6 +157,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"tensors: {roles['projected']} projected, {roles['added']} added, "
             f"{roles['copied']} copied from the base"
         )
+    storage = info.get("storage")
+    if storage is not None:
+        print(
+            f"storage: {_size(storage['bytes'])} in the current generation; "
+            + (
+                f"{storage['factored']} tensors as factors (rank <= {storage['max_rank']}), "
+                f"{storage['zero']} zero, the others dense"
+                if storage["lowrank"]
+                else "every tensor dense"
+            )
+        )
     print(f"steps:   {info['step']}")
     for key, value in info["scalars"].items():
         print(f"  {key} = {value:.6g}")
@@ -170,8 +184,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             + (f"  [{notes}]" if notes else "")
         )
     if args.tensors:
+        forms = info["forms"]
         for name, role in info["classification"].items():
-            print(f"  {role:9s} {name}")
+            form = forms.get(name)
+            if form is None:  # copied from the base: no state
+                print(f"  {role:9s} {name}")
+                continue
+            how = form["form"] + (f" (rank {form['rank']})" if form["form"] == "factored" else "")
+            print(f"  {role:9s} {name}  {how}, {_size(form['bytes'])}")
     prepared = info.get("prepared")
     if prepared is not None:
         regime = prepared["regime"] or {}
@@ -207,6 +227,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1
 
 
+def _size(nbytes: int) -> str:
+    from .progress import format_size  # no torch
+
+    return format_size(nbytes)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -229,6 +255,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+EXACT = "exact"  # `--as-lora` without a rank
+
+
+def _lora_rank(text: str) -> int | str:
+    if text == EXACT:  # argparse passes `const` through the type too
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank (an integer), got {text!r}") from None
+
+
 def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
     import torch
 
@@ -237,7 +275,7 @@ def _export_lora(state: MergeState, args: argparse.Namespace) -> int:
     report = export_lora(
         state,
         args.out,
-        rank=args.as_lora,
+        rank=None if args.as_lora == EXACT else args.as_lora,
         energy=args.as_lora_energy,
         drop_other=args.lora_drop_other,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
@@ -281,6 +319,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{method.name}: {method.summary}")
         for pname, ptype, default, help_text in method.parameters:
             print(f"    {pname} ({ptype}, default {default!r}): {help_text}")
+        print(
+            "  LoRA adapters: matrices kept as low-rank factors (exact; dense past the switch "
+            "rule)"
+            if method.factored
+            else "  LoRA adapters: every tensor dense (the rule is elementwise or per matrix)"
+        )
     return 0
 
 
@@ -326,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STATE_DTYPE_NAMES,
         default=None,
         help="precision of the stored state (default: the method's; float64 for opcm)",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="keep every tensor dense, also the matrices of LoRA adapters (by default a method "
+        "that can keeps them as low-rank factors, see `mergestream methods`)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_init)
@@ -415,10 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     lora = p.add_mutually_exclusive_group()
     lora.add_argument(
         "--as-lora",
-        type=int,
+        type=_lora_rank,
+        nargs="?",
+        const=EXACT,
         metavar="RANK",
         help="write a PEFT LoRA adapter instead: the rank-RANK truncated SVD of each linear "
-        "weight's merged task vector",
+        "weight's merged task vector; without RANK, each module at its exact rank (weights "
+        "kept as factors are written from them, never formed)",
     )
     lora.add_argument(
         "--as-lora-energy",

@@ -27,13 +27,15 @@ from .io.open import CheckpointLike, FittedCheckpoint, config_dir, open_checkpoi
 from .io.source import TensorSource
 from .methods import ContinualMethod, TensorInfo, get_method
 from .methods.base import STATE_DTYPES
+from .methods.lowrank import ThinSVD
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .progress import Progress
 from .publish.export import check_export, export_model, merged_tensors
 from .step.backends import choose_backend
 from .step.engine import StepStats, check_all_finite, tensor_infos, zero_task_vector_error
+from .step.forms import plan_forms, previous_forms, with_ranks
 from .step.merged_adapter import MergedAdapterWarning, merged_adapter_note, merged_adapter_warning
-from .step.plan import Plan, plan_add
+from .step.plan import Plan, plan_add, stored_bytes
 from .step.prepare import prepare_generation, prepared_reader, tell_dropped_preparation
 from .step.runtime import default_workers
 from .step.tasks import Executor, StepRequest
@@ -47,7 +49,16 @@ from .store.ledger import (
     step_entry,
     tensor_roles,
 )
-from .store.manifest import MANIFEST, check_format, model_identity, state_status, summary
+from .store.manifest import (
+    FACTORED,
+    MANIFEST,
+    TensorForm,
+    check_format,
+    forms_record,
+    model_identity,
+    state_status,
+    summary,
+)
 from .store.storage import DiskStorage, MemoryStorage, Storage
 
 
@@ -60,6 +71,7 @@ def _first_manifest(
     *,
     check_values: bool = False,
     progress: Progress | None = None,
+    lowrank: bool = True,
 ) -> tuple[TensorSource, dict[str, Any]]:
     """The base, opened, and the step-0 manifest of a state at `path` (absent or empty; None
     for one in memory). `check_values` refuses NaN/Inf in the base (as in any checkpoint);
@@ -79,7 +91,7 @@ def _first_manifest(
     hashed = path is not None and check_values
     digest = content_hash(source, progress) if hashed else None
     where = str(Path(base).resolve()) if path is not None else source.description  # type: ignore[arg-type]
-    return source, new_manifest(method, source, infos, where, state_dtype, digest)
+    return source, new_manifest(method, source, infos, where, state_dtype, digest, lowrank)
 
 
 class MergeState:
@@ -108,16 +120,27 @@ class MergeState:
         *,
         state_dtype: str | None = None,
         progress: Progress | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """Start a new state in directory `path` (created; must be empty or absent).
 
         `state_dtype` ("float32" or "float64") is the precision of stored state tensors; by
         default the method's own choice (float64 for OPCM, float32 for the baselines).
+        With `lowrank` (the default), a method that supports it keeps the matrices of a LoRA
+        stream as low-rank factors (float64) and tensors no input changed as zero
+        (`step/forms.py`); `lowrank=False` keeps every tensor dense.
         """
         path = Path(path)
         source, manifest = _first_manifest(
-            base, method, params, state_dtype, path, check_values=True, progress=progress
+            base,
+            method,
+            params,
+            state_dtype,
+            path,
+            check_values=True,
+            progress=progress,
+            lowrank=lowrank,
         )
         return cls(DiskStorage.create(path, manifest), source, config_dir(Path(base).resolve()))
 
@@ -141,11 +164,15 @@ class MergeState:
         method: ContinualMethod | str = "opcm",
         *,
         state_dtype: str | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """A state that lives in memory only (nothing is written to disk). Its base is not
-        hashed: the state holds it open for its whole life, so no later run compares it."""
-        source, manifest = _first_manifest(base, method, params, state_dtype, check_values=True)
+        hashed: the state holds it open for its whole life, so no later run compares it.
+        `lowrank` as in `create`."""
+        source, manifest = _first_manifest(
+            base, method, params, state_dtype, check_values=True, lowrank=lowrank
+        )
         storage = MemoryStorage()
         storage.commit(manifest)
         return cls(storage, source, config_dir(base))
@@ -158,6 +185,7 @@ class MergeState:
         method: ContinualMethod | str = "opcm",
         *,
         state_dtype: str | None = None,
+        lowrank: bool = True,
         **params: Any,
     ) -> MergeState:
         """The state `create(path, base, method, ...)` would start, held in memory: made from
@@ -165,7 +193,9 @@ class MergeState:
         what it will do before the long work starts, e.g. `check_export` before a first step.
         Raises what `create` would raise for the path, the method or the base."""
         path = Path(path)
-        source, manifest = _first_manifest(base, method, params, state_dtype, path)
+        source, manifest = _first_manifest(
+            base, method, params, state_dtype, path, lowrank=lowrank
+        )
         return cls(_PlannedStorage(path, manifest), source, config_dir(Path(base).resolve()))
 
     # ----------------------------------------------------------------------------- queries
@@ -210,6 +240,19 @@ class MergeState:
             info.update(summary(self._manifest))
             info["health"] = {"ok": True, "problems": [], "verified": False}
         return info
+
+    def tensor_forms(self) -> dict[str, dict[str, Any]]:
+        """Per merged tensor: its form now ("dense", "factored" with its rank and width, or
+        "zero") and the bytes its state takes on disk."""
+        forms = previous_forms(self._manifest, self._infos)  # step 0: zero (or dense) throughout
+        state_size = self.method.state_dtype.itemsize * len(self.method.state_names)
+        return {
+            info.name: {
+                **forms[info.name].to_json(),
+                "bytes": stored_bytes(info, forms[info.name], state_size) if self.step else 0,
+            }
+            for info in self._infos
+        }
 
     def classification(self) -> dict[str, str]:
         """Tensor name -> "projected" | "added" | "copied" under the state's method config."""
@@ -292,6 +335,8 @@ class MergeState:
             )
             step = self.step + 1
             generation = (self._manifest["generation"] or 0) + 1
+            before = previous_forms(self._manifest, self._infos)
+            forms = plan_forms(self.method, self._infos, before, fitted.source)
 
             def discard_on_failure(kind: type[BaseException] | None, *_: object) -> bool:
                 # Whatever fails from here to the commit (a full disk at the manifest, an
@@ -314,6 +359,8 @@ class MergeState:
                     workers=workers,
                     progress=progress,
                     allow_zero=allow_zero,
+                    forms=forms,
+                    previous_forms=before,
                 )
             )
             notes = dtype_notes(self._infos, fitted.source)
@@ -321,7 +368,13 @@ class MergeState:
                 notes.append(f"looks like a merged LoRA adapter ({adapter_note})")
             entry = step_entry(step, fitted, digest, stats.seconds, stats.scalars, notes)
             manifest = next_manifest(
-                self._manifest, entry, generation, parts, stats.scalars, base_stamps
+                self._manifest,
+                entry,
+                generation,
+                parts,
+                stats.scalars,
+                base_stamps,
+                forms_record(with_ranks(forms, stats.ranks)),
             )
             self._storage.commit(manifest)
             self._manifest = manifest
@@ -365,10 +418,13 @@ class MergeState:
 
         def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
             # still the previous generation here, with its prepared factors if usable
-            return {**reader.state(info.name), **prepared(info.name)}
+            return {**reader.state(info.name, info.shape), **prepared(info.name)}
 
         def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
-            return reader.state_rows(info.name, start, stop)
+            return reader.state_rows(info.name, start, stop, info.shape)
+
+        def read_factors(info: TensorInfo) -> ThinSVD | None:
+            return reader.factors(info.name) if reader.form(info.name).kind == FACTORED else None
 
         return StepRequest(
             method=self.method,
@@ -383,6 +439,7 @@ class MergeState:
             previous_parts=self._manifest.get("parts"),
             read_state=read_state,
             read_state_rows=read_state_rows,
+            read_factors=read_factors,
             base_path=self._manifest["base"]["path"],
             checkpoint_path=fitted.path,
             mapping=mapping,
@@ -476,12 +533,21 @@ class MergeState:
         return GenerationReader(self._storage, self.method, self._manifest)
 
     def state_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0."""
-        return self._reader().state(name)
+        """The method's stored state for one tensor (e.g. OPCM's {"sum": S}); {} at step 0. A
+        tensor kept as factors (or zero) is formed dense (see `state_factors`)."""
+        return self._reader().state(name, self._info_by_name[name].shape)
 
     def state_rows(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows `start:stop` of `state_tensors(name)` (first dimension), reading only those."""
-        return self._reader().state_rows(name, start, stop)
+        return self._reader().state_rows(name, start, stop, self._info_by_name[name].shape)
+
+    def state_form(self, name: str) -> TensorForm:
+        """How one tensor's state is kept now: dense, factored (with its rank) or zero."""
+        return self._reader().form(name)
+
+    def state_factors(self, name: str) -> ThinSVD | None:
+        """A factored tensor's state as its thin SVD (None for a zero tensor)."""
+        return self._reader().factors(name)
 
     def task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged - base) in float64 for every floating-point tensor, one at a time."""
@@ -521,6 +587,7 @@ class MergeState:
             infos=list(self._infos),
             task_vector=reader.task_vector,
             task_vector_rows=reader.task_vector_rows,
+            task_vector_factors=reader.task_vector_factors,
         )
 
     # ---------------------------------------------------------------------------- exports

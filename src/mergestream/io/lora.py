@@ -592,6 +592,42 @@ class LoraSource:
     def _factor(self, key: str, device: torch.device | str) -> torch.Tensor:
         return self._weights.get(key).to(device=device, dtype=torch.float64)
 
+    # ------------------------------------------------------------------------ low-rank form
+
+    def leaves_unchanged(self, name: str) -> bool:
+        """Whether the adapter's task vector for base tensor `name` is exactly zero (nothing
+        in the adapter touches it)."""
+        return name not in self._contributions
+
+    def task_rank(self, name: str) -> int | None:
+        """The number of columns of `task_factors(name)`, from the config alone (the sum of
+        the ranks of the LoRA factors on the tensor), or None where the tensor has a
+        contribution that is not low rank (a tensor saved whole, a lora_B bias) or none."""
+        parts = self._contributions.get(name)
+        if not parts or not all(isinstance(p, LowRank) for p in parts):
+            return None
+        return sum(p.rank for p in parts if isinstance(p, LowRank))
+
+    def task_factors(
+        self, name: str, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The task vector of base tensor `name` as factors, τ = L·Rᵀ with L (m×r) and R (n×r)
+        float64 on `device`, r = `task_rank(name)`: L = s·B, R = Aᵀ (swapped for a transposed
+        layout, since (s·B·A)ᵀ = Aᵀ·(s·B)ᵀ), several LoRAs on one tensor side by side. None
+        where `task_rank` is None: the task vector is then `task_vector(name)`."""
+        if self.task_rank(name) is None:
+            return None
+        lefts, rights = [], []
+        for part in self._contributions[name]:
+            assert isinstance(part, LowRank)
+            left = self._factor(part.b, device) * part.scale
+            right = self._factor(part.a, device).mT
+            if part.transpose:
+                left, right = right, left
+            lefts.append(left)
+            rights.append(right)
+        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+
     # ------------------------------------------------------------------------ description
 
     def touched(self) -> dict[str, str]:

@@ -124,6 +124,10 @@ class MappedSource:
     def files(self) -> list[Path]:
         return self._source.files()
 
+    def leaves_unchanged(self, name: str) -> bool:
+        """Whether tensor `name` is the base's own (absent from the checkpoint, `missing`)."""
+        return name in self._filled
+
     def file_of(self, name: str) -> str:
         if name in self._filled:
             return f"{tensor_location(self._base, name)} (the base; absent from the checkpoint)"

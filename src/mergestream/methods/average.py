@@ -21,12 +21,14 @@ from .base import (
     TensorUpdate,
 )
 from .configs.average import AverageConfig
+from .lowrank import Factors, ThinSVD, average_step, device_of
 from .ops import squared_norm
 
 
 class Average(ContinualMethod):
     config_class = AverageConfig
     state_names = ("mean",)
+    keeps_zero = True
 
     def update(
         self,
@@ -48,6 +50,29 @@ class Average(ContinualMethod):
                 "mean_norm_sq": squared_norm(new_mean.to(COMPUTE_DTYPE)),
             },
         )
+
+    def update_factored(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: ThinSVD | None,
+        task: Factors | None,
+        scalars: Scalars,
+    ) -> tuple[ThinSVD | None, Scalars]:
+        """`update` on factors (`lowrank.average_step`). A zero mean at step t > 1 is a zero
+        matrix, not a first step: the new mean is τ/t; an unchanged tensor gives mean·(t−1)/t."""
+        if state is None and task is None:
+            return None, {"task_norm_sq": 0.0, "mean_norm_sq": 0.0}
+        shape = (info.shape[0], info.shape[1])
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
+        if state is None and step > 1:
+            state = ThinSVD.zeros(shape, tau.left.device)
+        return average_step(step, state, tau)
+
+    def task_vector_factored(
+        self, info: TensorInfo, state: ThinSVD, scalars: Scalars
+    ) -> ThinSVD:
+        return state
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
         return {

@@ -13,6 +13,10 @@ A method is a pure per-tensor rule plus a tiny state schema:
 - `update_rows` (optional): the same fold for a tensor too large to hold whole, reading and
   writing it by blocks of rows. The default suits every elementwise rule; a rule that needs the
   whole tensor at once says so in `streams_rows`, or overrides `update_rows` (OPCM does).
+- `update_factored` / `task_vector_factored` (methods with `factored`): `update` and
+  `task_vector` of a 2-D tensor whose state is kept as a thin SVD and whose task vector comes as
+  low-rank factors (a LoRA adapter's), computed with `lowrank.py` without an m×n matrix; the
+  engine picks them for tensors planned factored (`step/forms.py`).
 
 The engine owns all I/O, ordering, validation and atomic commits; methods never touch files.
 """
@@ -29,9 +33,10 @@ import torch
 
 from ..errors import ConfigError
 from .config import MethodConfig, build_config
+from .linalg import COMPUTE_DTYPE as COMPUTE_DTYPE  # the kernels' precision, named here too
+from .lowrank import Factors, ThinSVD
 
 STATE_DTYPE = torch.float32  # default stored state precision; all arithmetic runs in float64
-COMPUTE_DTYPE = torch.float64
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Scalars = dict[str, float]
@@ -98,11 +103,21 @@ class ContinualMethod(ABC):
     state_names: ClassVar[tuple[str, ...]]
     # Precision of stored state tensors unless the user picks another (see `state_dtype`).
     default_state_dtype: ClassVar[torch.dtype] = STATE_DTYPE
+    # Whether a 2-D tensor's state can be kept as low-rank factors (`update_factored`); from
+    # the config's `factored` unless the class sets it. Such a method has one state tensor.
+    factored: ClassVar[bool] = False
+    # Whether the update of a zero state with a zero task vector is a zero state with zero
+    # partial sums, so that a tensor no input has changed needs no bytes (the "zero" form).
+    keeps_zero: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         config = cls.__dict__.get("config_class")
-        for attribute, source in (("name", "method"), ("summary", "summary")):
+        for attribute, source in (
+            ("name", "method"),
+            ("summary", "summary"),
+            ("factored", "factored"),
+        ):
             if attribute not in cls.__dict__ and hasattr(config, source):
                 setattr(cls, attribute, getattr(config, source))
 
@@ -208,3 +223,30 @@ class ContinualMethod(ABC):
     ) -> torch.Tensor:
         """Merged minus base for one tensor, float64. Must be elementwise in the state (export
         calls it on blocks of rows of large tensors, with `info.shape` the block's shape)."""
+
+    # ------------------------------------------------------------------ low-rank form
+
+    def update_factored(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: ThinSVD | None,
+        task: Factors | None,
+        scalars: Scalars,
+    ) -> tuple[ThinSVD | None, Scalars]:
+        """`update` of a 2-D tensor kept as factors (methods with `factored`): the new state
+        as a thin SVD (float64, whatever `state_dtype`) and the same partial sums, under the
+        same keys, that `update` gives for the dense tensors these factors stand for.
+
+        `state` is None where the previous state is zero (step 1, or a tensor no input has
+        changed yet); `task` is None where the input leaves the tensor unchanged (a zero task
+        vector). Both None (any shape): the zero state stays zero, returned as None with zero
+        partial sums (see `keeps_zero`)."""
+        raise NotImplementedError(f"{self.name} keeps no tensor as low-rank factors")
+
+    def task_vector_factored(
+        self, info: TensorInfo, state: ThinSVD, scalars: Scalars
+    ) -> ThinSVD:
+        """`task_vector` of a tensor whose state is the thin SVD `state`: merged minus base, as
+        a thin SVD (float64)."""
+        raise NotImplementedError(f"{self.name} keeps no tensor as low-rank factors")

@@ -40,8 +40,12 @@ class MethodConfig:
         summary: ClassVar[str]
         paper: ClassVar[str]
         paper_url: ClassVar[str]
+        factored: ClassVar[bool]
     paper = ""  # a method of one's own may cite nothing
     paper_url = ""
+    # Whether the method keeps a LoRA stream's matrices as low-rank factors (its class
+    # implements `update_factored`); the others hold every tensor dense.
+    factored = False
 
     def validate(self) -> None:
         """Raise ValueError on an invalid combination of values."""

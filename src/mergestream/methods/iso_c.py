@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lowrank
 from .base import COMPUTE_DTYPE
 from .configs.iso_c import IsoCConfig
 from .linalg import rank_rtol, resolved_rank
@@ -71,3 +72,4 @@ def iso_c_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
 class IsoC(PairwiseMerge):
     config_class = IsoCConfig
     combine = staticmethod(iso_c_combine)
+    combine_factored = staticmethod(lowrank.iso_c_combine)

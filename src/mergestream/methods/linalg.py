@@ -27,6 +27,9 @@ import torch
 
 Decomposition = Literal["gram", "svd", "approx-gram"]
 
+# Every kernel computes in float64, whatever the stored precision (`base.STATE_DTYPE`).
+COMPUTE_DTYPE = torch.float64
+
 # Relative size below which a singular value counts as zero, per decomposition. For Gram it is
 # the square root of the eigenvalue solver's relative accuracy (with margin); for SVD the usual
 # matrix-rank tolerance (`rank_rtol`).

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import COMPUTE_DTYPE, Scalars
-from .linalg import rank_rtol, resolved_rank, split_index
+from .linalg import COMPUTE_DTYPE, rank_rtol, resolved_rank, split_index
+
+Partials = dict[str, float]  # a step's partial sums of one tensor (`base.TensorUpdate.partials`)
 
 # The switch rule: a matrix's running sum is kept as factors while k <= DENSE_RANK_FRACTION ·
 # min(m, n) and goes dense beyond. Measured by benchmarks/lowrank_switch.py on LLaMA-7B shapes
@@ -145,6 +146,11 @@ class ThinSVD:
 
 
 LowRank = Factors | ThinSVD
+
+
+def device_of(x: LowRank | None) -> torch.device:
+    """Where a matrix's factors live (the CPU for None), for the zero matrices a step adds."""
+    return x.left.device if x is not None else torch.device("cpu")
 
 
 def _check_pair(what: str, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -325,7 +331,7 @@ class OPCMStep:
     _task: ThinSVD
     _removal: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # U_r, C, V_r
 
-    def partials(self) -> Scalars:
+    def partials(self) -> Partials:
         """The partial sums the dense `OPCM.update` reports for this tensor."""
         return {
             "task_norm_sq": self.task_norm_sq,
@@ -399,7 +405,7 @@ def opcm_step(
 
 def task_arithmetic_step(
     step: int, running_sum: LowRank | None, task: LowRank
-) -> tuple[ThinSVD, Scalars]:
+) -> tuple[ThinSVD, Partials]:
     """Continual task arithmetic's state update (methods/task_arithmetic.py): S ← S + τ (the
     scaling factor is applied when the merge is read). Returns S_new and the partial sums."""
     tau = thin_svd(task)
@@ -407,7 +413,7 @@ def task_arithmetic_step(
     return new_sum, {"task_norm_sq": squared_norm(tau), "sum_norm_sq": squared_norm(new_sum)}
 
 
-def average_step(step: int, mean: LowRank | None, task: LowRank) -> tuple[ThinSVD, Scalars]:
+def average_step(step: int, mean: LowRank | None, task: LowRank) -> tuple[ThinSVD, Partials]:
     """The running average's update (methods/average.py): mean ← ((t − 1)·mean + τ)/t."""
     tau = thin_svd(task)
     first = step == 1 or mean is None
@@ -458,7 +464,7 @@ Combine = Callable[[LowRank, LowRank], ThinSVD]
 
 def pairwise_step(
     step: int, merged: LowRank | None, task: LowRank, c: float, combine: Combine
-) -> tuple[ThinSVD, Scalars]:
+) -> tuple[ThinSVD, Partials]:
     """A pairwise continual method's update of a 2-D tensor (methods/pairwise.py): step 1
     m = c·τ, step t m ← c·combine(m, τ) with `iso_c_combine` or `tsv_m_combine`."""
     tau = thin_svd(task)

@@ -36,6 +36,7 @@ from .linalg import (
     right_singular_from_r,
     split_index,
 )
+from .lowrank import Factors, ThinSVD, device_of, opcm_step, scaled
 from .ops import squared_norm
 
 
@@ -198,6 +199,7 @@ class OPCM(ContinualMethod):
     # The decomposition of each projected weight's running sum, computed ahead of the next step
     # (`mergestream prepare`), so that a step only projects: see `prepare_tensor`.
     prepared_names = ("v", "sigma")
+    keeps_zero = True  # S = 0 plus τ = 0 is S = 0, with zero norms
     config: OPCMConfig
 
     def initial_scalars(self) -> Scalars:
@@ -271,6 +273,29 @@ class OPCM(ContinualMethod):
         return fold_projected_rows(
             rows, cfg.alpha, cfg.zero_diagonal, cfg.decomposition, self.stored
         )
+
+    def update_factored(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: ThinSVD | None,
+        task: Factors | None,
+        scalars: Scalars,
+    ) -> tuple[ThinSVD | None, Scalars]:
+        """`update` on factors (`lowrank.opcm_step`): a zero S removes nothing from τ, as the
+        dense projection against S = 0; an unchanged tensor (τ = 0) keeps S as it is."""
+        if state is None and task is None:
+            return None, {"task_norm_sq": 0.0, "sum_norm_sq": 0.0, "removed_norm_sq": 0.0}
+        shape = (info.shape[0], info.shape[1])
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
+        cfg = self.config
+        result = opcm_step(step, state, tau, cfg.alpha, cfg.zero_diagonal, info.projected)
+        return result.sum, result.partials()
+
+    def task_vector_factored(
+        self, info: TensorInfo, state: ThinSVD, scalars: Scalars
+    ) -> ThinSVD:
+        return scaled(state, 1.0 / scalars["scale"])
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
         task_norm = math.sqrt(partials.get("task_norm_sq", 0.0))

@@ -23,6 +23,7 @@ from .base import (
     TensorInfo,
     TensorUpdate,
 )
+from .lowrank import Combine, Factors, ThinSVD, device_of, pairwise_step
 from .ops import squared_norm
 
 
@@ -31,6 +32,11 @@ class PairwiseMerge(ContinualMethod):
 
     state_names = ("merged",)
     combine: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    # The same combination of a 2-D pair, on factors (`lowrank.iso_c_combine`, ...).
+    combine_factored: ClassVar[Combine]
+    # c·combine(0, 0) = 0 for both pairwise rules (the SVD of a zero matrix has no direction),
+    # and c·0 = 0 at step 1.
+    keeps_zero = True
 
     def streams_rows(self, info: TensorInfo) -> bool:
         return len(info.shape) != 2  # the SVD needs the whole matrix
@@ -56,6 +62,31 @@ class PairwiseMerge(ContinualMethod):
                 "merged_norm_sq": squared_norm(new_merged.to(COMPUTE_DTYPE)),
             },
         )
+
+    def update_factored(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: ThinSVD | None,
+        task: Factors | None,
+        scalars: Scalars,
+    ) -> tuple[ThinSVD | None, Scalars]:
+        """`update` on factors (`lowrank.pairwise_step`). A zero merge at step t > 1 is a zero
+        matrix, not a first step: the result is c·combine(0, τ); an unchanged tensor gives
+        c·combine(m, 0), as the dense kernel computes it."""
+        if state is None and task is None:
+            return None, {"task_norm_sq": 0.0, "merged_norm_sq": 0.0}
+        shape = (info.shape[0], info.shape[1])
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
+        if state is None and step > 1:
+            state = ThinSVD.zeros(shape, tau.left.device)
+        c = self.config.scaling_factor  # type: ignore[attr-defined]
+        return pairwise_step(step, state, tau, c, type(self).combine_factored)
+
+    def task_vector_factored(
+        self, info: TensorInfo, state: ThinSVD, scalars: Scalars
+    ) -> ThinSVD:
+        return state
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
         return {

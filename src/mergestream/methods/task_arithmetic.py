@@ -23,12 +23,14 @@ from .base import (
     TensorUpdate,
 )
 from .configs.task_arithmetic import TaskArithmeticConfig
+from .lowrank import Factors, ThinSVD, device_of, scaled, task_arithmetic_step
 from .ops import squared_norm
 
 
 class TaskArithmetic(ContinualMethod):
     config_class = TaskArithmeticConfig
     state_names = ("sum",)
+    keeps_zero = True
     config: TaskArithmeticConfig
 
     def update(
@@ -50,6 +52,25 @@ class TaskArithmetic(ContinualMethod):
                 "sum_norm_sq": squared_norm(new_sum.to(COMPUTE_DTYPE)),
             },
         )
+
+    def update_factored(
+        self,
+        info: TensorInfo,
+        step: int,
+        state: ThinSVD | None,
+        task: Factors | None,
+        scalars: Scalars,
+    ) -> tuple[ThinSVD | None, Scalars]:
+        if state is None and task is None:
+            return None, {"task_norm_sq": 0.0, "sum_norm_sq": 0.0}
+        shape = (info.shape[0], info.shape[1])
+        tau = task if task is not None else Factors.zeros(shape, device_of(state))
+        return task_arithmetic_step(step, state, tau)
+
+    def task_vector_factored(
+        self, info: TensorInfo, state: ThinSVD, scalars: Scalars
+    ) -> ThinSVD:
+        return scaled(state, self.config.scaling_factor)
 
     def finish_step(self, step: int, scalars: Scalars, partials: Scalars) -> Scalars:
         return {

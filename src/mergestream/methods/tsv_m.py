@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lowrank
 from .base import COMPUTE_DTYPE
 from .configs.tsv_m import TsvMConfig
 from .linalg import polar_on_range, rank_rtol, resolved_rank
@@ -82,3 +83,4 @@ def tsv_m_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
 class TsvM(PairwiseMerge):
     config_class = TsvMConfig
     combine = staticmethod(tsv_m_combine)
+    combine_factored = staticmethod(lowrank.tsv_m_combine)

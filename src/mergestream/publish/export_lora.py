@@ -1,6 +1,6 @@
 """The merged model as a PEFT LoRA adapter: the truncated SVD of each linear weight's task vector.
 
-    export_lora(state, "merged-adapter/", rank=16)       # or energy=0.9
+    export_lora(state, "merged-adapter/", rank=16)       # or energy=0.9, or neither: exact
     PeftModel.from_pretrained(base_model, "merged-adapter/")
 
 For every linear weight (the tensors OPCM projects: 2-D `weight`s that are not embeddings) whose
@@ -8,7 +8,13 @@ merged task vector τ is not zero, the adapter stores the best rank-r approximat
 (Eckart–Young): with τ = U·diag(σ)·Vᵀ, B = U_r·diag(√σ_r) and A = diag(√σ_r)·V_rᵀ, so that
 B·A = τ_r at scaling 1 (lora_alpha = r for every module). The rank is fixed, or per module the
 smallest that keeps a fraction `energy` of ‖τ‖² (then `rank_pattern` / `alpha_pattern` carry the
-ranks). The model card gives, per module, the rank and the fraction of ‖τ‖ retained.
+ranks), or, with neither, each module's exact rank: every singular triplet above the rank rule
+(`linalg.rank_rtol`), so B·A = τ to round-off ("exact" in the model card). The model card gives,
+per module, the rank and the fraction of ‖τ‖ retained.
+
+A weight the state keeps as factors (`step/forms.py`) is exported from its thin SVD
+(`methods/lowrank.to_lora`): exactly at its rank k, or truncated to `rank` (or to the energy
+target) from its k singular values, without ever forming the m×n matrix.
 
 Nothing that changed is lost silently: a changed bias of an adapted layer goes into lora_B's bias
 (`lora_bias`); every other changed tensor (norms, embeddings, heads, biases of other layers) is
@@ -41,6 +47,8 @@ from ..errors import ConfigError, MergestreamError
 from ..io.lora import ADAPTER_CONFIG, PEFT_PREFIX
 from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from ..methods.classify import default_is_linear_weight
+from ..methods.linalg import rank_rtol, resolved_rank
+from ..methods.lowrank import ThinSVD, to_lora
 from ..store.generation import Readable, StateView
 from .destination import publish_export
 from .export import check_output_finite
@@ -65,27 +73,54 @@ def truncated_factors(
 ) -> LowRankFactors:
     """Balanced factors of the best rank-r approximation of a 2-D `task_vector` (float64).
 
-    Exactly one of `rank` (capped at the matrix's smaller side) and `energy` (the smallest rank
-    keeping that fraction of ‖τ‖², in (0, 1]) chooses r."""
-    if (rank is None) == (energy is None):
-        raise ConfigError("give either a rank or an energy target for the LoRA export")
+    At most one of `rank` (capped at the matrix's smaller side) and `energy` (the smallest rank
+    keeping that fraction of ‖τ‖², in (0, 1]) chooses r; with neither, r is τ's rank under the
+    rank rule (the factors are exact to round-off)."""
+    if rank is not None and energy is not None:
+        raise ConfigError("give either a rank or an energy target for the LoRA export, not both")
     tau = task_vector.to(torch.float64)
     u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-    squares = s.square()
-    total = float(squares.sum())
+    r = _chosen_rank(s, rank, energy, rank_rtol(*tau.shape))
+    root = s[:r].sqrt()
+    return LowRankFactors(
+        b=u[:, :r] * root, a=root[:, None] * vh[:r], rank=r, retained=_retained(s, r)
+    )
+
+
+def factored_lora(
+    task_vector: ThinSVD, rank: int | None = None, energy: float | None = None
+) -> LowRankFactors:
+    """`truncated_factors` of a task vector kept as a thin SVD: the same rank rule on its
+    singular values, the factors from `lowrank.to_lora`, never an m×n matrix."""
+    if rank is not None and energy is not None:
+        raise ConfigError("give either a rank or an energy target for the LoRA export, not both")
+    r = _chosen_rank(task_vector.sigma, rank, energy, None)
+    b, a = to_lora(task_vector, r)
+    return LowRankFactors(b=b, a=a, rank=b.shape[1], retained=_retained(task_vector.sigma, r))
+
+
+def _chosen_rank(
+    s: torch.Tensor, rank: int | None, energy: float | None, rtol: float | None
+) -> int:
+    """r from descending singular values `s`: `rank` (capped), the `energy` target, or with
+    neither the rank rule (`rtol`; None: every value of `s` is a direction already). At least 1."""
     if rank is not None:
-        r = max(1, min(rank, s.numel()))
-    else:
-        assert energy is not None
+        return max(1, min(rank, s.numel()))
+    if energy is not None:
+        squares = s.square()
         kept = torch.cumsum(squares, 0)
         # the first r with kept[r-1] ≥ energy·total (small slack: float64 sums of σ²)
-        r = int((kept < energy * total * (1 - 1e-12)).sum()) + 1
-        r = min(max(r, 1), s.numel())
-    root = s[:r].sqrt()
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    retained = math.sqrt(float(squares[:r].sum()) / total) if total > 0 else 1.0
-    return LowRankFactors(b=b, a=a, rank=r, retained=retained)
+        r = int((kept < energy * float(squares.sum()) * (1 - 1e-12)).sum()) + 1
+        return min(max(r, 1), s.numel())
+    exact = s.numel() if rtol is None else resolved_rank(s, rtol)
+    return max(1, min(exact, s.numel()))
+
+
+def _retained(s: torch.Tensor, r: int) -> float:
+    """‖τ_r‖ / ‖τ‖ from the singular values (1 for τ = 0)."""
+    squares = s.square()
+    total = float(squares.sum())
+    return math.sqrt(float(squares[:r].sum()) / total) if total > 0 else 1.0
 
 
 @dataclass
@@ -125,7 +160,10 @@ def export_lora(
     earlier export (of a full model or an adapter), another folder only with `overwrite`, never
     the state or the base; the folder is switched in whole and records what it holds in its
     export marker. `dtype` is that of every floating-point tensor written; by default the LoRA
-    factors (and lora_B biases) are float32 and the tensors saved whole keep the base's dtype."""
+    factors (and lora_B biases) are float32 and the tensors saved whole keep the base's dtype.
+    With neither `rank` nor `energy` every module is exported at its exact rank."""
+    if rank is not None and energy is not None:
+        raise ConfigError("give either a rank or an energy target for the LoRA export, not both")
     if rank is not None and rank < 1:
         raise ConfigError(f"LoRA export rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
@@ -173,10 +211,21 @@ def _adapter_tensors(
     changed_other: dict[str, torch.Tensor] = {}  # name -> τ, saved whole or dropped
     changed_bias: dict[str, torch.Tensor] = {}
     factors: dict[str, LowRankFactors] = {}
-    for name, tau in view.task_vectors():
+    for info in view.infos:
+        name = info.name
+        linear = len(info.shape) == 2 and default_is_linear_weight(name)
+        svd = view.task_vector_factors(info)
+        if svd is not None:  # kept as factors: exported from them, never formed
+            if svd.k == 0:
+                continue
+            if linear:
+                svd = ThinSVD(svd.v, svd.sigma, svd.u) if fan_in_fan_out else svd
+                factors[name.removesuffix(".weight")] = factored_lora(svd, rank, energy)
+                continue
+        tau = view.task_vector(info)
         if not bool(tau.any()):
             continue
-        if len(infos[name].shape) == 2 and default_is_linear_weight(name):
+        if linear:
             matrix = tau.t() if fan_in_fan_out else tau  # B·A is (out, in)
             factors[name.removesuffix(".weight")] = truncated_factors(matrix, rank, energy)
         elif name.endswith(".bias"):
@@ -273,7 +322,12 @@ def _model_card(
     ledger = view.ledger
     method = view.manifest["method"]
     params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
-    chosen = f"rank {rank}" if rank is not None else f"per module, {energy:g} of ‖τ‖² kept"
+    if rank is not None:
+        chosen = f"rank {rank}"
+    elif energy is not None:
+        chosen = f"per module, {energy:g} of ‖τ‖² kept"
+    else:
+        chosen = "exact: each module at its rank, no truncation"
     lines = [
         "---",
         "library_name: peft",
@@ -284,7 +338,7 @@ def _model_card(
         "",
         f"Written by mergestream {__version__}: the {method['name']} merge ({params}) of "
         f"{view.step} inputs into the base `{view.base_path}`, as a LoRA adapter whose "
-        f"B·A is the truncated SVD of each linear weight's merged task vector ({chosen}).",
+        f"B·A is the SVD of each linear weight's merged task vector ({chosen}).",
         "",
         "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
         "",

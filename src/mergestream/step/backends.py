@@ -31,11 +31,12 @@ from .engine import (
     current_streaming,
     finish_step_scalars,
     prepare_step_scalars,
+    take_ranks,
     tensor_nbytes,
 )
 from .local import LocalBackend
 from .runtime import default_workers
-from .tasks import Executor, StepJob, StepRequest, TaskResult, TaskSpec, plan_tasks
+from .tasks import Executor, StepJob, StepRequest, TaskResult, TaskSpec, job_forms, plan_tasks
 
 
 class Backend(Protocol):
@@ -108,8 +109,10 @@ class DistributedBackend:
             base_headers=header_fingerprint(request.base.files()),
             checkpoint_headers=header_fingerprint(request.checkpoint.files()),
             streaming=current_streaming(),
+            previous_forms=job_forms(request.previous_forms),
+            forms=job_forms(request.forms),
         )
-        tasks = plan_tasks(infos, method, executor.slots(device))
+        tasks = plan_tasks(infos, method, executor.slots(device), request.forms)
         progress = request.progress or NoProgress()
         directory = storage.begin_parts(request.generation)
         try:
@@ -119,6 +122,7 @@ class DistributedBackend:
             finally:
                 progress.finish()
             by_name = _partials_by_name(results, infos, tasks)
+            ranks = take_ranks(list(by_name.items()))
             new_scalars = finish_step_scalars(
                 method,
                 request.checkpoint,
@@ -139,6 +143,7 @@ class DistributedBackend:
             seconds=time.perf_counter() - started,
             tensors=len(infos),
             projected=sum(i.projected for i in infos),
+            ranks=ranks,
         )
         return stats, parts
 

@@ -12,6 +12,12 @@ whole: the method folds them by blocks of rows read from the files and written s
 the new state (`ContinualMethod.update_rows`), one such tensor at a time with every core. The
 peak memory of a step is then set by the block size and the smaller tensors in flight, not by
 the largest tensor of the model.
+
+Each tensor is folded in the form planned for it before the step (`forms.py`): a factored one
+through the method's `update_factored`, from the previous thin SVD and the input's factors
+(never by row blocks: factors are small), a zero one not at all (its partial sums are the zero
+tensors'), a dense one through `update`, whatever form its previous state had (the reader forms
+a factored or zero state dense).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,10 +40,12 @@ from ..methods.base import (
     Scalars,
     StepTensor,
     TensorInfo,
-    TensorUpdate,
 )
 from ..methods.classify import LinearRule
+from ..methods.lowrank import Factors, ThinSVD
+from ..methods.lowrank import squared_norm as factors_squared_norm
 from ..progress import NoProgress, Progress
+from ..store.manifest import DENSE, DENSE_FORM, ZERO, TensorForm
 from .runtime import (
     default_workers,
     ordered_map,
@@ -51,6 +59,9 @@ StateReader = Callable[[TensorInfo], Mapping[str, torch.Tensor]]
 StateWriter = Callable[[TensorInfo, Mapping[str, torch.Tensor]], None]
 StateRowReader = Callable[[TensorInfo, int, int], Mapping[str, torch.Tensor]]
 StateRowWriter = Callable[[TensorInfo, int, Mapping[str, torch.Tensor]], None]
+# A factored tensor's previous state (None where it was zero) and its new one, per state kind.
+FactorReader = Callable[[TensorInfo], ThinSVD | None]
+FactorWriter = Callable[[TensorInfo, Mapping[str, ThinSVD]], None]
 
 # Tensors this large (4 Mi entries, 32 MiB in float64) are folded by row blocks of about
 # ROW_BLOCK_ELEMENTS entries. Smaller tensors are processed whole and in parallel. Both sizes
@@ -110,6 +121,26 @@ def load_task_rows(
     return incoming.sub_(base.get_rows(info.name, start, stop).to(device))
 
 
+def load_task_factors(
+    info: TensorInfo, checkpoint: TensorSource, device: torch.device
+) -> Factors | None:
+    """The task vector of a tensor planned factored, as factors on `device` (None where the
+    input leaves it unchanged); refuses NaN/Inf in the factors."""
+    unchanged = getattr(checkpoint, "leaves_unchanged", None)
+    if unchanged is not None and unchanged(info.name):
+        return None
+    task_factors = getattr(checkpoint, "task_factors", None)
+    factors = task_factors(info.name, device) if task_factors is not None else None
+    if factors is None:
+        raise RuntimeError(
+            f"{checkpoint.description}: tensor {info.name!r} was planned as factors, but the "
+            "input gives it as a full tensor"
+        )
+    for factor in factors:
+        _check_finite(factor, checkpoint, info.name)
+    return Factors(*factors)
+
+
 def check_all_finite(source: TensorSource, infos: list[TensorInfo], role: str) -> None:
     """Refuse a source with NaN/Inf in any floating-point tensor (`role` says what it is, e.g.
     "the base"), reading one tensor, or one row block of a large tensor, at a time."""
@@ -148,6 +179,10 @@ def _check_finite(
 
 
 CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64
+
+# A factored tensor's new rank, reported with its partial sums (the manifest records it) and
+# taken out of them before they are summed (`take_ranks`).
+RANK_PARTIAL = "engine.rank"
 
 # A partial sum the engine adds to each tensor's own, and takes out again before the method
 # sees the step's totals: 1 when the tensor's task vector has an entry that is not zero. A
@@ -188,6 +223,17 @@ class StepStats:
     seconds: float
     tensors: int
     projected: int
+    ranks: dict[str, int] = field(default_factory=dict)  # factored tensors' new ranks
+
+
+def take_ranks(partials: list[tuple[str, Scalars]]) -> dict[str, int]:
+    """Each factored tensor's new rank, taken out of its partial sums (`RANK_PARTIAL`)."""
+    ranks = {}
+    for name, more in partials:
+        rank = more.pop(RANK_PARTIAL, None)
+        if rank is not None:
+            ranks[name] = int(rank)
+    return ranks
 
 
 def run_step(
@@ -206,6 +252,9 @@ def run_step(
     workers: int | None = None,
     progress: Progress | None = None,
     allow_zero: bool = False,
+    forms: Mapping[str, TensorForm] | None = None,
+    read_factors: FactorReader | None = None,
+    write_factors: FactorWriter | None = None,
 ) -> StepStats:
     """Fold `checkpoint` into the state as step `step` (1-based); returns the new scalars.
 
@@ -222,6 +271,10 @@ def run_step(
 
     A checkpoint whose task vector is zero in every tensor is refused after the pass, before
     anything is committed, unless `allow_zero` (see `NONZERO_PARTIAL`).
+
+    `forms` are the tensors' planned forms (`forms.plan_forms`; absent: dense); tensors planned
+    factored read their previous state with `read_factors` and write the new one with
+    `write_factors`, tensors planned zero write nothing. `StepStats.ranks` has the new ranks.
 
     The step is three parts that other executors (`ray_backend.py`) reuse as they are:
     `prepare_step_scalars`, `fold_tensors` over any subset of the tensors, and
@@ -247,9 +300,9 @@ def run_step(
     total_bytes = sum(tensor_nbytes(i) for i in infos)
     progress.start(f"step {step}", len(infos), total_bytes)
     try:
-        partials = [
-            more
-            for _, more in fold_tensors(
+        named = [
+            (info.name, more)
+            for info, more in fold_tensors(
                 method,
                 step,
                 step_scalars,
@@ -263,12 +316,16 @@ def run_step(
                 device=device,
                 workers=workers,
                 progress=progress,
+                forms=forms,
+                read_factors=read_factors,
+                write_factors=write_factors,
             )
         ]
     finally:
         progress.finish()
+    ranks = take_ranks(named)
     new_scalars = finish_step_scalars(
-        method, checkpoint, step, scalars, partials, allow_zero=allow_zero
+        method, checkpoint, step, scalars, [more for _, more in named], allow_zero=allow_zero
     )
     return StepStats(
         step=step,
@@ -276,6 +333,7 @@ def run_step(
         seconds=time.perf_counter() - started,
         tensors=len(infos),
         projected=sum(i.projected for i in infos),
+        ranks=ranks,
     )
 
 
@@ -337,6 +395,9 @@ def fold_tensors(
     progress: Progress | None = None,
     single_threaded: bool | None = None,
     streaming: Streaming | None = None,
+    forms: Mapping[str, TensorForm] | None = None,
+    read_factors: FactorReader | None = None,
+    write_factors: FactorWriter | None = None,
 ) -> Iterator[tuple[TensorInfo, Scalars]]:
     """Run the method's update over `infos` (any subset of the step's tensors, in their order):
     write each tensor's new state and yield (tensor, its partial sums) in the order of `infos`.
@@ -353,7 +414,10 @@ def fold_tensors(
     `streaming` (default: this module's sizes now) says which tensors go by row blocks, and
     how large the blocks are.
 
-    Each tensor's partial sums also hold the engine's `NONZERO_PARTIAL`.
+    `forms`, `read_factors`, `write_factors`: as in `run_step`.
+
+    Each tensor's partial sums also hold the engine's `NONZERO_PARTIAL`, and a factored
+    tensor's its new rank (`RANK_PARTIAL`).
     """
     device = resolve_device(device)
     streaming = streaming or current_streaming()
@@ -361,9 +425,13 @@ def fold_tensors(
         workers = default_workers(device)
     progress = progress or NoProgress()
     can_stream = read_state_rows is not None and write_state_rows is not None
+    forms = forms or {}
+
+    def form_of(info: TensorInfo) -> TensorForm:
+        return forms.get(info.name, DENSE_FORM)
 
     def streamed(info: TensorInfo) -> _StreamedTensor | None:
-        if not (can_stream and streaming.streams(method, info)):
+        if form_of(info).kind != DENSE or not (can_stream and streaming.streams(method, info)):
             return None
         assert read_state_rows is not None and write_state_rows is not None
         return _StreamedTensor(
@@ -379,7 +447,10 @@ def fold_tensors(
 
     own_streams = workers > 1 and device.type == "cuda"
 
-    def process(info: TensorInfo) -> TensorUpdate:
+    def process(info: TensorInfo) -> _Folded:
+        if form_of(info).kind != DENSE:
+            with worker_stream(device) if own_streams else contextlib.nullcontext():
+                return fold_factored(info)
         with worker_stream(device) if own_streams else contextlib.nullcontext():
             task_vector = load_task_vector(info, base, checkpoint, device)
             state = _on_device(read_state(info), device)
@@ -393,7 +464,37 @@ def fold_tensors(
             # Back to the host inside the worker's stream, so the caller never touches device
             # memory that another stream is still writing.
             on_host = {k: v.to("cpu") for k, v in update.state.items()}
-        return TensorUpdate(state=on_host, partials=partials)
+        return _Folded(state=on_host, partials=partials)
+
+    def fold_factored(info: TensorInfo) -> _Folded:
+        form = form_of(info)
+        if form.kind == ZERO:  # unchanged and zero before: no state is read or written
+            new, partials = method.update_factored(info, step, None, None, step_scalars)
+            if new is not None:
+                raise RuntimeError(
+                    f"{method.name}: the zero state of {info.name!r} did not stay zero"
+                )
+            return _Folded({}, {**partials, NONZERO_PARTIAL: 0.0})
+        if read_factors is None or write_factors is None:
+            raise RuntimeError(f"tensor {info.name!r} is planned factored without a factor store")
+        task = load_task_factors(info, checkpoint, device)
+        previous = read_factors(info) if step > 1 else None
+        if previous is not None:
+            previous = ThinSVD(*(t.to(device) for t in (previous.u, previous.sigma, previous.v)))
+        nonzero = float(task is not None and factors_squared_norm(task) > 0.0)
+        new, partials = method.update_factored(info, step, previous, task, step_scalars)
+        if new is None:
+            new = ThinSVD.zeros((info.shape[0], info.shape[1]), device)
+        for key, tensor in (("u", new.u), ("sigma", new.sigma), ("v", new.v)):
+            _check_result_finite(checkpoint, info, f"factor {key!r}", tensor)
+        _check_partials_finite(checkpoint, info, partials, None)
+        on_host = ThinSVD(new.u.to("cpu"), new.sigma.to("cpu"), new.v.to("cpu"))
+        (state_name,) = method.state_names
+        return _Folded(
+            {},
+            {**partials, NONZERO_PARTIAL: nonzero, RANK_PARTIAL: float(new.k)},
+            {state_name: on_host},
+        )
 
     if own_streams:
         warm_cuda_linalg(device)
@@ -409,9 +510,23 @@ def fold_tensors(
         with single_threaded_kernels(single_threaded):
             results = ordered_map(process, segment, workers)
             for info, update in zip(segment, results, strict=True):
-                write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
+                if update.factors:
+                    assert write_factors is not None
+                    write_factors(info, update.factors)
+                elif form_of(info).kind == DENSE:
+                    write_state(info, {k: v.to("cpu") for k, v in update.state.items()})
                 progress.advance(1, tensor_nbytes(info))
                 yield info, update.partials
+
+
+@dataclass
+class _Folded:
+    """One whole tensor folded by a worker: its new dense state, or its new factors (a
+    factored tensor), and its partial sums."""
+
+    state: dict[str, torch.Tensor]
+    partials: Scalars
+    factors: dict[str, ThinSVD] = field(default_factory=dict)
 
 
 def finish_step_scalars(

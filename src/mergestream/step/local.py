@@ -20,7 +20,11 @@ class LocalBackend:
         the step's statistics and the generation's parts for the manifest."""
         method = request.method
         writer = request.storage.begin(
-            request.generation, method.state_names, request.infos, method.state_dtype
+            request.generation,
+            method.state_names,
+            request.infos,
+            method.state_dtype,
+            request.forms,
         )
         try:
             stats = run_step(
@@ -38,6 +42,9 @@ class LocalBackend:
                 workers=request.workers,
                 progress=request.progress,
                 allow_zero=request.allow_zero,
+                forms=request.forms,
+                read_factors=request.read_factors,
+                write_factors=writer.put_factors,
             )
             writer.close()
             return stats, writer.parts()

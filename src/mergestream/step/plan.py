@@ -11,6 +11,12 @@ vector and its state (as read, in float64, and the new one) and, for a projected
 k x k matrices (k the smaller side) and one row block. Larger tensors are streamed alone by row
 blocks: a few blocks of about `engine.ROW_BLOCK_ELEMENTS` entries, plus the n x n matrices of a
 projected weight. The constants were checked against `benchmarks/memory_llama.py`.
+
+The plan also says in which form the step will leave each tensor (`forms.py`: factored with its
+rank bound, zero, or dense) and what that costs: the new generation's bytes from the forms, and
+the step's compute from the ranks with OPCM's cost model (`lowrank.opcm_step_cost`, which the
+other factored methods follow closely: the same splits and core SVDs), turned into seconds at
+the float64 rate measured here on a small product. Reading and writing files come on top.
 """
 
 from __future__ import annotations
@@ -18,18 +24,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
 
 from ..io.lora import LoraSource
 from ..io.mapping import MappedSource
 from ..io.safetensors_stream import dtype_name
 from ..io.source import TensorSource
 from ..methods.base import ContinualMethod, TensorInfo
+from ..methods.lowrank import opcm_step_cost
 from ..progress import format_size
 from ..store.generation import StateView
 from ..store.ledger import tensor_roles
+from ..store.manifest import DENSE, FACTORED, ZERO, TensorForm
 from . import engine
+from .forms import form_counts, incoming, plan_forms, previous_forms
 
 # n x n float64 matrices alive while a weight is projected (Gram, Sᵀτ, eigenvectors, the
 # solver's workspace, the removal matrix)
@@ -70,6 +83,15 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     # A LoRA adapter: its ranks and options, and base tensor -> how the adapter changes it.
     adapter: dict[str, Any] = field(default_factory=dict)
+    # The forms after the step: how many tensors have each, and per matrix (2-D tensor) its
+    # form and rank bound now and after ("factored 4 -> 8", "zero", "dense", ...).
+    forms: dict[str, int] = field(default_factory=dict)
+    matrices: dict[str, str] = field(default_factory=dict)
+    factored_method: bool = True  # whether the method can keep factors at all
+    state_bytes: int = 0  # the current generation's files
+    step_flops: float = 0.0  # the cost model's operations for the step
+    step_seconds: float = 0.0  # at `flops_per_second`, measured here
+    flops_per_second: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +109,55 @@ def working_set(info: TensorInfo, state_size: int, first_step: bool) -> int:
             total += GRAM_BUFFERS * 8 * min(info.shape) ** 2
             total += 8 * min(n, 8 << 20)  # one row block of S·Z
     return total
+
+
+def stored_bytes(info: TensorInfo, form: TensorForm, state_size: int) -> int:
+    """Bytes of one tensor's state in a generation: dense in the state's precision, factored
+    as U, σ, V of its width in float64, zero as nothing."""
+    if form.kind == FACTORED:
+        return 8 * (sum(info.shape) * form.width + form.width)
+    if form.kind == ZERO:
+        return 0
+    return math.prod(info.shape) * state_size
+
+
+def factored_working_set(info: TensorInfo, form: TensorForm) -> int:
+    """Bytes alive while a factored tensor is folded: a few copies of its bases and the core."""
+    return 8 * (4 * sum(info.shape) * form.width + 4 * form.width**2)
+
+
+def step_flops(
+    info: TensorInfo,
+    before: TensorForm,
+    after: TensorForm,
+    rank_in: int,
+    method: ContinualMethod,
+    first_step: bool,
+) -> float:
+    """Operations of one tensor's fold (`lowrank.opcm_step_cost` for matrices, a few per entry
+    for elementwise rules and for a first step, which only stores the task vector)."""
+    numel = math.prod(info.shape)
+    if after.kind == ZERO:
+        return 0.0
+    if len(info.shape) != 2 or (first_step and after.kind == DENSE):
+        return 10.0 * numel
+    m, n = info.shape
+    if after.kind == FACTORED:
+        k = before.rank if before.kind == FACTORED else 0
+        return opcm_step_cost(m, n, k, max(after.width - k, 0)).factored_flops
+    if info.projected or method.factored:  # a decomposition of the dense matrix
+        return opcm_step_cost(m, n, min(m, n), rank_in).dense_flops
+    return 10.0 * numel
+
+
+def measured_flops_per_second() -> float:
+    """The float64 rate of this process's matrix products, from a few small ones."""
+    a = torch.randn(384, 384, dtype=torch.float64)
+    a @ a  # warm
+    started = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    return 4 * 2 * 384**3 / max(time.perf_counter() - started, 1e-9)
 
 
 def _first_block(info: TensorInfo) -> TensorInfo:
@@ -130,15 +201,28 @@ def plan_add(
         name = dtype_name(source.spec(info.name).dtype)
         dtypes[name] = dtypes.get(name, 0) + 1
     state_size = method.state_dtype.itemsize * len(method.state_names)
+    before = previous_forms(view.manifest, infos)
+    after = plan_forms(method, infos, before, source)
     peak_tensor, peak, export_peak = "", 0, 0
     generation_bytes = 0
+    flops = 0.0
+    matrices = {}
     # Whole tensors between two streamed ones run `workers` at a time with one more read
     # ahead: the peak of such a run is its largest sum over that many consecutive tensors.
     window: list[tuple[int, str]] = []
     for info in infos:
-        generation_bytes += math.prod(info.shape) * state_size
+        form = after[info.name]
+        generation_bytes += stored_bytes(info, form, state_size)
+        came = incoming(source, info.name)
+        flops += step_flops(info, before[info.name], form, came.rank, method, step == 0)
+        if len(info.shape) == 2:
+            matrices[info.name] = _form_change(before[info.name], form)
         export_peak = max(export_peak, export_working_set(info, state_size))
-        if engine.is_streamed(info) and method.streams_rows(info):
+        if form.kind != DENSE:
+            need = factored_working_set(info, form) if form.kind == FACTORED else 0
+            window = [*window, (need, info.name)][-(workers + 1) :]
+            need, name = sum(n for n, _ in window), max(window)[1]
+        elif engine.is_streamed(info) and method.streams_rows(info):
             window = []  # the engine finishes the run before it streams a tensor
             need, name = streamed_working_set(info, state_size, first_step=step == 0), info.name
         else:
@@ -168,6 +252,7 @@ def plan_add(
                 "(pass --allow-duplicate to merge it again)"
             )
     mapped = source if isinstance(source, MappedSource) else None
+    rate = measured_flops_per_second() * max(1, workers)
     return Plan(
         checkpoint=checkpoint_path,
         step=step + 1,
@@ -187,7 +272,33 @@ def plan_add(
         export_peak_memory_bytes=runtime + export_peak,
         warnings=warnings,
         adapter=_adapter_plan(source),
+        forms=form_counts(after),
+        matrices=matrices,
+        factored_method=method.factored,
+        state_bytes=_current_bytes(view.manifest),
+        step_flops=flops,
+        step_seconds=flops / rate,
+        flops_per_second=rate,
     )
+
+
+def _form_change(before: TensorForm, after: TensorForm) -> str:
+    """ "factored 4 -> 8" (rank now and bound after), "zero", "dense", "factored -> dense"."""
+
+    def name(form: TensorForm, bound: bool) -> str:
+        if form.kind != FACTORED:
+            return form.kind
+        return f"factored {'<= ' if bound else ''}{form.rank}"
+
+    now, then = name(before, False), name(after, True)
+    if before.kind == after.kind == ZERO or before.kind == after.kind == DENSE:
+        return after.kind
+    return f"{now} -> {then}"
+
+
+def _current_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes of the current generation's files, as the manifest records them."""
+    return sum(int(p.get("bytes", 0)) for p in manifest.get("parts") or [])
 
 
 def _adapter_plan(source: TensorSource) -> dict[str, Any]:
@@ -222,9 +333,26 @@ def format_plan(plan: Plan) -> str:
         + f"; an export takes {size(plan.export_bytes)}",
         f"  export:   about {size(plan.export_peak_memory_bytes)} of memory at peak",
     ]
+    lines += _format_forms(plan)
     lines += _format_adapter(plan.adapter, sum(plan.tensors[k] for k in ("projected", "added")))
     lines += [f"  warning:  {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _format_forms(plan: Plan) -> list[str]:
+    """The lines of a plan that say how the state keeps each tensor after the step."""
+    f = plan.forms
+    size = format_size
+    lines = [
+        f"  forms:    after the step {f.get(FACTORED, 0)} factored, {f.get(ZERO, 0)} zero, "
+        f"{f.get(DENSE, 0)} dense tensors; the state now takes {size(plan.state_bytes)}"
+        + ("" if plan.factored_method else " (this method keeps every tensor dense)"),
+        f"  compute:  about {plan.step_seconds:.3g}s ({plan.step_flops:.3g} float64 operations "
+        f"at {plan.flops_per_second / 1e9:.3g} GFLOP/s measured here; reading and writing "
+        "files come on top)",
+    ]
+    lines += [f"    {how:22s} {name}" for name, how in plan.matrices.items()]
+    return lines
 
 
 def _format_adapter(adapter: dict[str, Any], merged_tensors: int) -> list[str]:

@@ -17,6 +17,10 @@ differently). A step uses the factors only when the key equals the one it comput
 otherwise (a stale record, another device or worker count) it decomposes as usual. Factors that
 fail their checksums on read are not trusted either: the step recomputes them. A step with
 prepared factors gives the same bits as one without; tests check it with `torch.equal`.
+
+Tensors kept as factors (`forms.py`) are not prepared: their state already is the thin SVD
+U·diag(σ)·Vᵀ a step starts from, so a factored step has nothing to decompose ahead of time.
+Zero tensors have nothing to decompose either.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from ..io.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from ..methods.base import COMPUTE_DTYPE, PREPARED_PREFIX, ContinualMethod, TensorInfo
 from ..progress import NoProgress, Progress
 from ..store.atomic import fsync_dir
-from ..store.manifest import check_parts, generation_dir_name
+from ..store.manifest import (
+    DENSE,
+    DENSE_FORM,
+    TensorForm,
+    check_parts,
+    generation_dir_name,
+    read_forms,
+)
 from ..store.storage import DamagedPart, DiskStorage, Storage, writing
 from .engine import is_streamed
 from .runtime import default_workers, ordered_map, resolve_device, single_threaded_kernels
@@ -84,13 +95,18 @@ def usable_parts(manifest: Mapping[str, Any], regime: Mapping[str, Any]) -> list
     return parts if isinstance(parts, list) else None
 
 
-def prepare_targets(method: ContinualMethod, infos: list[TensorInfo]) -> list[TensorInfo]:
+def prepare_targets(
+    method: ContinualMethod, infos: list[TensorInfo], forms: Mapping[str, TensorForm]
+) -> list[TensorInfo]:
     """Tensors with prepared quantities: those the method prepares and that a step holds whole
-    (tensors folded by row blocks decompose from block sums inside their own pass)."""
+    (tensors folded by row blocks decompose from block sums inside their own pass), stored
+    dense: a factored tensor's state already is its SVD (U, σ, V), and a zero one has none."""
     return [
         info
         for info in infos
-        if method.prepared_shapes(info) and not (is_streamed(info) and method.streams_rows(info))
+        if method.prepared_shapes(info)
+        and not (is_streamed(info) and method.streams_rows(info))
+        and forms.get(info.name, DENSE_FORM).kind == DENSE
     ]
 
 
@@ -252,8 +268,10 @@ def prepare_generation(
     usable = usable_parts(manifest, regime)
     if usable is not None and not check_parts(storage.path, usable):
         return 0, None  # prepared already; a damaged preparation is computed again
+    targets = prepare_targets(method, infos, read_forms(manifest))
+    if not targets:
+        return 0, None  # every decomposable tensor is factored (or zero): nothing to compute
     check_base()
-    targets = prepare_targets(method, infos)
 
     def compute(info: TensorInfo) -> Mapping[str, torch.Tensor]:
         state = {k: v.to(resolved) for k, v in read_state(info.name).items()}

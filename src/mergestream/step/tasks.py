@@ -37,11 +37,22 @@ from ..io.open import open_checkpoint
 from ..io.source import TensorSource
 from ..methods import ContinualMethod, TensorInfo, get_method
 from ..methods.base import STATE_DTYPES, Scalars
+from ..methods.lowrank import ThinSVD
 from ..progress import Progress
+from ..store.generation import GenerationReader
 from ..store.hashing import header_fingerprint
-from ..store.manifest import generation_dir_name
+from ..store.manifest import (
+    DENSE,
+    DENSE_FORM,
+    FACTORED,
+    TensorForm,
+    forms_record,
+    generation_dir_name,
+    read_forms,
+)
 from ..store.storage import DiskStorage, PartWriter, Storage
 from .engine import (
+    FactorReader,
     StateReader,
     StateRowReader,
     Streaming,
@@ -87,6 +98,11 @@ class StepRequest:
     workers: int | None = None
     progress: Progress | None = None
     allow_zero: bool = False
+    # The new generation's planned forms (`forms.plan_forms`; absent: dense), and the previous
+    # generation's factored states (None where zero) for the tensors planned factored.
+    forms: dict[str, TensorForm] | None = None
+    read_factors: FactorReader | None = None
+    previous_forms: dict[str, TensorForm] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,10 @@ class StepJob:
     # The engine's streaming sizes as the driver planned with them, so that every process cuts
     # tensors into the same row blocks (None: the sizes of the process running the task).
     streaming: Streaming | None = None
+    # The forms of the previous generation and those planned for the new one, as the manifest
+    # records them (`manifest.forms_record`): every task folds each tensor in the driver's form.
+    previous_forms: dict[str, dict[str, Any]] | None = None
+    forms: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,24 +189,35 @@ class SerialExecutor:
 # ------------------------------------------------------------------------------------ plan
 
 
-def tensor_cost(info: TensorInfo) -> float:
+def tensor_cost(info: TensorInfo, form: TensorForm = DENSE_FORM) -> float:
     """Relative work of folding one tensor: a projected matrix costs a decomposition,
-    m·n·min(m, n); anything else is elementwise, its number of entries."""
+    m·n·min(m, n); a factored one products of its factors, (m + n)·w²; a zero one nothing;
+    anything else is elementwise, its number of entries."""
+    if form.kind == FACTORED:
+        return float(sum(info.shape) * max(1, form.width) ** 2)
+    if form.kind != DENSE:
+        return 1.0
     numel = float(torch.Size(info.shape).numel())
     if info.projected and len(info.shape) == 2:
         return numel * min(info.shape)
     return numel
 
 
-def plan_tasks(infos: Sequence[TensorInfo], method: ContinualMethod, slots: int) -> list[TaskSpec]:
+def plan_tasks(
+    infos: Sequence[TensorInfo],
+    method: ContinualMethod,
+    slots: int,
+    forms: dict[str, TensorForm] | None = None,
+) -> list[TaskSpec]:
     """Tasks covering every tensor once, costliest first.
 
     A tensor streamed by row blocks, or one costing at least a task's share of the step (the
     total over `TASKS_PER_SLOT` tasks per slot), is a task of its own; the rest are packed, in
     descending cost, into tasks of about that share. The plan depends only on the headers and
     `slots`, never on timing; the result of the step does not depend on the plan at all."""
+    forms = forms or {}
     order = {info.name: index for index, info in enumerate(infos)}
-    costs = {info.name: tensor_cost(info) for info in infos}
+    costs = {info.name: tensor_cost(info, forms.get(info.name, DENSE_FORM)) for info in infos}
     total = sum(costs.values())
     share = total / max(1, slots * TASKS_PER_SLOT)
     by_cost = sorted(infos, key=lambda i: (-costs[i.name], order[i.name]))
@@ -194,7 +225,10 @@ def plan_tasks(infos: Sequence[TensorInfo], method: ContinualMethod, slots: int)
     current: list[TensorInfo] = []
     current_cost = 0.0
     for info in by_cost:
-        alone = costs[info.name] >= share or (is_streamed(info) and method.streams_rows(info))
+        dense = forms.get(info.name, DENSE_FORM).kind == DENSE
+        alone = costs[info.name] >= share or (
+            dense and is_streamed(info) and method.streams_rows(info)
+        )
         if alone:
             groups.append([info])
             continue
@@ -256,9 +290,15 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
                 "floating-point tensor of the base here; the machines see different files"
             )
         infos = [by_name[n] for n in task.names]
-        read_state, read_state_rows = _state_readers(storage, job, method)
+        read_state, read_state_rows, read_factors = _state_readers(storage, job, method)
+        forms = read_forms({"forms": job.forms})
         writer = PartWriter(
-            directory, f"{job.attempt}.{task.part}", method.state_names, infos, method.state_dtype
+            directory,
+            f"{job.attempt}.{task.part}",
+            method.state_names,
+            infos,
+            method.state_dtype,
+            forms,
         )
         try:
             partials = []
@@ -277,6 +317,9 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
                 workers=job.task_cpus if job.workers > 1 else 1,
                 single_threaded=job.workers > 1 and torch.device(job.device).type == "cpu",
                 streaming=job.streaming,  # the driver's row blocks, whatever this process's
+                forms=forms,
+                read_factors=read_factors,
+                write_factors=writer.put_factors,
             ):
                 partials.append((info.name, more))
                 if len(partials) == 1:
@@ -319,24 +362,30 @@ def _check_same_files(job: StepJob, base: TensorSource, checkpoint: TensorSource
 
 
 def _state_readers(storage: DiskStorage, job: StepJob, method: ContinualMethod):  # noqa: ANN202
-    """(read_state, read_state_rows) over the previous generation ({} at step 1)."""
+    """(read_state, read_state_rows, read_factors) over the previous generation ({} and None
+    at step 1), each tensor read in its recorded form, as the driver's reader reads it."""
     previous = job.previous_generation
     if previous is not None:
         storage.use_parts(previous, method.state_names, job.previous_parts)
+    reader = GenerationReader(
+        storage, method, {"generation": previous, "scalars": {}, "forms": job.previous_forms}
+    )
 
     def read_state(info: TensorInfo) -> dict[str, torch.Tensor]:
-        if previous is None:
-            return {}
-        return {s: storage.read(previous, s, info.name) for s in method.state_names}
+        return reader.state(info.name, info.shape)
 
     def read_state_rows(info: TensorInfo, start: int, stop: int) -> dict[str, torch.Tensor]:
-        if previous is None:
-            return {}
-        return {
-            s: storage.read_rows(previous, s, info.name, start, stop) for s in method.state_names
-        }
+        return reader.state_rows(info.name, start, stop, info.shape)
 
-    return read_state, read_state_rows
+    def read_factors(info: TensorInfo) -> ThinSVD | None:
+        return reader.factors(info.name) if reader.form(info.name).kind == FACTORED else None
+
+    return read_state, read_state_rows, read_factors
+
+
+def job_forms(forms: dict[str, TensorForm] | None) -> dict[str, dict[str, Any]] | None:
+    """Forms as a `StepJob` carries them (the manifest's record)."""
+    return None if forms is None else forms_record(forms)
 
 
 def _state_bytes(job: StepJob, infos: list[TensorInfo]) -> int:

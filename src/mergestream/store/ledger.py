@@ -45,9 +45,12 @@ def new_manifest(
     base_description: str,
     state_dtype: str | None,
     base_sha256: str | None,
+    lowrank: bool = True,
 ) -> dict[str, Any]:
     """A step-0 manifest for `method` on `base` (its content hash `base_sha256`, None for a
-    state that holds its base open for its whole life and has no later run to compare with)."""
+    state that holds its base open for its whole life and has no later run to compare with).
+    `lowrank`: whether the state may keep tensors factored or zero (`step/forms.py`), which
+    only a method with `factored` does."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -56,6 +59,7 @@ def new_manifest(
         "created": now(),
         "method": {"name": method.name, "params": method.config.to_dict()},
         "state_dtype": state_dtype_name(method, state_dtype),
+        "lowrank": lowrank and method.factored,
         "base": {
             "path": base_description,
             "sha256": base_sha256,
@@ -149,14 +153,17 @@ def next_manifest(
     parts: list[dict[str, Any]],
     scalars: Mapping[str, float],
     base_stamps: list[dict[str, object]] | None,
+    forms: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest after the step `entry` records: a new dict, `manifest` untouched."""
+    """The manifest after the step `entry` records: a new dict, `manifest` untouched. `forms`
+    is the new generation's record of its tensors' forms (`manifest.forms_record`)."""
     out = json.loads(json.dumps(manifest))
     out["format_version"] = FORMAT_VERSION
     out["mergestream_version"] = __version__
     out["step"] = entry["step"]
     out["generation"] = generation
     out["parts"] = parts
+    out["forms"] = dict(forms or {})
     out.pop("prepared", None)  # it belonged to the previous generation
     out["scalars"] = dict(scalars)
     out["updated"] = now()

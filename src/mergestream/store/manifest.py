@@ -15,6 +15,7 @@ import os
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ MANIFEST = "manifest.json"
 LOCK = "lock"
 
 FORMAT = "mergestream-state"
-# 2: the manifest lists the generation's part files with checksums (`parts`); 1 had one file per
-# state kind and no checksums. Version 1 states are read as they are and written as version 2 by
-# their next step.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: each generation records its tensors' forms (`forms`: factored or zero; absent = dense, see
+# `step/forms.py`) and factor part files beside the dense ones; a state records whether it may
+# keep factors at all (`lowrank`). 2: the manifest lists the generation's part files with
+# checksums (`parts`); 1 had one file per state kind and no checksums. States of versions 1 and
+# 2 are dense: they are read as they are and written as version 3 by their next step.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # Every field a manifest must have, with its JSON type, so a damaged manifest is named as such
 # instead of failing later with a KeyError.
@@ -83,10 +86,77 @@ def check_format(manifest: Any, where: object) -> None:
     parts = manifest.get("parts")
     if version >= 2 and manifest["generation"] is not None and not isinstance(parts, list):
         raise StateError(f"{where}: the state manifest lacks 'parts'; it is damaged")
+    if not isinstance(manifest.get("lowrank", False), bool):
+        raise StateError(
+            f"{where}: the state manifest's 'lowrank' is not true or false; it is damaged"
+        )
+    read_forms(manifest, where)  # refuses a damaged record
     check_consistency(manifest, where)
 
 
 _MISSING = object()
+
+
+# ------------------------------------------------------------------------------------ forms
+
+DENSE, FACTORED, ZERO = "dense", "factored", "zero"
+
+
+@dataclass(frozen=True)
+class TensorForm:
+    """How one tensor's state is stored in a generation (see `step/forms.py`): `dense` (m×n
+    in the state's dtype), `factored` (a thin SVD of rank `rank` <= `width`, float64, in
+    factor part files, each factor `width` columns wide) or `zero` (no bytes)."""
+
+    kind: str = DENSE
+    rank: int = 0
+    width: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == FACTORED:
+            return {"form": FACTORED, "rank": self.rank, "width": self.width}
+        return {"form": self.kind}
+
+
+DENSE_FORM = TensorForm()
+ZERO_FORM = TensorForm(ZERO)
+
+
+def read_forms(manifest: Mapping[str, Any], where: object = "<manifest>") -> dict[str, TensorForm]:
+    """The forms of the manifest's generation: tensor name -> form, for every tensor that is
+    not dense (a name absent is dense; states before format 3 are dense throughout)."""
+    record = manifest.get("forms")
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise StateError(f"{where}: the state manifest's 'forms' is not an object; it is damaged")
+    forms = {}
+    for name, entry in record.items():
+        kind = entry.get("form") if isinstance(entry, dict) else None
+        if kind == ZERO:
+            forms[name] = ZERO_FORM
+            continue
+        rank, width = (entry.get("rank"), entry.get("width")) if kind == FACTORED else (0, 0)
+        valid = all(isinstance(x, int) and not isinstance(x, bool) for x in (rank, width))
+        if kind != FACTORED or not valid or not 0 <= rank <= width:
+            raise StateError(
+                f"{where}: the state manifest's form of tensor {name!r} is {entry!r}, not "
+                "{'form': 'zero'} or {'form': 'factored', 'rank': k, 'width': w} with "
+                "0 <= k <= w; it is damaged"
+            )
+        forms[name] = TensorForm(FACTORED, rank, width)
+    return forms
+
+
+def keeps_factors(manifest: Mapping[str, Any]) -> bool:
+    """Whether the state may keep tensors factored or zero (`lowrank`, chosen at init; states
+    created dense-only, and every state before format 3, are dense throughout)."""
+    return bool(manifest.get("lowrank", False))
+
+
+def forms_record(forms: Mapping[str, TensorForm]) -> dict[str, dict[str, Any]]:
+    """The manifest's `forms`: every tensor that is not dense, in the given order."""
+    return {name: form.to_json() for name, form in forms.items() if form.kind != DENSE}
 
 # Written with every manifest: the SHA-256 of the rest of it (see `manifest_checksum`).
 CHECKSUM = "checksum"
@@ -242,6 +312,7 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
     info = summary(manifest)
     if "tensors" in manifest:
         info["tensors"] = manifest["tensors"]
+    info["storage"] = storage_summary(manifest)
     generation = manifest["generation"]
     parts = manifest.get("parts")
     problems: list[str] = []
@@ -277,6 +348,20 @@ def state_status(path: Path, manifest: dict[str, Any], verify: bool = False) -> 
         "checksums": generation is None or manifest.get("parts") is not None,
     }
     return info
+
+
+def storage_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """How the current generation stores its tensors: bytes of its files, how many tensors are
+    factored (and their largest rank) or zero, and whether the state keeps factors at all."""
+    forms = read_forms(manifest)
+    factored = [f.rank for f in forms.values() if f.kind == FACTORED]
+    return {
+        "bytes": sum(int(p.get("bytes", 0)) for p in manifest.get("parts") or []),
+        "lowrank": keeps_factors(manifest),
+        "factored": len(factored),
+        "max_rank": max(factored, default=0),
+        "zero": sum(f.kind == ZERO for f in forms.values()),
+    }
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:

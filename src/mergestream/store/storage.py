@@ -7,6 +7,9 @@ Disk layout of a state directory:
                            of itself (`manifest.seal_manifest`), so a hand edit is refused
     gen-000003/sum.safetensors   part files of the generation (the local engine writes one per
                            state tensor kind, in the base's names)
+    gen-000003/factors-sum.safetensors   the same kind's tensors kept as factors (format 3):
+                           NAME.u, NAME.sigma, NAME.v of each, zero-padded to the planned width
+                           (`step/forms.py`); tensors whose form is zero have no bytes at all
     lock                   held (flock) by a running add; shared by readers
 
 A step writes generation g+1 beside g, fsyncs it, then replaces manifest.json by an atomic rename
@@ -37,17 +40,57 @@ import torch
 
 from ..errors import CheckpointError, StateError
 from ..io.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
-from ..methods.base import TensorInfo
+from ..methods.base import COMPUTE_DTYPE, TensorInfo
+from ..methods.lowrank import ThinSVD
 from .atomic import fsync_dir
 from .manifest import (
+    DENSE,
+    FACTORED,
     LOCK,
     MANIFEST,
+    TensorForm,
     check_part_header,
     generation_dir_name,
     load_manifest,
     seal_manifest,
     state_lock,
 )
+
+# Factor part files hold a state kind's factored tensors: "factors-<state>.safetensors", and in
+# the storage's index of parts the key FACTORS + state.
+FACTORS = "factors-"
+FACTOR_SUFFIXES = (".u", ".sigma", ".v")
+
+
+def part_key(part: Mapping[str, Any]) -> str:
+    """What a part record holds: its state kind, or FACTORS + the kind for a factor part."""
+    state = str(part["state"])
+    return FACTORS + state if part.get("form") == FACTORED else state
+
+
+def factor_specs(info: TensorInfo, width: int) -> list[tuple[str, TensorSpec]]:
+    """The three tensors a factored tensor of width `width` is stored as (float64)."""
+    m, n = info.shape
+    shapes = ((m, width), (width,), (n, width))
+    return [
+        (info.name + suffix, TensorSpec(COMPUTE_DTYPE, shape))
+        for suffix, shape in zip(FACTOR_SUFFIXES, shapes, strict=True)
+    ]
+
+
+def padded(factors: ThinSVD, width: int, name: str) -> tuple[torch.Tensor, ...]:
+    """U, σ, V with zero columns (and zero σ) up to `width`, on the CPU."""
+    if factors.k > width:
+        raise RuntimeError(
+            f"tensor {name!r}: its factored state has rank {factors.k}, more than the width "
+            f"{width} planned for it"
+        )
+    out = []
+    for tensor in (factors.u, factors.sigma, factors.v):
+        full = tensor.new_zeros((*tensor.shape[:-1], width), device="cpu")
+        full[..., : factors.k] = tensor
+        out.append(full)
+    return tuple(out)
 
 
 class DamagedPart(StateError):
@@ -62,6 +105,10 @@ class DamagedPart(StateError):
 
 class GenerationWriter(Protocol):
     def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def put_factors(self, info: TensorInfo, factors: Mapping[str, ThinSVD]) -> None:
+        """One tensor's state kept as factors (its form planned `factored`), per state kind."""
+        ...
 
     def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Rows `start:start + len` of one tensor's state (a tensor streamed by row blocks)."""
@@ -85,13 +132,22 @@ class Storage(Protocol):
         self, generation: int, state_name: str, tensor_name: str, start: int, stop: int
     ) -> torch.Tensor: ...
 
+    def read_factors(
+        self, generation: int, state_name: str, tensor_name: str, rank: int
+    ) -> ThinSVD:
+        """A factored tensor's state, cut to its recorded `rank`."""
+        ...
+
     def begin(
         self,
         generation: int,
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
-    ) -> GenerationWriter: ...
+        forms: Mapping[str, TensorForm] | None = None,
+    ) -> GenerationWriter:
+        """A writer of `generation`: each tensor in its form (`forms`, absent: dense)."""
+        ...
 
     def use_parts(
         self, generation: int, state_names: tuple[str, ...], parts: list[dict[str, Any]] | None
@@ -112,13 +168,22 @@ class Storage(Protocol):
 # ------------------------------------------------------------------------------------ memory
 
 
+# A generation in memory: state kind (or FACTORS + kind) -> tensor name -> tensor (or ThinSVD).
+_MemoryGeneration = dict[str, dict[str, Any]]
+
+
 class _MemoryWriter:
-    def __init__(self, target: dict[str, dict[str, torch.Tensor]]):
+    def __init__(self, target: _MemoryGeneration):
         self.target = target
 
     def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None:
         for state_name, tensor in tensors.items():
             self.target.setdefault(state_name, {})[info.name] = tensor.clone()
+
+    def put_factors(self, info: TensorInfo, factors: Mapping[str, ThinSVD]) -> None:
+        for state_name, svd in factors.items():
+            u, sigma, v = (t.to("cpu", copy=True) for t in (svd.u, svd.sigma, svd.v))
+            self.target.setdefault(FACTORS + state_name, {})[info.name] = ThinSVD(u, sigma, v)
 
     def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
         for state_name, rows in tensors.items():
@@ -143,7 +208,7 @@ class MemoryStorage:
 
     def __init__(self) -> None:
         self.manifest: dict[str, Any] = {}
-        self.generations: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.generations: dict[int, _MemoryGeneration] = {}
 
     def load_manifest(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.manifest))
@@ -157,12 +222,19 @@ class MemoryStorage:
     ) -> torch.Tensor:
         return self.generations[generation][state_name][tensor_name][start:stop].clone()
 
+    def read_factors(
+        self, generation: int, state_name: str, tensor_name: str, rank: int
+    ) -> ThinSVD:
+        svd = self.generations[generation][FACTORS + state_name][tensor_name]
+        return ThinSVD(svd.u[:, :rank].clone(), svd.sigma[:rank].clone(), svd.v[:, :rank].clone())
+
     def begin(
         self,
         generation: int,
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
+        forms: Mapping[str, TensorForm] | None = None,
     ) -> GenerationWriter:
         self.generations[generation] = {}
         return _MemoryWriter(self.generations[generation])
@@ -234,8 +306,9 @@ def _device_and_free(path: Path) -> tuple[str, str]:
 
 
 class _DiskWriter:
-    """Writes one generation: a part file per state kind (the local engine's layout). The parts
-    and their checksums go into the manifest at commit (`parts`)."""
+    """Writes one generation: a part file per state kind for its dense tensors and one per state
+    kind for its factored tensors (`FACTORS`), the local engine's layout; tensors whose form is
+    zero get no bytes. The parts and their checksums go into the manifest at commit (`parts`)."""
 
     def __init__(
         self,
@@ -244,40 +317,76 @@ class _DiskWriter:
         infos: list[TensorInfo],
         dtype: torch.dtype,
         file_names: Mapping[str, str] | None = None,
+        forms: Mapping[str, TensorForm] | None = None,
     ):
         self.directory = directory
-        specs = [(i.name, TensorSpec(dtype, i.shape)) for i in infos]
-        self.needed = len(state_names) * sum(spec.nbytes for _, spec in specs)
+        self.state_names = state_names
+        forms = forms or {}
+        dense = [
+            (i.name, TensorSpec(dtype, i.shape))
+            for i in infos
+            if forms.get(i.name, TensorForm()).kind == DENSE
+        ]
+        factored = [
+            spec
+            for i in infos
+            if forms.get(i.name, TensorForm()).kind == FACTORED
+            for spec in factor_specs(i, forms[i.name].width)
+        ]
+        self.widths = {
+            i.name: forms[i.name].width
+            for i in infos
+            if forms.get(i.name, TensorForm()).kind == FACTORED
+        }
+        # A dense file per kind as always, unless every tensor is factored or zero.
+        files = []
+        if dense or not factored:
+            files += [(s, dense) for s in state_names]
+        if factored:
+            files += [(FACTORS + s, factored) for s in state_names]
+        self.needed = sum(spec.nbytes for _, specs in files for _, spec in specs)
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
             with writing(self.directory, self.needed):
-                for state_name in state_names:
-                    file_name = (file_names or {}).get(state_name, f"{state_name}.safetensors")
-                    self.writers[state_name] = StreamingSafetensorsWriter(
+                for key, specs in files:
+                    file_name = (file_names or {}).get(key, f"{key}.safetensors")
+                    self.writers[key] = StreamingSafetensorsWriter(
                         directory / file_name,
                         specs,
-                        metadata={"format": "mergestream-state", "state": state_name},
+                        metadata={"format": "mergestream-state", "state": key},
                     )
         except BaseException:
             self.abort()
             raise
 
-    def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None:
-        if set(tensors) != set(self.writers):
+    def _check_kinds(self, info: TensorInfo, given: Mapping[str, object]) -> None:
+        if set(given) != set(self.state_names):
             raise RuntimeError(
-                f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
-                f"got {sorted(tensors)}"
+                f"state tensors for {info.name!r}: expected {sorted(self.state_names)}, "
+                f"got {sorted(given)}"
             )
+
+    def put(self, info: TensorInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._check_kinds(info, tensors)
         with writing(self.directory, self.needed):
             for state_name, tensor in tensors.items():
                 self.writers[state_name].write(info.name, tensor)
 
+    def put_factors(self, info: TensorInfo, factors: Mapping[str, ThinSVD]) -> None:
+        self._check_kinds(info, factors)
+        width = self.widths.get(info.name)
+        if width is None:
+            raise RuntimeError(f"tensor {info.name!r} was not planned as factored")
+        with writing(self.directory, self.needed):
+            for state_name, svd in factors.items():
+                writer = self.writers[FACTORS + state_name]
+                for suffix, tensor in zip(
+                    FACTOR_SUFFIXES, padded(svd, width, info.name), strict=True
+                ):
+                    writer.write(info.name + suffix, tensor)
+
     def put_rows(self, info: TensorInfo, start: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        if set(tensors) != set(self.writers):
-            raise RuntimeError(
-                f"state tensors for {info.name!r}: expected {sorted(self.writers)}, "
-                f"got {sorted(tensors)}"
-            )
+        self._check_kinds(info, tensors)
         with writing(self.directory, self.needed):
             for state_name, rows in tensors.items():
                 self.writers[state_name].write_rows(info.name, start, rows)
@@ -293,17 +402,27 @@ class _DiskWriter:
         """The manifest's record of the files written (see `DiskStorage.commit`)."""
         return [
             {
-                "file": f"{self.directory.name}/{writer.path.name}",
-                "state": state_name,
+                "file": f"{self.directory.name}/{self._final_name(key, writer)}",
+                **_part_kind(key),
                 **writer.checksums(),
             }
-            for state_name, writer in self.writers.items()
+            for key, writer in self.writers.items()
         ]
+
+    def _final_name(self, key: str, writer: StreamingSafetensorsWriter) -> str:
+        return writer.path.name
 
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _part_kind(key: str) -> dict[str, str]:
+    """A part record's state kind (and form, for a factor file) from its writer's key."""
+    if key.startswith(FACTORS):
+        return {"state": key.removeprefix(FACTORS), "form": FACTORED}
+    return {"state": key}
 
 
 class PartWriter(_DiskWriter):
@@ -321,28 +440,23 @@ class PartWriter(_DiskWriter):
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
+        forms: Mapping[str, TensorForm] | None = None,
     ):
-        self.final_names = {s: f"{s}.{part}.safetensors" for s in state_names}
+        keys = [*state_names, *(FACTORS + s for s in state_names)]
+        self.final_names = {key: f"{key}.{part}.safetensors" for key in keys}
         suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
-        temporary = {s: name + suffix for s, name in self.final_names.items()}
-        super().__init__(directory, state_names, infos, dtype, temporary)
+        temporary = {key: name + suffix for key, name in self.final_names.items()}
+        super().__init__(directory, state_names, infos, dtype, temporary, forms)
 
     def close(self) -> None:
         with writing(self.directory, self.needed):
-            for state_name, writer in self.writers.items():
+            for key, writer in self.writers.items():
                 writer.close()
-                os.replace(writer.path, self.directory / self.final_names[state_name])
+                os.replace(writer.path, self.directory / self.final_names[key])
             fsync_dir(self.directory)
 
-    def parts(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "file": f"{self.directory.name}/{self.final_names[state_name]}",
-                "state": state_name,
-                **writer.checksums(),
-            }
-            for state_name, writer in self.writers.items()
-        ]
+    def _final_name(self, key: str, writer: StreamingSafetensorsWriter) -> str:
+        return self.final_names[key]
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -410,7 +524,7 @@ class DiskStorage:
             ]
         by_state: dict[str, dict[str, dict[str, Any]]] = {}
         for part in parts:
-            by_state.setdefault(part["state"], {})[part["file"]] = part
+            by_state.setdefault(part_key(part), {})[part["file"]] = part
         with self._guard:
             for state_name, files in by_state.items():
                 self._parts[(generation, state_name)] = files
@@ -422,6 +536,20 @@ class DiskStorage:
         self, generation: int, state_name: str, tensor_name: str, start: int, stop: int
     ) -> torch.Tensor:
         return self._read(generation, state_name, tensor_name, (start, stop))
+
+    def read_factors(
+        self, generation: int, state_name: str, tensor_name: str, rank: int
+    ) -> ThinSVD:
+        u, sigma, v = (
+            self._read(generation, FACTORS + state_name, tensor_name + suffix, None)
+            for suffix in FACTOR_SUFFIXES
+        )
+        if not 0 <= rank <= sigma.shape[0]:
+            raise StateError(
+                f"{self.path}: tensor {tensor_name!r} of generation {generation} is recorded at "
+                f"rank {rank}, its factors are {sigma.shape[0]} wide; the state is damaged"
+            )
+        return ThinSVD(u[:, :rank], sigma[:rank], v[:, :rank])
 
     def _locate(
         self, generation: int, state_name: str, tensor_name: str
@@ -533,13 +661,14 @@ class DiskStorage:
         state_names: tuple[str, ...],
         infos: list[TensorInfo],
         dtype: torch.dtype,
+        forms: Mapping[str, TensorForm] | None = None,
     ) -> GenerationWriter:
         directory = self.path / generation_dir_name(generation)
         with writing(directory):
             if directory.exists():
                 shutil.rmtree(directory)  # leftover of an interrupted step: never referenced
             directory.mkdir()
-        return _DiskWriter(directory, state_names, infos, dtype)
+        return _DiskWriter(directory, state_names, infos, dtype, forms=forms)
 
     def begin_parts(self, generation: int) -> Path:
         """A fresh, empty directory for `generation`, to be filled by `PartWriter`s (of other

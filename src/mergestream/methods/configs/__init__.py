@@ -38,11 +38,14 @@ class MethodDescription:
     name: str
     summary: str
     parameters: list[tuple[str, str, Any, str]]  # (name, type, default, help)
+    factored: bool = False  # keeps a LoRA stream's matrices as low-rank factors
 
 
 def describe_methods() -> list[MethodDescription]:
     """Every built-in method, sorted by name, with its parameters (`describe_config`)."""
     return [
-        MethodDescription(config.method, config.summary, describe_config(config))
+        MethodDescription(
+            config.method, config.summary, describe_config(config), config.factored
+        )
         for config in sorted(BUILTIN_CONFIGS, key=lambda c: c.method)
     ]

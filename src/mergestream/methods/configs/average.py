@@ -12,6 +12,7 @@ class AverageConfig(MethodConfig):
     """The running average has no parameters."""
 
     method = "average"
+    factored = True  # LoRA streams are kept as low-rank factors (`methods/lowrank.py`)
     paper = (
         "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
         "increasing inference time (Wortsman et al., ICML 2022)"

@@ -11,6 +11,7 @@ from .pairwise import PairwiseConfig
 @dataclass(frozen=True)
 class IsoCConfig(PairwiseConfig):
     method = "iso_c"
+    factored = True  # LoRA streams are kept as low-rank factors (`methods/lowrank.py`)
     paper = (
         "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
         "(Marczak et al., ICML 2025)"

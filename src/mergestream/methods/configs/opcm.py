@@ -13,6 +13,7 @@ from ..config import MethodConfig, param
 @dataclass(frozen=True)
 class OPCMConfig(MethodConfig):
     method = "opcm"
+    factored = True  # LoRA streams are kept as low-rank factors (`methods/lowrank.py`)
     paper = (
         "Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable "
         "Continual Model Merging (Tang et al., NeurIPS 2025)"

@@ -10,6 +10,7 @@ from ..config import MethodConfig, param, require_finite
 @dataclass(frozen=True)
 class TaskArithmeticConfig(MethodConfig):
     method = "task_arithmetic"
+    factored = True  # LoRA streams are kept as low-rank factors (`methods/lowrank.py`)
     paper = (
         "Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)"
     )

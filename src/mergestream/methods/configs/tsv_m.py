@@ -11,6 +11,7 @@ from .pairwise import PairwiseConfig
 @dataclass(frozen=True)
 class TsvMConfig(PairwiseConfig):
     method = "tsv_m"
+    factored = True  # LoRA streams are kept as low-rank factors (`methods/lowrank.py`)
     paper = (
         "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., "
         "CVPR 2025)"
