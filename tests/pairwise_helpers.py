@@ -94,3 +94,16 @@ def check_roles_follow_the_shape_rule(method: str) -> None:
         else:
             assert roles[name] == ("projected" if tensor.ndim == 2 else "added"), name
     assert all(default[n] == "added" for n in embeddings)
+
+
+def low_rank(shape: tuple[int, int], rank: int, g: torch.Generator) -> torch.Tensor:
+    """A random float64 matrix of `shape` and rank `rank` (a sum of LoRA-like task vectors)."""
+    return torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, shape[1], generator=g, dtype=torch.float64
+    )
+
+
+def round_off(x: torch.Tensor, g: torch.Generator, size: float = 1e-15) -> torch.Tensor:
+    """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x + noise * (size * x.norm() / noise.norm())

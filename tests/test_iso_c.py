@@ -20,6 +20,8 @@ from pairwise_helpers import (
     check_gpu_equals_cpu,
     check_roles_follow_the_shape_rule,
     check_streaming_keeps_matrices_whole,
+    low_rank,
+    round_off,
 )
 
 from mergestream import ConfigError, MergeState, merge
@@ -92,18 +94,6 @@ def test_combine_of_a_wide_and_a_degenerate_pair():
     row = torch.randn(1, 5, generator=g, dtype=torch.float64)  # one σ: the sum itself
     assert torch.allclose(iso_c_combine(row, row), 2 * row, rtol=1e-12)
     assert iso_c_combine(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 4)
-
-
-def low_rank(shape, rank, g):
-    return torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
-        rank, shape[1], generator=g, dtype=torch.float64
-    )
-
-
-def round_off(x: torch.Tensor, g, size: float = 1e-15) -> torch.Tensor:
-    """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
-    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    return x + noise * (size * x.norm() / noise.norm())
 
 
 def flattened_on_range(x: torch.Tensor, rank: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from pairwise_helpers import (
     check_gpu_equals_cpu,
     check_roles_follow_the_shape_rule,
     check_streaming_keeps_matrices_whole,
+    low_rank,
+    round_off,
 )
 
 from mergestream import ConfigError, MergeState, merge
@@ -103,18 +105,6 @@ def test_shapes_odd_ranks_and_a_single_row():
     assert torch.equal(tsv_m_combine(row, row), torch.zeros(1, 6, dtype=torch.float64))
     vector = torch.randn(6, generator=g, dtype=torch.float64)
     assert torch.equal(tsv_m_combine(vector, -vector), torch.zeros(6, dtype=torch.float64))
-
-
-def low_rank(shape, rank, g):
-    return torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
-        rank, shape[1], generator=g, dtype=torch.float64
-    )
-
-
-def round_off(x: torch.Tensor, g, size: float = 1e-15) -> torch.Tensor:
-    """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
-    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    return x + noise * (size * x.norm() / noise.norm())
 
 
 def tsv_of_directions(a: torch.Tensor, b: torch.Tensor, rank_a: int, rank_b: int):
