@@ -20,7 +20,7 @@ run after the first step in which a matrix went dense by the switch rule
 
     python benchmarks/lowrank_llama7b.py                                # 32 layers, 8 x rank 16
     python benchmarks/lowrank_llama7b.py --layers 1 --adapters 2 --dense
-    python benchmarks/lowrank_llama7b.py --layers 1 --rank 64 --adapters 32 --stop-after-switch
+    python benchmarks/lowrank_llama7b.py --layers 1 --rank 64 --adapters 16 --plan-next
 
 Results go to WORK/results-*.json and stdout. Disk: the base (13.5 GB for 32 layers), the
 adapters (r·(m + n)·4 bytes per matrix), two generations of each state while a step runs.
@@ -144,6 +144,7 @@ def run(
     adapters: list[Path],
     lowrank_state: bool,
     stop_after_switch: bool,
+    peek: Path | None = None,
 ) -> dict:
     shutil.rmtree(path, ignore_errors=True)
     started = time.perf_counter()
@@ -174,8 +175,18 @@ def run(
         print(f"{label}: {json.dumps(steps[-1])}", flush=True)
         if stop_after_switch and lowrank_state and dense:
             break
+    out = {"init_seconds": round(init_seconds, 1), "steps": steps}
+    if peek is not None:  # what the plan says of one more adapter (nothing is added)
+        plan = state.plan(peek)
+        out["next_plan"] = {
+            "forms": plan.forms,
+            "matrices": sorted(set(plan.matrices.values())),
+            "planned_seconds": round(plan.step_seconds, 1),
+            "planned_bytes": plan.state_generation_bytes,
+        }
+        print(f"{label}: next step planned {json.dumps(out['next_plan'])}", flush=True)
     shutil.rmtree(path, ignore_errors=True)
-    return {"init_seconds": round(init_seconds, 1), "steps": steps}
+    return out
 
 
 def main() -> None:
@@ -188,6 +199,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--dense", action="store_true", help="also run the dense-only state")
     parser.add_argument("--stop-after-switch", action="store_true")
+    parser.add_argument(
+        "--plan-next", action="store_true", help="plan one more adapter after the run (no add)"
+    )
     parser.add_argument("--work", type=Path, default=Path("cache/lowrank_llama7b"))
     args = parser.parse_args()
 
@@ -198,8 +212,9 @@ def main() -> None:
     write_base(base, shapes, args.layers)
     adapters = [
         write_adapter(work / f"adapter-{args.layers}l-r{args.rank}-{i}", base, shapes, args.rank, i)
-        for i in range(args.adapters)
+        for i in range(args.adapters + args.plan_next)
     ]
+    peek = adapters.pop() if args.plan_next else None
     results = {
         "date": dt.date.today().isoformat(),
         "commit": subprocess.run(
@@ -211,7 +226,9 @@ def main() -> None:
         "dense_rank_fraction": lowrank.DENSE_RANK_FRACTION,
         "base_bytes": folder_bytes(base),
         "adapter_bytes": folder_bytes(adapters[0]),
-        "factored": run("factored", work / "state-f", base, adapters, True, args.stop_after_switch),
+        "factored": run(
+            "factored", work / "state-f", base, adapters, True, args.stop_after_switch, peek
+        ),
     }
     if args.dense:
         results["dense"] = run("dense", work / "state-d", base, adapters, False, False)

@@ -813,3 +813,16 @@ def test_a_factored_step_killed_at_any_instant(stream, zoo, tmp_path):
         assert landed == {False, True}
     finally:
         server.close()
+
+
+def test_init_dense_keeps_every_tensor_dense(stream, tmp_path, capsys):
+    from mergestream.cli import main
+
+    path = tmp_path / "s"
+    assert main(["init", str(path), "--base", str(stream["base"]), "--dense", "--quiet"]) == 0
+    assert json.loads((path / "manifest.json").read_text())["lowrank"] is False
+    assert main(["add", str(path), str(stream["adapters"][0]), "--quiet"]) == 0
+    state = MergeState.open(path)
+    assert set(forms_of(state).values()) == {"dense"}
+    assert main(["status", str(path)]) == 0
+    assert "every tensor dense" in capsys.readouterr().out
