@@ -204,27 +204,40 @@ def test_without_a_backend_ray_is_never_imported(models, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def test_lora_adapters_are_merged_locally_only(tmp_path):
-    """An adapter's step is cheap (its factors): the Ray backend refuses it with a clear
-    message and the state is unchanged."""
+@pytest.mark.parametrize("method", ["opcm", "ties"])
+def test_lora_adapters_through_tasks_give_the_local_engines_bits(tmp_path, method):
+    """An adapter step run by an executor's tasks (each binds the adapter to the base and forms
+    its task vectors from the factors) writes the local engine's bits: factored sums for OPCM,
+    dense ones for TIES (whose whole-model top-k runs in the driver)."""
     pytest.importorskip("peft")
     from lora_helpers import LLAMA, make_adapter, save_base
     from peft import LoraConfig
 
     base = save_base(LLAMA, tmp_path / "base")
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
-    adapter = make_adapter(LLAMA, base, tmp_path / "adapter", config, seed=1)
-    state = MergeState.create(tmp_path / "state", base, "opcm")
-    with pytest.raises(ConfigError, match="LoRA adapter is merged by the local engine"):
-        state.add(adapter, backend=SerialExecutor())
-    assert state.step == 0
-    state.add(adapter)  # the local engine merges it
-    assert state.step == 1
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False
+    )
+    adapters = [
+        make_adapter(LLAMA, base, tmp_path / f"adapter{i}", config, seed=i) for i in (1, 2)
+    ]
+    states = {}
+    for backend in ("local", "tasks"):
+        state = MergeState.create(tmp_path / backend, base, method)
+        for adapter in adapters:
+            state.add(adapter, backend=SerialExecutor() if backend == "tasks" else None)
+        states[backend] = state
+    local, remote = states["local"], states["tasks"]
+    assert remote.step == 2 and remote.scalars == local.scalars
+    forms = {i.name: local.state_form(i.name).kind for i in local.infos}
+    assert forms == {i.name: remote.state_form(i.name).kind for i in remote.infos}
+    assert ("factored" in forms.values()) == (method == "opcm")
+    assert_same_bits(exported(local, tmp_path / "a"), exported(remote, tmp_path / "b"))
 
 
 @pytest.mark.parametrize("method", ["opcm", "tsv_m"])
 def test_a_factored_state_gives_the_local_engines_bits(cluster, streamed_rows, tmp_path, method):
-    """A state that keeps an adapter's matrices as factors, then a checkpoint of layer 0 only:
+    """A state that keeps an adapter's matrices as factors (the adapter's step run by Ray's
+    tasks as well), then a checkpoint of layer 0 only:
     its tensors turn dense (their factored sums formed in the tasks), layer 1's stay factored
     (folded by `update_factored` with an unchanged task vector) or zero. Ray's tasks write the
     local engine's bits."""
@@ -246,7 +259,7 @@ def test_a_factored_state_gives_the_local_engines_bits(cluster, streamed_rows, t
     states = {}
     for backend in ("local", "ray"):
         state = MergeState.create(tmp_path / backend, base, method)
-        state.add(adapter)
+        state.add(adapter, backend=backend)  # the adapter too: bound to the base in the tasks
         state.add(tmp_path / "partial", missing="base", backend=backend)
         states[backend] = state
     local, remote = states["local"], states["ray"]

@@ -316,12 +316,6 @@ class MergeState:
             base_stamps = self._check_base_unchanged(verify=verify_base)
             fitted = self._open_fitted(checkpoint, mapping, force_base)
             cleanup.callback(fitted.close)
-            if not runner.local and fitted.is_adapter:
-                raise ConfigError(
-                    f"{fitted.description}: backend {backend!r} merges full checkpoints; a LoRA "
-                    "adapter is merged by the local engine (from its factors, which keeps the "
-                    "step cheap): leave out --backend"
-                )
             # An in-memory merge that allows duplicates has no use for the hash: skip the read.
             digest = None if in_memory and allow_duplicate else content_hash(fitted.raw, progress)
             if not allow_duplicate:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import StateError
+from ..io.lora import LoraAdapter
 from ..io.mapping import NameMapping, apply_mapping
 from ..io.open import open_checkpoint
 from ..io.source import TensorSource
@@ -281,7 +282,13 @@ def _run_task(job: StepJob, task: TaskSpec, directory: Path, started: float) -> 
     storage = DiskStorage(state_dir)
     try:
         _check_same_files(job, base, raw)
-        source = apply_mapping(raw, job.mapping, base)
+        if isinstance(raw, LoraAdapter):
+            # Task vectors from the adapter's factors, as the driver's engine forms them. The
+            # driver checked its base name against the state's base (or was told to force it),
+            # and the file headers above say this node sees the same files.
+            source: TensorSource = raw.bind(base, job.mapping, (), force_base=True)
+        else:
+            source = apply_mapping(raw, job.mapping, base)
         by_name = {i.name: i for i in tensor_infos(base, method.config.linear_rule())}
         unknown = [n for n in task.names if n not in by_name]
         if unknown:
