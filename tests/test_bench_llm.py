@@ -189,3 +189,55 @@ def test_the_llm_suite_template_and_recipe(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["bench", str(tmp_path), "--matrix-rows", "four"]) != 0
     assert "--matrix-rows takes step numbers" in capsys.readouterr().err
+
+
+def test_a_stopped_bench_resumes_from_its_score_record(llm_zoo: Path, tmp_path: Path) -> None:
+    from mergestream.bench.run import ScoreRecord
+
+    record = tmp_path / "scores.jsonl"
+    kwargs = {
+        "methods": select_methods(["OPCM (alpha=0.5)"]),
+        "orders": 1,
+        "matrix_orders": 1,
+        "diagonal_only": True,
+        "alphas": (),
+        "score_record": record,
+        "log": lambda _: None,
+    }
+    first = run_benchmark(llm_zoo, **kwargs)
+    ran = first["meta"]["evaluations"]
+    lines = record.read_text().splitlines()
+    # the header, every score run (the reused ones are not written twice), two retentions
+    assert len(lines) == 1 + ran + 2 and json.loads(lines[0]).keys() == {"zoo"}
+
+    # A run killed halfway: half the scores on record and a torn last line.
+    kept = lines[: 1 + ran // 2]
+    record.write_text("\n".join(kept) + "\n" + lines[1 + ran // 2][:25])
+    on_record = sum('"task"' in line for line in kept)
+    again = run_benchmark(llm_zoo, resume=True, **kwargs)
+    assert 0 < on_record < ran and again["meta"]["evaluations_from_record"] == on_record
+    assert again["meta"]["evaluations"] == ran - on_record
+    assert again["reference"] == first["reference"]
+    assert again["methods"] == _without_times(first["methods"], again["methods"])
+
+    # Everything on record: nothing is scored again; without --resume the record restarts.
+    third = run_benchmark(llm_zoo, resume=True, **kwargs)
+    assert third["meta"]["evaluations"] == 0 and third["reference"] == first["reference"]
+    run_benchmark(llm_zoo, **kwargs)
+    assert len(record.read_text().splitlines()) == len(lines)
+
+    # A record made for other test sets is set aside, never mixed in.
+    zoo = load_zoo(llm_zoo)
+    zoo.test_sets[TASKS[0]].test.pop()
+    ScoreRecord(record, zoo, resume=True)
+    assert (tmp_path / "scores.jsonl.other-zoo").read_text().splitlines() == lines
+    assert record.read_text().splitlines()[1:] == []
+
+
+def _without_times(ran: dict, like: dict) -> dict:
+    """``ran``'s method results with the merge times of ``like`` (times differ run to run)."""
+    out = json.loads(json.dumps(ran))
+    for label, entry in out.items():
+        for run, other in zip(entry["runs"], like[label]["runs"], strict=True):
+            run["merge_seconds"] = other["merge_seconds"]
+    return out

@@ -182,3 +182,30 @@ def test_a_diagonal_matrix_gives_the_same_bwt_with_fewer_evaluations(lora_zoo: P
     written = write_report(diagonal, lora_zoo.parent / "diagonal-report")
     assert "accuracy_per_step" not in written  # no whole triangle, no per-step curve
     assert written["accuracy_matrix"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_factored_and_dense_states_score_the_same(lora_zoo: Path) -> None:
+    """`bench --dense-state --state-dtype float64` against the default (adapters' sums kept as
+    factors): the same merged models, so the same scores, for every method the factored form
+    holds."""
+    from mergestream.bench.run import StateOptions
+
+    labels = ["task_arithmetic", "OPCM (alpha=0.5)", "iso_c", "tsv_m"]
+    kwargs = {
+        "methods": select_methods(labels),
+        "orders": 2,
+        "matrix_orders": 0,
+        "alphas": (),
+        "log": lambda _: None,
+    }
+    factored = run_benchmark(lora_zoo, **kwargs)
+    dense = run_benchmark(
+        lora_zoo, state_options=StateOptions(lowrank=False, state_dtype="float64"), **kwargs
+    )
+    assert factored["meta"]["state"] == {"lowrank": True, "state_dtype": None}
+    assert dense["meta"]["state"] == {"lowrank": False, "state_dtype": "float64"}
+    assert factored["methods"].keys() == dense["methods"].keys() and len(factored["methods"]) == 4
+    for label, entry in factored["methods"].items():
+        for ours, theirs in zip(entry["runs"], dense["methods"][label]["runs"], strict=True):
+            assert ours["order"] == theirs["order"]
+            assert ours["final"] == theirs["final"], label

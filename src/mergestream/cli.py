@@ -549,6 +549,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge each LoRA adapter into the base first (saved in OUT/full-checkpoints) and "
         "merge those full checkpoints instead: the same stream as full models",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the scores an earlier run of the same zoo recorded in OUT/scores.jsonl "
+        "(every score is recorded there as it is made): a stopped run redoes its merges only",
+    )
+    p.add_argument(
+        "--dense-state",
+        action="store_true",
+        help="hold every merge's sums as dense tensors, LoRA adapters included (default: "
+        "adapters' sums stay low-rank factors; both give the same merge to round-off)",
+    )
+    p.add_argument(
+        "--state-dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="dtype of the merges' dense sums (default: the method's)",
+    )
     p.add_argument("--sweep-orders", type=int, default=3, help="orders for the alpha sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip OPCM's alpha sweep")
     p.add_argument("--seed", type=int, default=0)

@@ -138,7 +138,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mergestream.errors import ConfigError
 
     _require_transformers()
-    from mergestream.bench.run import DEFAULT_ALPHAS, run_benchmark, select_methods
+    from mergestream.bench.run import (
+        DEFAULT_ALPHAS,
+        SCORE_RECORD,
+        StateOptions,
+        run_benchmark,
+        select_methods,
+    )
 
     tasks = _task_list(args.tasks)
     try:
@@ -173,6 +179,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             absolute_paths=args.absolute_paths,
             progress=None if args.quiet else sys.stderr,
             full_checkpoints=args.out / "full-checkpoints" if args.as_full_checkpoints else None,
+            state_options=StateOptions(
+                lowrank=not args.dense_state, state_dtype=args.state_dtype
+            ),
+            score_record=args.out / SCORE_RECORD,
+            resume=args.resume,
         )
         written = write_report(results, args.out, plots=plots)
     print(markdown_table(results))

@@ -58,6 +58,20 @@ class MethodSpec:
         return self.key or self.method
 
 
+@dataclasses.dataclass(frozen=True)
+class StateOptions:
+    """How the benchmark's in-memory states hold their sums (see `MergeState.create`): LoRA
+    adapters as factors (`lowrank`) or dense, and the dense tensors' dtype (None: the method's
+    default). The factored and the dense form give the same merge to float64 round-off;
+    comparing the two on a zoo is what `--dense-state` is for."""
+
+    lowrank: bool = True
+    state_dtype: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"lowrank": self.lowrank, "state_dtype": self.state_dtype}
+
+
 DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("average", "average"),
     MethodSpec("task arithmetic (c=0.3)", "task_arithmetic", {"scaling_factor": 0.3}),
@@ -408,6 +422,131 @@ def _load_suite_zoo(
     )
 
 
+# The file in a benchmark's output folder where every score is recorded as it is made.
+SCORE_RECORD = "scores.jsonl"
+
+
+def _digest(value: Any) -> str:
+    """A digest of a JSON-like value whose leaves may be tensors (hashed by dtype, shape and
+    bytes): what identifies a zoo's scoring data."""
+    import hashlib
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return sha256_tensors(MemorySource({"t": item.detach().cpu().contiguous()}))
+        if isinstance(item, dict):
+            return {str(k): plain(v) for k, v in sorted(item.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(item, (list, tuple)):
+            return [plain(v) for v in item]
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return plain(dataclasses.asdict(item))
+        return item if isinstance(item, (str, int, float, bool, type(None))) else repr(item)
+
+    text = json.dumps(plain(value), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def zoo_identity(zoo: Zoo) -> str:
+    """What a recorded score depends on besides the weights: the tasks' test sets and scoring
+    (heads, answer options), the retention data, the input length, the model kind and the base
+    folder's files (names, sizes, modification times: the unmerged base is scored by name)."""
+    base = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(zoo.pretrained).iterdir()
+        if p.is_file()
+    )
+    return _digest(
+        {
+            "kind": zoo.kind,
+            "max_length": zoo.max_length,
+            "pooling": zoo.pooling,
+            "tests": {t: zoo.test_sets[t].test for t in zoo.tasks},
+            "heads": {t: zoo.heads.get(t) for t in zoo.tasks},
+            "retention": zoo.retention,
+            "base": base,
+        }
+    )
+
+
+class ScoreRecord:
+    """Scores kept on disk as they are made (`bench --out OUT` keeps `OUT/scores.jsonl`), so a
+    benchmark stopped by a crash, a kill or the end of a machine's lease resumes where it was
+    (`bench --resume`, ``resume=True``): the merges are redone (cheap next to scoring), every
+    score already recorded is read back. Without ``resume`` the record starts empty.
+
+    One JSON object per line: a header naming the zoo (:func:`zoo_identity`), then
+    ``{"weights": FINGERPRINT, "task": T, "accuracy": A}`` or ``{"weights": ..., "retention":
+    {...}}``. A record made for another zoo, test split or scoring is set aside (renamed with
+    the suffix ``.other-zoo``), never mixed in; a torn last line (a kill during a write) is
+    ignored. A score depends on the weights and the data alone, so it is reused whatever
+    method, order or step reached those weights."""
+
+    def __init__(
+        self,
+        path: Path,
+        zoo: Zoo,
+        *,
+        resume: bool,
+        log: Callable[[str], None] = lambda _: None,
+    ):
+        self.path = Path(path)
+        self.identity = zoo_identity(zoo)
+        self.scores: dict[tuple[str, str], float] = {}
+        self.retention: dict[str, dict[str, float]] = {}
+        lines = self.path.read_text().splitlines() if resume and self.path.exists() else []
+        header = _json_line(lines[0]) if lines else None
+        if lines and (header is None or header.get("zoo") != self.identity):
+            aside = self.path.with_name(self.path.name + ".other-zoo")
+            os.replace(self.path, aside)
+            log(f"{self.path} holds scores of another zoo or scoring: set aside as {aside.name}")
+            lines = []
+        for line in lines[1:]:
+            entry = _json_line(line)
+            if entry is None or "weights" not in entry:
+                continue
+            if "task" in entry:
+                self.scores[(entry["weights"], entry["task"])] = float(entry["accuracy"])
+            elif "retention" in entry:
+                self.retention[entry["weights"]] = dict(entry["retention"])
+        if self.scores or self.retention:
+            log(
+                f"resuming from {self.path}: {len(self.scores)} task scores and "
+                f"{len(self.retention)} retention scores recorded"
+            )
+        if not lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"zoo": self.identity}) + "\n")
+        elif not self.path.read_text().endswith("\n"):
+            # A torn last line: cut it off, or the next score would be glued to it.
+            whole = [line for line in lines if _json_line(line) is not None]
+            fresh = self.path.with_name(self.path.name + ".tmp")
+            fresh.write_text("\n".join(whole) + "\n")
+            os.replace(fresh, self.path)
+
+    def add_score(self, weights: str, task: str, accuracy: float) -> None:
+        self.scores[(weights, task)] = accuracy
+        self._append({"weights": weights, "task": task, "accuracy": accuracy})
+
+    def add_retention(self, weights: str, retention: dict[str, float]) -> None:
+        self.retention[weights] = dict(retention)
+        self._append({"weights": weights, "retention": retention})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        # One write of one whole line, flushed: a kill leaves at most a torn last line.
+        with self.path.open("a") as out:
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class ZooEvaluator:
     """Accuracy of merged state dicts on the zoo's tasks, with one reusable encoder."""
 
@@ -417,8 +556,10 @@ class ZooEvaluator:
         device: str = "cpu",
         log: Callable[[str], None] = lambda _: None,
         on_scored: Callable[[int], None] = lambda _: None,
+        record: ScoreRecord | None = None,
     ):
         self.zoo = zoo
+        self.record = record
         self.log = log
         self.on_scored = on_scored  # called with the task scores given so far, after each
         self._ignored: set[str] = set()  # unused tensors already named in the log
@@ -437,6 +578,7 @@ class ZooEvaluator:
             )
         self.evaluations = 0  # task evaluations run
         self.reused = 0  # task evaluations answered from an earlier one of the same weights
+        self.from_record = 0  # of those, answered from the score record of an earlier run
         # (weights fingerprint, task) -> accuracy. Order-independent methods reach the same
         # final model in every order: scoring it once per task gives the same numbers.
         self._scores: dict[tuple[str, str], float] = {}
@@ -445,15 +587,19 @@ class ZooEvaluator:
         self.seconds = 0.0  # spent in task evaluations
         self.retention_seconds = 0.0
 
-    def _load(self, state_dict: dict[str, torch.Tensor] | None) -> str:
-        """Load ``state_dict`` (None: keep the current weights) and return its fingerprint."""
+    def _load(self, state_dict: dict[str, torch.Tensor] | None, key: str) -> None:
+        """Make ``state_dict`` (None: keep the current weights), whose fingerprint is ``key``,
+        the evaluated model's weights."""
+        if state_dict is not None and self._loaded != key:
+            self._report_ignored(self.evaluator.load_state_dict(state_dict))
+        self._loaded = key
+
+    def _key(self, state_dict: dict[str, torch.Tensor] | None) -> str:
+        # Without a state dict the model's current weights are scored: the last loaded, or
+        # the pretrained model it was created with.
         if state_dict is None:
             return self._loaded or "pretrained"
-        key = weights_fingerprint(state_dict)
-        if self._loaded != key:
-            self._report_ignored(self.evaluator.load_state_dict(state_dict))
-            self._loaded = key
-        return key
+        return weights_fingerprint(state_dict)
 
     def retention(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
         """A causal LM's base retention (see :mod:`mergestream.bench.retention`): the
@@ -462,8 +608,11 @@ class ZooEvaluator:
         data = self.zoo.retention
         if data is None:
             return None
-        key = self._load(state_dict)
+        key = self._key(state_dict)
+        if key not in self._retained and self.record is not None and key in self.record.retention:
+            self._retained[key] = dict(self.record.retention[key])
         if key not in self._retained:
+            self._load(state_dict, key)
             started = time.perf_counter()
             prompts = [(q, a) for q, a in data["prompts"]]
             self._retained[key] = {
@@ -471,34 +620,35 @@ class ZooEvaluator:
                 "general_accuracy": self.evaluator.general_accuracy(prompts),
             }
             self.retention_seconds += time.perf_counter() - started
+            if self.record is not None:
+                self.record.add_retention(key, self._retained[key])
         return dict(self._retained[key])
 
     def accuracies(
         self, state_dict: dict[str, torch.Tensor] | None, tasks: Sequence[str]
     ) -> dict[str, float]:
-        # Without a state dict the model's current weights are scored: the last loaded, or
-        # the pretrained encoder it was created with.
-        if state_dict is None:
-            key = self._loaded or "pretrained"
-        else:
-            key = weights_fingerprint(state_dict)
+        key = self._key(state_dict)
         scores = {}
         for task in tasks:
             known = self._scores.get((key, task))
+            if known is None and self.record is not None:
+                known = self.record.scores.get((key, task))
+                if known is not None:
+                    self._scores[(key, task)] = known
+                    self.from_record += 1
             if known is not None:
                 self.reused += 1
                 scores[task] = known
                 self.on_scored(self.evaluations + self.reused)
                 continue
-            if self._loaded != key:
-                if state_dict is not None:
-                    self._report_ignored(self.evaluator.load_state_dict(state_dict))
-                self._loaded = key
+            self._load(state_dict, key)
             self.evaluations += 1
             started = time.perf_counter()
             score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
             self.seconds += time.perf_counter() - started
             self._scores[(key, task)] = scores[task] = score
+            if self.record is not None:
+                self.record.add_score(key, task, score)
             self.on_scored(self.evaluations + self.reused)
         return scores
 
@@ -573,8 +723,15 @@ def _merge_and_evaluate(
     full_matrix: bool,
     diagonal_only: bool = False,
     matrix_rows: Sequence[int] = (),
+    state_options: StateOptions = StateOptions(),
 ) -> dict[str, Any]:
-    state = MergeState.in_memory(zoo.pretrained, spec.method, **spec.params)
+    state = MergeState.in_memory(
+        zoo.pretrained,
+        spec.method,
+        lowrank=state_options.lowrank,
+        state_dtype=state_options.state_dtype,
+        **spec.params,
+    )
     matrix: list[list[float | None]] = []
     merge_seconds = 0.0
     step_scalars: list[dict[str, float]] = []
@@ -636,6 +793,9 @@ def run_benchmark(
     absolute_paths: bool = False,
     progress: TextIO | None = None,
     full_checkpoints: Path | None = None,
+    state_options: StateOptions = StateOptions(),
+    score_record: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the protocol (see the module docstring) and return the results dict.
 
@@ -649,6 +809,10 @@ def run_benchmark(
     results name the zoo, the suite and the checkpoints without the machine's folders (see
     :func:`recorded_paths`), or by their absolute paths with ``absolute_paths``. With a
     ``progress`` stream, the evaluations done, their rate and the time left are shown on it.
+    ``state_options`` says how the merge states hold their sums. With ``score_record`` (a
+    file), every score is appended there as it is made; with ``resume`` too, the scores
+    already there are reused (see :class:`ScoreRecord`): a run that was stopped resumes at
+    the cost of its merges only.
     """
     started = time.perf_counter()
     zoo = load_zoo(zoo_root, tasks, suite=suite, device=device, log=log, force_base=force_base)
@@ -667,7 +831,12 @@ def run_benchmark(
     )
     bar = _BenchProgress(progress, total, log)
     try:
-        evaluator = ZooEvaluator(zoo, device=device, log=bar.log, on_scored=bar.tick)
+        record = (
+            ScoreRecord(score_record, zoo, resume=resume, log=bar.log) if score_record else None
+        )
+        evaluator = ZooEvaluator(
+            zoo, device=device, log=bar.log, on_scored=bar.tick, record=record
+        )
         results = _run(
             zoo,
             evaluator,
@@ -679,6 +848,7 @@ def run_benchmark(
             alphas,
             sweep_orders,
             matrix_rows,
+            state_options,
         )
     finally:
         bar.close()
@@ -706,6 +876,8 @@ def run_benchmark(
             "seed": seed,
             "evaluations": evaluator.evaluations,
             "evaluations_reused": evaluator.reused,
+            "evaluations_from_record": evaluator.from_record,
+            "state": state_options.as_dict(),
             "evaluation_seconds": round(evaluator.seconds, 1),
             "retention_seconds": round(evaluator.retention_seconds, 1),
             "seconds": round(time.perf_counter() - started, 1),
@@ -725,6 +897,7 @@ def _run(
     alphas: Sequence[float],
     sweep_orders: int,
     matrix_rows: Sequence[int] = (),
+    state_options: StateOptions = StateOptions(),
 ) -> dict[str, Any]:
     """The reference scores, every method over every order, the alpha sweep."""
     log = bar.log
@@ -754,7 +927,14 @@ def _run(
             bar.detail = f"{spec.name}, order {index + 1}/{len(all_orders)}"
             runs.append(
                 _merge_and_evaluate(
-                    zoo, evaluator, spec, order, index < matrix_orders, diagonal_only, matrix_rows
+                    zoo,
+                    evaluator,
+                    spec,
+                    order,
+                    index < matrix_orders,
+                    diagonal_only,
+                    matrix_rows,
+                    state_options,
                 )
             )
         accs = [r["acc"] for r in runs]
@@ -771,7 +951,9 @@ def _run(
             bar.detail = f"OPCM alpha sweep, alpha {alpha:g}"
             spec = MethodSpec(f"OPCM alpha={alpha}", "opcm", {"alpha": alpha})
             accs = [
-                _merge_and_evaluate(zoo, evaluator, spec, order, False)["acc"]
+                _merge_and_evaluate(
+                    zoo, evaluator, spec, order, False, state_options=state_options
+                )["acc"]
                 for order in all_orders[: sweep["orders"]]
             ]
             sweep["accs"].append(accs)
