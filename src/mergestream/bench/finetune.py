@@ -40,7 +40,7 @@ A causal-LM suite (``kind: causal-lm``) takes the same path: the zoo's ``pretrai
 causal LM, each task folder holds its adapter, ``task.json`` (instruction, scoring, options)
 and ``test.json``, and ``retention.json`` beside them holds the base-retention data
 (:mod:`mergestream.bench.retention`). Its recipe defaults to rank 8 on all seven projections of
-every block, batches of 8, 60 steps and lr 1e-3, trained on the answer tokens
+every block, batches of 8, 100 steps and lr 1e-3, trained on the answer tokens
 (:data:`LLM_RECIPE`).
 
 Run ``mergestream finetune SUITE.yaml --out DIR`` for a suite, or
@@ -143,7 +143,7 @@ LORA_LR = 1e-3
 
 # What a causal-LM suite's recipe defaults to: a rank-8 adapter on every projection (see
 # BENCHMARKS.md, "A causal LM"), batches of 8 prompts, and as many steps as a CPU budget allows.
-LLM_RECIPE: dict[str, Any] = {"lora_rank": 8, "batch_size": 8, "steps": 60}
+LLM_RECIPE: dict[str, Any] = {"lora_rank": 8, "batch_size": 8, "steps": 100}
 
 # The tiny zoo's recipe: few, large steps on a one-layer encoder (measured to lift the test
 # accuracy of every tiny task on the fixtures).

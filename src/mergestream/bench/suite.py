@@ -1066,7 +1066,7 @@ split:
 
 finetune:
   lora_rank: 8            # a PEFT LoRA adapter on all seven projections of every block
-  steps: 60
+  steps: 100
   batch_size: 8
   lr: 1.0e-3
 
