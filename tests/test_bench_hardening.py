@@ -288,7 +288,8 @@ def test_without_matplotlib_the_tables_are_written_and_plots_skipped(
     # Said before the first evaluation, not after hours of benchmark.
     assert captured.err.index(notice) < captured.err.index("pretrained ACC")
     assert "plots skipped: plots need mergestream[bench]" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+    # the tables and the score record (kept for `--resume`), no image
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "scores.jsonl"]
     assert "| average |" in (out / "results.md").read_text()
 
 
