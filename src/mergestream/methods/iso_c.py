@@ -9,7 +9,8 @@ carries the previous steps' c), θ ← θ0 + c·ISO(m, τ_t), where, per tensor,
 c = `scaling_factor` (default 1.0, the reference's shipped setting).
 
 The σ = 0 rule: a singular triplet with σ <= rank_rtol·σ_max (max(rows, cols)·eps·σ_max, NumPy's
-`matrix_rank` tolerance; `linalg.rank_rtol`) is not a direction of X, so it takes no part: it
+`matrix_rank` tolerance; `linalg.rank_rtol`), or under the round-off of an m stored in float32
+(eps/2·‖m‖_F, `linalg.stored_rtol`), is not a direction of X, so it takes no part: it
 is left out of U_ρ V_ρᵀ and out of the mean, as OPCM leaves such directions out of its diagonal
 rule. The reference takes all min(rows, cols) triplets and the mean over all of them, zeros
 included; where X has full rank the two are the same rule (the parity tests). Where X is rank
@@ -47,7 +48,7 @@ import torch
 from . import lowrank
 from .base import COMPUTE_DTYPE
 from .configs.iso_c import IsoCConfig
-from .linalg import rank_rtol, resolved_rank
+from .linalg import resolved_rank, stored_rtol
 from .ops import average
 from .pairwise import PairwiseMerge
 
@@ -58,12 +59,13 @@ def iso_c_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     pair. A new tensor."""
     if merged.ndim != 2:
         return average(merged, task)
+    stored = merged, task  # as held: a float32 m's round-off is not a direction
     merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     total = merged + task
     if total.numel() == 0:
         return total
     u, sigma, vh = torch.linalg.svd(total, full_matrices=False)
-    rank = resolved_rank(sigma, rank_rtol(*total.shape))
+    rank = resolved_rank(sigma, stored_rtol(*total.shape, float(sigma[0]), *stored))
     if rank == 0:
         return torch.zeros_like(total)
     return (u[:, :rank] * sigma[:rank].mean()) @ vh[:rank]

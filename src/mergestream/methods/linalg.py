@@ -43,8 +43,26 @@ def rank_rtol(rows: int, cols: int) -> float:
     the matrix. max(rows, cols)·eps is NumPy's `matrix_rank` default: a backward-stable SVD
     returns the singular values of a matrix within about that of the input, so anything
     smaller cannot be told apart from round-off. OPCM's diagonal rule, Iso-C's spectrum,
-    TSV-M's triplets and the low-rank factors (`methods/lowrank.py`) all use it."""
+    TSV-M's triplets and the low-rank factors (`methods/lowrank.py`) all use it (Iso-C and
+    TSV-M through `stored_rtol`, for inputs held in float32)."""
     return max(rows, cols, 1) * _EPS64
+
+
+def stored_rtol(rows: int, cols: int, sigma_max: float, *inputs: torch.Tensor) -> float:
+    """`rank_rtol`, raised to cover the round-off of `inputs` held below float64 (a float32
+    state): each entry of such a tensor x was rounded by at most eps/2 of itself, so the
+    rounding error has spectral norm at most eps/2·‖x‖_F, and a direction of the matrix made
+    from them with σ under that cannot be told apart from it. Without this a rank-deficient
+    running sum stored in float32 (a LoRA stream) shows float32 noise as hundreds of
+    directions of σ ≈ 1e-7·σ_max. Inputs in float64 add nothing: the rule is then
+    `rank_rtol`, the references' parity rule."""
+    floor = sum(
+        torch.finfo(x.dtype).eps / 2 * float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        for x in inputs
+        if x.is_floating_point() and torch.finfo(x.dtype).eps > _EPS64
+    )
+    base = rank_rtol(rows, cols)
+    return max(base, floor / sigma_max) if sigma_max > 0 else base
 
 
 def resolved_rank(sigma: torch.Tensor, rtol: float) -> int:

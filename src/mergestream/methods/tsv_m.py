@@ -12,7 +12,8 @@ previous steps' c), θ ← θ0 + c·TSV(m, τ_t), where, per tensor,
 c = `scaling_factor` (default 1.0, the reference's shipped setting).
 
 The σ = 0 rule: a singular triplet with σ <= rank_rtol·σ_max (max(rows, cols)·eps·σ_max, NumPy's
-`matrix_rank` tolerance; `linalg.rank_rtol`) is not a direction of its matrix and takes no part,
+`matrix_rank` tolerance; `linalg.rank_rtol`), or under the round-off of an input stored in
+float32 (eps/2·‖x‖_F, `linalg.stored_rtol`), is not a direction of its matrix and takes no part,
 as OPCM leaves such directions out of its diagonal rule. So each of m and τ_t gives its top
 min(k, rank) triplets, and the polar factors are those of the kept vectors on their own range
 (P Qᵀ over the singular values of U, or of Vᵀ, above the same tolerance: the partial isometry).
@@ -52,7 +53,7 @@ import torch
 from . import lowrank
 from .base import COMPUTE_DTYPE
 from .configs.tsv_m import TsvMConfig
-from .linalg import polar_on_range, rank_rtol, resolved_rank
+from .linalg import polar_on_range, resolved_rank, stored_rtol
 from .ops import average
 from .pairwise import PairwiseMerge
 
@@ -62,15 +63,17 @@ def tsv_m_combine(merged: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     pair (see the module docstring), the average of any other pair. A new tensor."""
     if merged.ndim != 2:
         return average(merged, task)
+    stored = merged, task  # as held: a float32 input's round-off is not a direction
     merged, task = merged.to(COMPUTE_DTYPE), task.to(COMPUTE_DTYPE)
     rows, cols = merged.shape
     keep = min(rows, cols) // 2
     if keep == 0:
         return merged.new_zeros(rows, cols)
     us, sigmas, vhs = [], [], []
-    for x in (merged, task):
+    for x, held in zip((merged, task), stored, strict=True):
         ui, si, vhi = torch.linalg.svd(x, full_matrices=False)
-        kept = min(keep, resolved_rank(si, rank_rtol(rows, cols)))  # σ = 0: not a direction
+        sigma_max = float(si[0]) if si.numel() else 0.0
+        kept = min(keep, resolved_rank(si, stored_rtol(rows, cols, sigma_max, held)))
         us.append(ui[:, :kept])
         sigmas.append(si[:kept])
         vhs.append(vhi[:kept])
