@@ -107,3 +107,29 @@ def round_off(x: torch.Tensor, g: torch.Generator, size: float = 1e-15) -> torch
     """x plus noise of `size`·‖x‖ (a few units of float64 round-off per entry)."""
     noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
     return x + noise * (size * x.norm() / noise.norm())
+
+
+def check_float32_round_off_is_left_out(
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """A rank-deficient m stored in float32 (the default state) carries float32 round-off in
+    every entry; its singular values (about 1e-7 of the largest) are not directions of m, so
+    `combine` gives the float64 state's result to float32 precision, not a spectrum spread
+    over noise."""
+    from mergestream.methods.linalg import rank_rtol, stored_rtol
+
+    gen = torch.Generator().manual_seed(7)
+    merged, task = (
+        torch.randn(40, 3, generator=gen, dtype=torch.float64)
+        @ torch.randn(3, 30, generator=gen, dtype=torch.float64)
+        for _ in range(2)
+    )
+    exact = combine(merged, task)
+    stored = combine(merged.float(), task)
+    assert torch.linalg.matrix_rank(exact).item() <= 6
+    assert (stored - exact).norm() / exact.norm() < 1e-5
+    # The float64 rule alone would count the round-off as directions; the stored rule does not.
+    sigma = torch.linalg.svdvals(merged.float().double() + task)
+    assert (sigma > rank_rtol(40, 30) * sigma[0]).sum() > 6
+    assert (sigma > stored_rtol(40, 30, float(sigma[0]), merged.float()) * sigma[0]).sum() == 6
+    assert stored_rtol(40, 30, float(sigma[0]), merged, task) == rank_rtol(40, 30)

@@ -17,6 +17,7 @@ from baseline_helpers import (
     write_models,
 )
 from pairwise_helpers import (
+    check_float32_round_off_is_left_out,
     check_gpu_equals_cpu,
     check_roles_follow_the_shape_rule,
     check_streaming_keeps_matrices_whole,
@@ -159,27 +160,8 @@ def test_on_the_gpu_equals_the_cpu():
     check_gpu_equals_cpu("iso_c", {})
 
 
+
 def test_a_float32_state_of_a_low_rank_stream_keeps_its_round_off_out():
-    """A rank-deficient m stored in float32 (the default state) carries float32 round-off in
-    every entry; its singular values (about 1e-7 of the largest) are not directions of m, so
-    the result is the float64 state's to float32 precision, not a spectrum spread over noise."""
     from mergestream.methods.iso_c import iso_c_combine
 
-    gen = torch.Generator().manual_seed(7)
-    low_rank = [
-        torch.randn(40, 3, generator=gen, dtype=torch.float64)
-        @ torch.randn(3, 30, generator=gen, dtype=torch.float64)
-        for _ in range(2)
-    ]
-    merged, task = low_rank
-    exact = iso_c_combine(merged, task)
-    stored = iso_c_combine(merged.float(), task)
-    assert torch.linalg.matrix_rank(exact).item() <= 6
-    assert (stored - exact).norm() / exact.norm() < 1e-5
-    # without the float32 rule the round-off would count: the float64 tolerance takes it in
-    from mergestream.methods.linalg import rank_rtol, stored_rtol
-
-    sigma = torch.linalg.svdvals(merged.float().double() + task)
-    assert (sigma > rank_rtol(40, 30) * sigma[0]).sum() > 6
-    assert (sigma > stored_rtol(40, 30, float(sigma[0]), merged.float()) * sigma[0]).sum() == 6
-    assert stored_rtol(40, 30, float(sigma[0]), merged, task) == rank_rtol(40, 30)
+    check_float32_round_off_is_left_out(iso_c_combine)
