@@ -196,6 +196,25 @@ class ForkServer:
         self.start(argv, delay)
         return self.finish()
 
+    def kill_during(
+        self,
+        argv: list[str],
+        delay: float,
+        phase: str,
+        occurrence: int,
+        window: float,
+        rng: random.Random,
+    ) -> tuple[int, str, str]:
+        """Run `argv`, SIGKILL it a random part of `window` after its `occurrence`-th `phase`
+        (none: after its start) and return its exit code, stderr and a line naming the kill."""
+        self.start(argv, delay)
+        if phase:
+            assert self.wait_for(phase, occurrence), f"{phase} #{occurrence} never came"
+        time.sleep(rng.uniform(0, window))
+        self.kill()
+        code, err = self.finish()
+        return code, err, f"kill after {phase or 'start'} #{occurrence}, exit {code}"
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
@@ -272,13 +291,9 @@ def test_kill_at_any_instant_of_an_add(world):
     for trial, (phase, occurrence, window) in enumerate(kill_targets(world)):
         state_dir = tmp / f"trial-{trial}"
         shutil.copytree(pristine, state_dir)
-        server.start(["add", str(state_dir), checkpoint, "--quiet"], DELAY)
-        if phase:
-            assert server.wait_for(phase, occurrence), f"{phase} #{occurrence} never came"
-        time.sleep(rng.uniform(0, window))
-        server.kill()
-        code, err = server.finish()
-        context = f"trial {trial}: kill after {phase or 'start'} #{occurrence}, exit {code}"
+        argv = ["add", str(state_dir), checkpoint, "--quiet"]
+        code, err, kill = server.kill_during(argv, DELAY, phase, occurrence, window, rng)
+        context = f"trial {trial}: {kill}"
         if code == -signal.SIGKILL:
             killed += 1
         else:

@@ -755,7 +755,6 @@ def test_a_factored_step_killed_at_any_instant(stream, zoo, tmp_path):
     import random
     import shutil
     import signal
-    import time
 
     from test_crash_safety import DELAY, ForkServer, file_digests, same_weights
 
@@ -785,13 +784,9 @@ def test_a_factored_step_killed_at_any_instant(stream, zoo, tmp_path):
         for trial, (phase, occurrence, window) in enumerate(targets):
             state_dir = tmp_path / f"trial-{trial}"
             shutil.copytree(pristine, state_dir)
-            server.start(["add", str(state_dir), str(a1), "--quiet"], DELAY)
-            if phase:
-                assert server.wait_for(phase, occurrence), f"{phase} #{occurrence} never came"
-            time.sleep(rng.uniform(0, window))
-            server.kill()
-            code, err = server.finish()
-            context = f"trial {trial}: kill after {phase or 'start'} #{occurrence}, exit {code}"
+            argv = ["add", str(state_dir), str(a1), "--quiet"]
+            code, err, kill = server.kill_during(argv, DELAY, phase, occurrence, window, rng)
+            context = f"trial {trial}: {kill}"
             assert code in (0, -signal.SIGKILL), f"{context}: {err}"
             state = MergeState.open(state_dir)
             committed = state.step == 2
