@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mergestream.methods.configs import describe_methods
+
 # The methods whose sums the state keeps as factors (methods/lowrank.py); the others keep
 # every tensor dense in both runs, and differ only by the dense dtype they were given.
-FACTORED_METHODS = {"opcm", "task_arithmetic", "average", "iso_c", "tsv_m"}
+FACTORED_METHODS = {m.name for m in describe_methods() if m.factored}
 
 
 def _scores(run: dict[str, Any]) -> list[float]:

@@ -493,7 +493,8 @@ class ScoreRecord:
         self.identity = zoo_identity(zoo)
         self.scores: dict[tuple[str, str], float] = {}
         self.retention: dict[str, dict[str, float]] = {}
-        lines = self.path.read_text().splitlines() if resume and self.path.exists() else []
+        text = self.path.read_text() if resume and self.path.exists() else ""
+        lines = text.splitlines()
         header = _json_line(lines[0]) if lines else None
         if lines and (header is None or header.get("zoo") != self.identity):
             aside = self.path.with_name(self.path.name + ".other-zoo")
@@ -516,7 +517,7 @@ class ScoreRecord:
         if not lines:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"zoo": self.identity}) + "\n")
-        elif not self.path.read_text().endswith("\n"):
+        elif not text.endswith("\n"):
             # A torn last line: cut it off, or the next score would be glued to it.
             whole = [line for line in lines if _json_line(line) is not None]
             fresh = self.path.with_name(self.path.name + ".tmp")
