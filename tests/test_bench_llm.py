@@ -24,6 +24,7 @@ from mergestream.bench.causal_lm import LLAMA_PROJECTIONS, LMEvaluator, load_cau
 from mergestream.bench.finetune import build_suite_zoo, suite_recipe  # noqa: E402
 from mergestream.bench.report import (  # noqa: E402
     acc_at_table,
+    evaluation_timing,
     retention_table,
     step_points,
     write_report,
@@ -220,17 +221,34 @@ def test_a_stopped_bench_resumes_from_its_score_record(llm_zoo: Path, tmp_path: 
     assert again["reference"] == first["reference"]
     assert again["methods"] == _without_times(first["methods"], again["methods"])
 
+    # Each score carries the time it took, so a report assembled from the record still says
+    # what an evaluation costs: the sum over the two runs is the first run's.
+    timed = [json.loads(line) for line in lines[1:]]
+    assert all(entry["seconds"] > 0 for entry in timed)
+    on_record_seconds = sum(e["seconds"] for e in timed[: ran // 2] if "task" in e)
+    meta = again["meta"]
+    assert meta["recorded_evaluations_timed"] == on_record
+    assert meta["recorded_evaluation_seconds"] == pytest.approx(on_record_seconds, abs=0.1)
+
     # Everything on record: nothing is scored again; without --resume the record restarts.
     third = run_benchmark(llm_zoo, resume=True, **kwargs)
     assert third["meta"]["evaluations"] == 0 and third["reference"] == first["reference"]
+    # the first run's half on record, then the second run's own evaluations
+    recorded = on_record_seconds + meta["evaluation_seconds"]
+    assert third["meta"]["recorded_evaluation_seconds"] == pytest.approx(recorded, abs=0.2)
+    assert third["meta"]["recorded_retentions_timed"] == 2
+    assert f"{ran} task evaluations, {ran} of them timed by an earlier run" in (
+        evaluation_timing(third)
+    )
     run_benchmark(llm_zoo, **kwargs)
-    assert len(record.read_text().splitlines()) == len(lines)
+    restarted = record.read_text().splitlines()
+    assert len(restarted) == len(lines)
 
     # A record made for other test sets is set aside, never mixed in.
     zoo = load_zoo(llm_zoo)
     zoo.test_sets[TASKS[0]].test.pop()
     ScoreRecord(record, zoo, resume=True)
-    assert (tmp_path / "scores.jsonl.other-zoo").read_text().splitlines() == lines
+    assert (tmp_path / "scores.jsonl.other-zoo").read_text().splitlines() == restarted
     assert record.read_text().splitlines()[1:] == []
 
 

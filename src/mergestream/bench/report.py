@@ -48,6 +48,36 @@ def merge_seconds_per_step(entry: Mapping[str, Any]) -> float:
     return sum(run["merge_seconds"] / len(run["order"]) for run in runs) / len(runs)
 
 
+def evaluation_timing(results: Mapping[str, Any]) -> str:
+    """One sentence: the task evaluations and retention scorings the run made or read from
+    its score record, and their mean time (the record's times are those of the run that made
+    the scores). Empty when nothing was timed."""
+    meta = results["meta"]
+    parts = []
+    for kind, count, seconds, recorded, recorded_seconds in (
+        (
+            "task evaluations",
+            meta.get("evaluations", 0),
+            meta.get("evaluation_seconds", 0.0),
+            meta.get("recorded_evaluations_timed", 0),
+            meta.get("recorded_evaluation_seconds", 0.0),
+        ),
+        (
+            "base-retention scorings",
+            meta.get("retentions", 0),
+            meta.get("retention_seconds", 0.0),
+            meta.get("recorded_retentions_timed", 0),
+            meta.get("recorded_retention_seconds", 0.0),
+        ),
+    ):
+        total = count + recorded
+        if total:
+            mean = (seconds + recorded_seconds) / total
+            source = f", {recorded} of them timed by an earlier run" if recorded else ""
+            parts.append(f"{total} {kind}{source}: {mean:.1f} s each")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def removed_fractions(results: Mapping[str, Any]) -> dict[str, list[float]]:
     """Per OPCM method: the mean over task orders, at each step, of the fraction of the
     incoming task vector's norm that the projection removed (`last_removed_fraction`)."""
@@ -280,6 +310,9 @@ def write_report(
         "",
         markdown_table(results),
     ]
+    timing = evaluation_timing(results)
+    if timing:
+        text += ["Time: " + timing, ""]
     at = acc_at_table(results)
     if at:
         text += [

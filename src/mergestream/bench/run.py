@@ -475,11 +475,13 @@ class ScoreRecord:
     score already recorded is read back. Without ``resume`` the record starts empty.
 
     One JSON object per line: a header naming the zoo (:func:`zoo_identity`), then
-    ``{"weights": FINGERPRINT, "task": T, "accuracy": A}`` or ``{"weights": ..., "retention":
-    {...}}``. A record made for another zoo, test split or scoring is set aside (renamed with
-    the suffix ``.other-zoo``), never mixed in; a torn last line (a kill during a write) is
-    ignored. A score depends on the weights and the data alone, so it is reused whatever
-    method, order or step reached those weights."""
+    ``{"weights": FINGERPRINT, "task": T, "accuracy": A, "seconds": S}`` or ``{"weights": ...,
+    "retention": {...}, "seconds": S}`` (S: the time the scoring took, so a report assembled
+    from the record still states what an evaluation costs). A record made for another zoo,
+    test split or scoring is set aside (renamed with the suffix ``.other-zoo``), never mixed
+    in; a torn last line (a kill during a write) is ignored. A score depends on the weights
+    and the data alone, so it is reused whatever method, order or step reached those
+    weights."""
 
     def __init__(
         self,
@@ -493,6 +495,9 @@ class ScoreRecord:
         self.identity = zoo_identity(zoo)
         self.scores: dict[tuple[str, str], float] = {}
         self.retention: dict[str, dict[str, float]] = {}
+        # Seconds each recorded scoring took (absent in records written before they were kept).
+        self.score_seconds: dict[tuple[str, str], float] = {}
+        self.retention_seconds: dict[str, float] = {}
         text = self.path.read_text() if resume and self.path.exists() else ""
         lines = text.splitlines()
         header = _json_line(lines[0]) if lines else None
@@ -505,10 +510,16 @@ class ScoreRecord:
             entry = _json_line(line)
             if entry is None or "weights" not in entry:
                 continue
+            seconds = entry.get("seconds")
             if "task" in entry:
-                self.scores[(entry["weights"], entry["task"])] = float(entry["accuracy"])
+                key = (entry["weights"], entry["task"])
+                self.scores[key] = float(entry["accuracy"])
+                if seconds is not None:
+                    self.score_seconds[key] = float(seconds)
             elif "retention" in entry:
                 self.retention[entry["weights"]] = dict(entry["retention"])
+                if seconds is not None:
+                    self.retention_seconds[entry["weights"]] = float(seconds)
         if self.scores or self.retention:
             log(
                 f"resuming from {self.path}: {len(self.scores)} task scores and "
@@ -524,13 +535,16 @@ class ScoreRecord:
             fresh.write_text("\n".join(whole) + "\n")
             os.replace(fresh, self.path)
 
-    def add_score(self, weights: str, task: str, accuracy: float) -> None:
+    def add_score(self, weights: str, task: str, accuracy: float, seconds: float) -> None:
         self.scores[(weights, task)] = accuracy
-        self._append({"weights": weights, "task": task, "accuracy": accuracy})
+        self.score_seconds[(weights, task)] = seconds
+        entry = {"weights": weights, "task": task, "accuracy": accuracy}
+        self._append({**entry, "seconds": round(seconds, 3)})
 
-    def add_retention(self, weights: str, retention: dict[str, float]) -> None:
+    def add_retention(self, weights: str, retention: dict[str, float], seconds: float) -> None:
         self.retention[weights] = dict(retention)
-        self._append({"weights": weights, "retention": retention})
+        self.retention_seconds[weights] = seconds
+        self._append({"weights": weights, "retention": retention, "seconds": round(seconds, 3)})
 
     def _append(self, entry: dict[str, Any]) -> None:
         # One write of one whole line, flushed: a kill leaves at most a torn last line.
@@ -587,6 +601,13 @@ class ZooEvaluator:
         self._retained: dict[str, dict[str, float]] = {}
         self.seconds = 0.0  # spent in task evaluations
         self.retention_seconds = 0.0
+        self.retentions = 0  # base-retention scorings run
+        # What the scores read back from the record took when they were made (the run that
+        # made them): with these a resumed run's report still gives the time per evaluation.
+        self.recorded_seconds = 0.0
+        self.recorded_timed = 0  # recorded task scores that carry their time
+        self.recorded_retention_seconds = 0.0
+        self.recorded_retention_timed = 0
 
     def _load(self, state_dict: dict[str, torch.Tensor] | None, key: str) -> None:
         """Make ``state_dict`` (None: keep the current weights), whose fingerprint is ``key``,
@@ -612,6 +633,9 @@ class ZooEvaluator:
         key = self._key(state_dict)
         if key not in self._retained and self.record is not None and key in self.record.retention:
             self._retained[key] = dict(self.record.retention[key])
+            if key in self.record.retention_seconds:
+                self.recorded_retention_seconds += self.record.retention_seconds[key]
+                self.recorded_retention_timed += 1
         if key not in self._retained:
             self._load(state_dict, key)
             started = time.perf_counter()
@@ -620,9 +644,11 @@ class ZooEvaluator:
                 "perplexity": self.evaluator.perplexity(data["texts"]),
                 "general_accuracy": self.evaluator.general_accuracy(prompts),
             }
-            self.retention_seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.retentions += 1
+            self.retention_seconds += took
             if self.record is not None:
-                self.record.add_retention(key, self._retained[key])
+                self.record.add_retention(key, self._retained[key], took)
         return dict(self._retained[key])
 
     def accuracies(
@@ -637,6 +663,9 @@ class ZooEvaluator:
                 if known is not None:
                     self._scores[(key, task)] = known
                     self.from_record += 1
+                    if (key, task) in self.record.score_seconds:
+                        self.recorded_seconds += self.record.score_seconds[(key, task)]
+                        self.recorded_timed += 1
             if known is not None:
                 self.reused += 1
                 scores[task] = known
@@ -646,10 +675,11 @@ class ZooEvaluator:
             self.evaluations += 1
             started = time.perf_counter()
             score = self.evaluator.accuracy(self.zoo.test_sets[task], self.zoo.heads[task])
-            self.seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.seconds += took
             self._scores[(key, task)] = scores[task] = score
             if self.record is not None:
-                self.record.add_score(key, task, score)
+                self.record.add_score(key, task, score, took)
             self.on_scored(self.evaluations + self.reused)
         return scores
 
@@ -880,7 +910,13 @@ def run_benchmark(
             "evaluations_from_record": evaluator.from_record,
             "state": state_options.as_dict(),
             "evaluation_seconds": round(evaluator.seconds, 1),
+            "retentions": evaluator.retentions,
             "retention_seconds": round(evaluator.retention_seconds, 1),
+            # The scores read from the record, timed when they were made (earlier runs).
+            "recorded_evaluations_timed": evaluator.recorded_timed,
+            "recorded_evaluation_seconds": round(evaluator.recorded_seconds, 1),
+            "recorded_retentions_timed": evaluator.recorded_retention_timed,
+            "recorded_retention_seconds": round(evaluator.recorded_retention_seconds, 1),
             "seconds": round(time.perf_counter() - started, 1),
         },
         **results,
