@@ -598,6 +598,7 @@ class ZooEvaluator:
         # final model in every order: scoring it once per task gives the same numbers.
         self._scores: dict[tuple[str, str], float] = {}
         self._loaded: str | None = None
+        self._fingerprinted: tuple[dict[str, torch.Tensor], str] | None = None
         self._retained: dict[str, dict[str, float]] = {}
         self.seconds = 0.0  # spent in task evaluations
         self.retention_seconds = 0.0
@@ -621,7 +622,13 @@ class ZooEvaluator:
         # the pretrained model it was created with.
         if state_dict is None:
             return self._loaded or "pretrained"
-        return weights_fingerprint(state_dict)
+        # A final model is scored on its tasks and then on base retention: hash it once (a
+        # second or two on an LLM). The dict is held, so its id is not reused meanwhile.
+        if self._fingerprinted is not None and self._fingerprinted[0] is state_dict:
+            return self._fingerprinted[1]
+        key = weights_fingerprint(state_dict)
+        self._fingerprinted = (state_dict, key)
+        return key
 
     def retention(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
         """A causal LM's base retention (see :mod:`mergestream.bench.retention`): the
