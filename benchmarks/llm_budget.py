@@ -44,10 +44,19 @@ def measured(zoo: Path, results: dict[str, Any]) -> dict[str, float]:
         for entry in results["methods"].values()
         for run in entry["runs"]
     ]
+    # A run assembled from its score record (--resume) scored little itself: count the
+    # recorded scores at the time they took when they were made.
+    evaluations = meta["evaluations"] + meta.get("recorded_evaluations_timed", 0)
+    evaluation_seconds = meta["evaluation_seconds"] + meta.get("recorded_evaluation_seconds", 0)
+    if "retentions" in meta:
+        retentions = meta["retentions"] + meta.get("recorded_retentions_timed", 0)
+    else:  # results written before retention scorings were counted
+        retentions = len(kept) + 1
+    retention_seconds = meta["retention_seconds"] + meta.get("recorded_retention_seconds", 0)
     return {
         "train_step": statistics.fmean(i["seconds_per_step"] for i in infos),
-        "eval_example": meta["evaluation_seconds"] / (meta["evaluations"] * n_test),
-        "retention": meta["retention_seconds"] / max(1, len(kept) + 1),
+        "eval_example": evaluation_seconds / (max(1, evaluations) * n_test),
+        "retention": retention_seconds / max(1, retentions),
         "merge_step": statistics.fmean(merges),
     }
 
