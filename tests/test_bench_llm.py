@@ -5,6 +5,7 @@ retention, the same stream as full checkpoints, and the report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -87,6 +88,33 @@ def test_finetune_writes_one_adapter_per_task(llm_zoo: Path) -> None:
         assert len(json.loads((folder / "test.json").read_text())) == info["n_test"] <= 12
         curve = [loss for _, loss in info["loss_curve"]]
         assert curve[-1] < curve[0], name  # the adapter learned the answers' format
+
+
+def test_the_zoo_table_script_reads_each_adapter_and_the_base(
+    llm_zoo: Path, capsys
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "llm_zoo_table", Path(__file__).parents[1] / "benchmarks" / "llm_zoo_table.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(llm_zoo)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    infos = [json.loads((llm_zoo / t / "finetune.json").read_text()) for t in TASKS]
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [*TASKS, "mean"]
+    for line, info in zip(lines[2:], infos, strict=False):
+        cells = line.strip("| ").split(" | ")
+        assert float(cells[2]) == round(100 * info["pretrained_test_accuracy"], 1)
+        assert float(cells[3]) == round(100 * info["finetuned_test_accuracy"], 1)
+    mean = lines[-1].strip("| ").split(" | ")
+    want = sum(i["finetuned_test_accuracy"] for i in infos) / len(infos)
+    assert float(mean[3]) == pytest.approx(100 * want, abs=0.051)
+    # Zoos split differently (not one suite's) are refused rather than put side by side.
+    other = json.loads((llm_zoo / TASKS[0] / "finetune.json").read_text())
+    other["split"] = {**other["split"], "n_test": other["split"]["n_test"] + 1}
+    rows = script.zoo_rows(llm_zoo)
+    with pytest.raises(ValueError, match="split differently"):
+        script.markdown([rows, {**rows, TASKS[0]: other}])
 
 
 def _naive_right(model, codec, scoring, test) -> list[bool]:
