@@ -292,3 +292,84 @@ def test_gpu_kernels_match_cpu(zero_diagonal) -> None:
         if tensor.is_floating_point():
             delta = on_gpu[name] - base[name].double()
             assert relative_error(delta, tensor - base[name].double()) <= 1e-8, name
+
+
+# ------------------------------------------------- a float32 state of a low-rank (LoRA) stream
+
+
+def _low_rank_stream(models: int, rank: int = 3, seed: int = 11):
+    """A base of two linear weights and `models` checkpoints that each move it by a rank-`rank`
+    update (what merging LoRA adapters into a model gives): the running sum stays rank
+    deficient, so a float32 copy of it is the sum plus round-off in every entry."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"blocks.0.mlp.weight": (48, 32), "blocks.0.attn.weight": (32, 32)}
+    base = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+
+    def update(m: int, n: int) -> torch.Tensor:
+        a = torch.randn(m, rank, generator=gen, dtype=torch.float64)
+        return 1e-2 * a @ torch.randn(rank, n, generator=gen, dtype=torch.float64)
+
+    return base, [{k: v + update(*v.shape) for k, v in base.items()} for _ in range(models)]
+
+
+def test_a_float32_state_of_a_low_rank_stream_keeps_its_round_off_out() -> None:
+    from mergestream.methods.linalg import above_round_off, round_off_floor
+    from mergestream.methods.opcm import decompose_running_sum, project_in_place
+
+    base, checkpoints = _low_rank_stream(4)
+    merged = {
+        dtype: merge(base, checkpoints, "opcm", dtype=torch.float64, state_dtype=dtype)
+        for dtype in ("float64", "float32")
+    }
+    for name in base:
+        exact = merged["float64"][name] - base[name]
+        error = float((merged["float32"][name] - base[name] - exact).norm() / exact.norm())
+        assert error < 1e-5, name  # float32 precision, not a different projection
+
+    # Why the floor is needed: a rank-6 sum rounded to float32 has 32 singular values above
+    # the float64 rule, and OPCM's diagonal rule would remove τ's parts along the 26 noise ones.
+    gen = torch.Generator().manual_seed(3)
+    s, tau = (
+        torch.randn(48, 6, generator=gen, dtype=torch.float64)
+        @ torch.randn(6, 32, generator=gen, dtype=torch.float64)
+        for _ in range(2)
+    )
+    exact = opcm_project(s, tau, 0.5)
+    rounded = s.float()
+    unfloored = opcm_project(rounded.double(), tau, 0.5)
+    decomposed = decompose_running_sum(rounded.double())
+    assert decomposed.rank == 32
+    floor = round_off_floor(torch.float32, float(rounded.double().norm()))
+    floored = above_round_off(decomposed, floor)
+    assert floored.rank == 6 and above_round_off(decomposed, 0.0) is decomposed
+    projected = tau.clone()
+    project_in_place(rounded.double(), projected, 0.5, decomposed=floored)
+    assert float((unfloored - exact).norm() / exact.norm()) > 1e-3
+    assert float((projected - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_a_float32_state_steps_the_same_prepared_or_not(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, checkpoints = _low_rank_stream(3, seed=12)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    states = {
+        kind: MergeState.create(
+            tmp_path / kind, tmp_path / "base.safetensors", "opcm", state_dtype="float32"
+        )
+        for kind in ("plain", "prepared")
+    }
+    for i, checkpoint in enumerate(checkpoints):
+        path = tmp_path / f"tuned-{i}.safetensors"
+        save_file(checkpoint, str(path))
+        states["plain"].add(path)
+        states["prepared"].prepare()
+        states["prepared"].add(path)
+    sums = {
+        kind: load_file(str(next((tmp_path / kind).glob("gen-*/sum.safetensors"))))
+        for kind in states
+    }
+    assert sums["plain"].keys() == sums["prepared"].keys()
+    for name, tensor in sums["plain"].items():
+        assert tensor.dtype == torch.float32 or tensor.ndim < 2, name
+        assert torch.equal(tensor, sums["prepared"][name]), name

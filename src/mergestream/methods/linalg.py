@@ -43,26 +43,49 @@ def rank_rtol(rows: int, cols: int) -> float:
     the matrix. max(rows, cols)·eps is NumPy's `matrix_rank` default: a backward-stable SVD
     returns the singular values of a matrix within about that of the input, so anything
     smaller cannot be told apart from round-off. OPCM's diagonal rule, Iso-C's spectrum,
-    TSV-M's triplets and the low-rank factors (`methods/lowrank.py`) all use it (Iso-C and
-    TSV-M through `stored_rtol`, for inputs held in float32)."""
+    TSV-M's triplets and the low-rank factors (`methods/lowrank.py`) all use it (raised by
+    `round_off_floor` for inputs held in float32: OPCM's running sum, Iso-C's and TSV-M's
+    states)."""
     return max(rows, cols, 1) * _EPS64
+
+
+def round_off_floor(dtype: torch.dtype, frobenius_norm: float) -> float:
+    """The largest singular value the storage round-off of a tensor held in `dtype` with
+    Frobenius norm `frobenius_norm` can have: each entry was rounded by at most eps/2 of
+    itself, so the error matrix has spectral norm at most eps/2·‖x‖_F. Zero for float64 (and
+    anything at least as precise): the rank rule then stays the references' one."""
+    if not dtype.is_floating_point or torch.finfo(dtype).eps <= _EPS64:
+        return 0.0
+    return torch.finfo(dtype).eps / 2 * frobenius_norm
 
 
 def stored_rtol(rows: int, cols: int, sigma_max: float, *inputs: torch.Tensor) -> float:
     """`rank_rtol`, raised to cover the round-off of `inputs` held below float64 (a float32
-    state): each entry of such a tensor x was rounded by at most eps/2 of itself, so the
-    rounding error has spectral norm at most eps/2·‖x‖_F, and a direction of the matrix made
-    from them with σ under that cannot be told apart from it. Without this a rank-deficient
-    running sum stored in float32 (a LoRA stream) shows float32 noise as hundreds of
-    directions of σ ≈ 1e-7·σ_max. Inputs in float64 add nothing: the rule is then
-    `rank_rtol`, the references' parity rule."""
+    state, see `round_off_floor`): a direction of the matrix made from them with σ under that
+    cannot be told apart from it. Without this a rank-deficient running sum stored in float32
+    (a LoRA stream) shows float32 noise as hundreds of directions of σ ≈ 1e-7·σ_max. Inputs
+    in float64 add nothing: the rule is then `rank_rtol`, the references' parity rule."""
     floor = sum(
-        torch.finfo(x.dtype).eps / 2 * float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        round_off_floor(x.dtype, float(torch.linalg.vector_norm(x, dtype=torch.float64)))
         for x in inputs
-        if x.is_floating_point() and torch.finfo(x.dtype).eps > _EPS64
+        if x.is_floating_point()
     )
     base = rank_rtol(rows, cols)
     return max(base, floor / sigma_max) if sigma_max > 0 else base
+
+
+def above_round_off(decomposed: RightSingular, floor: float) -> RightSingular:
+    """`decomposed` with every singular value at or below `floor` (`round_off_floor` of the
+    stored matrix) set to exactly 0, as unresolved: those directions are the storage's
+    round-off, not the matrix's. The same object when nothing changes (a float64 input)."""
+    if floor <= 0.0 or decomposed.rank == 0:
+        return decomposed
+    kept = decomposed.sigma > floor
+    rank = int(kept.sum())
+    if rank == decomposed.rank:
+        return decomposed
+    sigma = torch.where(kept, decomposed.sigma, torch.zeros_like(decomposed.sigma))
+    return RightSingular(sigma=sigma, v=decomposed.v, rank=rank)
 
 
 def resolved_rank(sigma: torch.Tensor, rtol: float) -> int:

@@ -8,6 +8,10 @@ distance from the base. Step 1 stores S = τ_1 and λ = 1. Each later step proje
 of every linear weight away from the dominant singular subspace of S (the top-left k×k block of its
 coefficients in S's singular bases, and, with `zero_diagonal`, every diagonal coefficient too),
 adds all other tensors unprojected, and recomputes λ from scratch.
+
+A running sum stored in float32 carries round-off in every entry: singular values at or below
+eps₃₂/2·‖S‖_F (`linalg.round_off_floor`) are that round-off, not directions of S, and take no
+part in the projection (a float64 sum keeps the float64 rule, the reference's).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from .configs.opcm import OPCMConfig
 from .linalg import (
     Decomposition,
     RightSingular,
+    above_round_off,
     r_factor,
     right_singular,
     right_singular_from_gram,
     right_singular_from_r,
+    round_off_floor,
     split_index,
 )
 from .lowrank import Factors, ThinSVD, device_of, opcm_step, scaled
@@ -151,9 +157,14 @@ def fold_projected_rows(
     """
     n = rows.info.shape[1]
     gram = cross = None
-    task_norm_sq = 0.0
+    task_norm_sq = stored_norm_sq = 0.0
+    stored_dtype = COMPUTE_DTYPE
     for start, stop in rows.blocks:
-        s_block = rows.state_rows(start, stop)["sum"].to(COMPUTE_DTYPE)
+        stored_block = rows.state_rows(start, stop)["sum"]
+        stored_dtype = stored_block.dtype
+        s_block = stored_block.to(COMPUTE_DTYPE)
+        if round_off_floor(stored_dtype, 1.0) > 0.0:
+            stored_norm_sq += squared_norm(s_block)
         if gram is None:  # on the device the blocks come on
             gram, cross = s_block.new_zeros(n, n), s_block.new_zeros(n, n)
         tau_block = rows.task_rows(start, stop)
@@ -169,6 +180,7 @@ def fold_projected_rows(
     if decomposed is None:
         r = r_factor((rows.state_rows(a, b)["sum"].to(COMPUTE_DTYPE) for a, b in rows.blocks), n)
         decomposed = right_singular_from_r(r, rows.info.shape[0])
+    decomposed = above_round_off(decomposed, round_off_floor(stored_dtype, stored_norm_sq**0.5))
     z = removal_matrix(decomposed, cross, alpha, zero_diagonal)
     del gram, cross
     removed_sq = sum_norm_sq = 0.0
@@ -223,13 +235,17 @@ class OPCM(ContinualMethod):
             running_sum = state["sum"].to(COMPUTE_DTYPE)
             if info.projected:
                 cfg = self.config
+                decomposed = _prepared(state)
+                if decomposed is None:
+                    decomposed = decompose_running_sum(running_sum, cfg.decomposition)
+                    decomposed = above_round_off(decomposed, _stored_floor(state["sum"]))
                 removed_sq = project_in_place(
                     running_sum,
                     task_vector,
                     cfg.alpha,
                     cfg.zero_diagonal,
                     cfg.decomposition,
-                    _prepared(state),
+                    decomposed,
                 )
             new_sum = self.stored(running_sum.add_(task_vector))
         return TensorUpdate(
@@ -251,6 +267,7 @@ class OPCM(ContinualMethod):
         decomposed = decompose_running_sum(
             state["sum"].to(COMPUTE_DTYPE), self.config.decomposition
         )
+        decomposed = above_round_off(decomposed, _stored_floor(state["sum"]))
         return {"v": decomposed.v, "sigma": decomposed.sigma}
 
     def prepared_shapes(self, info: TensorInfo) -> dict[str, tuple[int, ...]]:
@@ -321,6 +338,17 @@ class OPCM(ContinualMethod):
         self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
     ) -> torch.Tensor:
         return state["sum"].to(COMPUTE_DTYPE) / scalars["scale"]
+
+
+def _stored_floor(stored_sum: torch.Tensor) -> float:
+    """The singular values of a running sum stored below float64 that are its storage's
+    round-off (`linalg.round_off_floor`): in a float32 state a rank-deficient sum (a LoRA
+    stream) shows float32 noise as directions of σ ≈ 1e-7·σ_max, and the diagonal rule would
+    remove τ's components along them. Zero, and nothing computed, for a float64 sum."""
+    if round_off_floor(stored_sum.dtype, 1.0) == 0.0:
+        return 0.0
+    norm = float(torch.linalg.vector_norm(stored_sum, dtype=COMPUTE_DTYPE))
+    return round_off_floor(stored_sum.dtype, norm)
 
 
 def _prepared(state: Mapping[str, torch.Tensor]) -> RightSingular | None:
