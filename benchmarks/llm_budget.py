@@ -6,7 +6,7 @@ per base-retention scoring, per merge step), and prices another configuration of
 model on the same machine: more tasks, larger test sets, more steps, orders and methods.
 
     python benchmarks/llm_budget.py --zoo ZOO --results OUT/results.json \\
-        --tasks 14 --n-test 200 --steps 60 --orders 5 --matrix-rows 4,8
+        --tasks 14 --n-test 200 --steps 100 --orders 5 --matrix-rows 4,8
 
 Evaluation time is taken as proportional to the number of test examples (each example is a
 fixed number of tokens after the shared prefix); everything else is counted as measured.
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True, help="bench results.json on it")
     p.add_argument("--tasks", type=int, default=14)
     p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100, help="training steps (the suite's: 100)")
     p.add_argument("--zoos", type=int, default=1, help="zoos to fine-tune (rank 8, rank 32)")
     p.add_argument("--orders", type=int, default=5)
     p.add_argument("--matrix-orders", type=int, default=1)

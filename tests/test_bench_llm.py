@@ -93,11 +93,7 @@ def test_finetune_writes_one_adapter_per_task(llm_zoo: Path) -> None:
 def test_the_zoo_table_script_reads_each_adapter_and_the_base(
     llm_zoo: Path, capsys
 ) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "llm_zoo_table", Path(__file__).parents[1] / "benchmarks" / "llm_zoo_table.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _benchmark_script("llm_zoo_table")
     assert script.main([str(llm_zoo)]) == 0
     lines = capsys.readouterr().out.splitlines()
     infos = [json.loads((llm_zoo / t / "finetune.json").read_text()) for t in TASKS]
@@ -115,6 +111,15 @@ def test_the_zoo_table_script_reads_each_adapter_and_the_base(
     rows = script.zoo_rows(llm_zoo)
     with pytest.raises(ValueError, match="split differently"):
         script.markdown([rows, {**rows, TASKS[0]: other}])
+
+
+def _benchmark_script(name: str):  # noqa: ANN202
+    """A script of benchmarks/ loaded as a module."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def _naive_right(model, codec, scoring, test) -> list[bool]:
@@ -268,6 +273,12 @@ def test_a_stopped_bench_resumes_from_its_score_record(llm_zoo: Path, tmp_path: 
     assert f"{ran} task evaluations, {ran} of them timed by an earlier run" in (
         evaluation_timing(third)
     )
+    # The budget script prices runs from such a report too (it scored nothing itself).
+    unit = _benchmark_script("llm_budget").measured(llm_zoo, third)
+    n_test = sum(len(load_zoo(llm_zoo).test_sets[t].test) for t in TASKS) / len(TASKS)
+    per_example = third["meta"]["recorded_evaluation_seconds"] / (ran * n_test)
+    assert unit["eval_example"] == pytest.approx(per_example)
+    assert unit["retention"] == pytest.approx(third["meta"]["recorded_retention_seconds"] / 2)
     run_benchmark(llm_zoo, **kwargs)
     restarted = record.read_text().splitlines()
     assert len(restarted) == len(lines)
