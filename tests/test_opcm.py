@@ -312,9 +312,11 @@ def _low_rank_stream(models: int, rank: int = 3, seed: int = 11):
     return base, [{k: v + update(*v.shape) for k, v in base.items()} for _ in range(models)]
 
 
-def test_a_float32_state_of_a_low_rank_stream_keeps_its_round_off_out() -> None:
+def test_a_float32_state_of_a_low_rank_stream_keeps_its_round_off_out(monkeypatch) -> None:
+    import mergestream.methods.opcm as opcm_module
     from mergestream.methods.linalg import above_round_off, round_off_floor
     from mergestream.methods.opcm import decompose_running_sum, project_in_place
+    from mergestream.step import engine
 
     base, checkpoints = _low_rank_stream(4)
     merged = {
@@ -325,6 +327,24 @@ def test_a_float32_state_of_a_low_rank_stream_keeps_its_round_off_out() -> None:
         exact = merged["float64"][name] - base[name]
         error = float((merged["float32"][name] - base[name] - exact).norm() / exact.norm())
         assert error < 1e-5, name  # float32 precision, not a different projection
+
+    # Streamed by row blocks (large tensors), the floor comes from the blocks' SᵀS: the same.
+    monkeypatch.setattr(engine, "STREAM_MIN_ELEMENTS", 200)
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 50)
+    folded = []
+    fold = opcm_module.fold_projected_rows
+
+    def spy(rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        folded.append(rows.info.name)
+        return fold(rows, *args, **kwargs)
+
+    monkeypatch.setattr(opcm_module, "fold_projected_rows", spy)
+    streamed = merge(base, checkpoints, "opcm", dtype=torch.float64, state_dtype="float32")
+    assert set(folded) == set(base)
+    for name in base:
+        exact = merged["float64"][name] - base[name]
+        error = float((streamed[name] - base[name] - exact).norm() / exact.norm())
+        assert error < 1e-5, name
 
     # Why the floor is needed: a rank-6 sum rounded to float32 has 32 singular values above
     # the float64 rule, and OPCM's diagonal rule would remove τ's parts along the 26 noise ones.

@@ -49,12 +49,18 @@ def rank_rtol(rows: int, cols: int) -> float:
     return max(rows, cols, 1) * _EPS64
 
 
+def held_below_float64(dtype: torch.dtype) -> bool:
+    """Whether a tensor held in `dtype` was rounded more coarsely than float64 (float32, a
+    half type): only then does its storage round-off raise the rank rule."""
+    return dtype.is_floating_point and torch.finfo(dtype).eps > _EPS64
+
+
 def round_off_floor(dtype: torch.dtype, frobenius_norm: float) -> float:
     """The largest singular value the storage round-off of a tensor held in `dtype` with
     Frobenius norm `frobenius_norm` can have: each entry was rounded by at most eps/2 of
     itself, so the error matrix has spectral norm at most eps/2·‖x‖_F. Zero for float64 (and
     anything at least as precise): the rank rule then stays the references' one."""
-    if not dtype.is_floating_point or torch.finfo(dtype).eps <= _EPS64:
+    if not held_below_float64(dtype):
         return 0.0
     return torch.finfo(dtype).eps / 2 * frobenius_norm
 
@@ -65,10 +71,11 @@ def stored_rtol(rows: int, cols: int, sigma_max: float, *inputs: torch.Tensor) -
     cannot be told apart from it. Without this a rank-deficient running sum stored in float32
     (a LoRA stream) shows float32 noise as hundreds of directions of σ ≈ 1e-7·σ_max. Inputs
     in float64 add nothing: the rule is then `rank_rtol`, the references' parity rule."""
+    # Norms only of the inputs held below float64: a float64 state costs no extra pass.
     floor = sum(
         round_off_floor(x.dtype, float(torch.linalg.vector_norm(x, dtype=torch.float64)))
         for x in inputs
-        if x.is_floating_point()
+        if held_below_float64(x.dtype)
     )
     base = rank_rtol(rows, cols)
     return max(base, floor / sigma_max) if sigma_max > 0 else base

@@ -35,6 +35,7 @@ from .linalg import (
     Decomposition,
     RightSingular,
     above_round_off,
+    held_below_float64,
     r_factor,
     right_singular,
     right_singular_from_gram,
@@ -157,14 +158,12 @@ def fold_projected_rows(
     """
     n = rows.info.shape[1]
     gram = cross = None
-    task_norm_sq = stored_norm_sq = 0.0
+    task_norm_sq = 0.0
     stored_dtype = COMPUTE_DTYPE
     for start, stop in rows.blocks:
         stored_block = rows.state_rows(start, stop)["sum"]
         stored_dtype = stored_block.dtype
         s_block = stored_block.to(COMPUTE_DTYPE)
-        if round_off_floor(stored_dtype, 1.0) > 0.0:
-            stored_norm_sq += squared_norm(s_block)
         if gram is None:  # on the device the blocks come on
             gram, cross = s_block.new_zeros(n, n), s_block.new_zeros(n, n)
         tau_block = rows.task_rows(start, stop)
@@ -180,7 +179,9 @@ def fold_projected_rows(
     if decomposed is None:
         r = r_factor((rows.state_rows(a, b)["sum"].to(COMPUTE_DTYPE) for a, b in rows.blocks), n)
         decomposed = right_singular_from_r(r, rows.info.shape[0])
-    decomposed = above_round_off(decomposed, round_off_floor(stored_dtype, stored_norm_sq**0.5))
+    # ‖S‖_F² is the trace of SᵀS, already summed over the blocks.
+    floor = round_off_floor(stored_dtype, float(gram.diagonal().sum()) ** 0.5)
+    decomposed = above_round_off(decomposed, floor)
     z = removal_matrix(decomposed, cross, alpha, zero_diagonal)
     del gram, cross
     removed_sq = sum_norm_sq = 0.0
@@ -345,7 +346,7 @@ def _stored_floor(stored_sum: torch.Tensor) -> float:
     round-off (`linalg.round_off_floor`): in a float32 state a rank-deficient sum (a LoRA
     stream) shows float32 noise as directions of σ ≈ 1e-7·σ_max, and the diagonal rule would
     remove τ's components along them. Zero, and nothing computed, for a float64 sum."""
-    if round_off_floor(stored_sum.dtype, 1.0) == 0.0:
+    if not held_below_float64(stored_sum.dtype):
         return 0.0
     norm = float(torch.linalg.vector_norm(stored_sum, dtype=COMPUTE_DTYPE))
     return round_off_floor(stored_sum.dtype, norm)
