@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,3 +51,13 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def load_benchmark_script(name: str):  # noqa: ANN201
+    """The script `benchmarks/<name>.py`, loaded as a module (the scripts are not a package)."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

@@ -5,7 +5,6 @@ retention, the same stream as full checkpoints, and the report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ pytest.importorskip("yaml")
 pytest.importorskip("rdata")
 
 import torch  # noqa: E402
+from helpers import load_benchmark_script  # noqa: E402
 from llm_helpers import tiny_causal_lm  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -93,7 +93,7 @@ def test_finetune_writes_one_adapter_per_task(llm_zoo: Path) -> None:
 def test_the_zoo_table_script_reads_each_adapter_and_the_base(
     llm_zoo: Path, capsys
 ) -> None:
-    script = _benchmark_script("llm_zoo_table")
+    script = load_benchmark_script("llm_zoo_table")
     assert script.main([str(llm_zoo)]) == 0
     lines = capsys.readouterr().out.splitlines()
     infos = [json.loads((llm_zoo / t / "finetune.json").read_text()) for t in TASKS]
@@ -111,15 +111,6 @@ def test_the_zoo_table_script_reads_each_adapter_and_the_base(
     rows = script.zoo_rows(llm_zoo)
     with pytest.raises(ValueError, match="split differently"):
         script.markdown([rows, {**rows, TASKS[0]: other}])
-
-
-def _benchmark_script(name: str):  # noqa: ANN202
-    """A script of benchmarks/ loaded as a module."""
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def _naive_right(model, codec, scoring, test) -> list[bool]:
@@ -274,7 +265,7 @@ def test_a_stopped_bench_resumes_from_its_score_record(llm_zoo: Path, tmp_path: 
         evaluation_timing(third)
     )
     # The budget script prices runs from such a report too (it scored nothing itself).
-    unit = _benchmark_script("llm_budget").measured(llm_zoo, third)
+    unit = load_benchmark_script("llm_budget").measured(llm_zoo, third)
     n_test = sum(len(load_zoo(llm_zoo).test_sets[t].test) for t in TASKS) / len(TASKS)
     per_example = third["meta"]["recorded_evaluation_seconds"] / (ran * n_test)
     assert unit["eval_example"] == pytest.approx(per_example)

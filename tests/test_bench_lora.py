@@ -5,7 +5,6 @@ written), and the report shows what OPCM's projection removed at every step."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ pytest.importorskip("rdata")
 pytest.importorskip("peft")
 
 import torch  # noqa: E402
+from helpers import load_benchmark_script  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mergestream.bench import finetune as FT  # noqa: E402
@@ -211,11 +211,7 @@ def test_factored_and_dense_states_score_the_same(lora_zoo: Path) -> None:
             assert ours["order"] == theirs["order"]
             assert ours["final"] == theirs["final"], label
     # The benchmark script that puts two such runs side by side agrees.
-    spec = importlib.util.spec_from_file_location(
-        "lowrank_zoo_compare", Path(__file__).parents[1] / "benchmarks" / "lowrank_zoo_compare.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark_script("lowrank_zoo_compare")
     rows, same = script.compare(factored, dense)
     assert same and [r["max_diff"] for r in rows] == [0.0] * 4
     assert "| OPCM (alpha=0.5) | factors |" in script.markdown(rows)
