@@ -289,3 +289,69 @@ def _without_times(ran: dict, like: dict) -> dict:
         for run, other in zip(entry["runs"], like[label]["runs"], strict=True):
             run["merge_seconds"] = other["merge_seconds"]
     return out
+
+
+def test_runs_that_shared_the_methods_join_into_one_report(
+    llm_zoo: Path, tmp_path: Path, capsys
+) -> None:
+    """Two processes with disjoint --methods give the report of one run with both, their
+    merges and scores taken as they ran; runs of another protocol are refused."""
+    from mergestream.bench.join import JoinError, join_results, load_part
+
+    kwargs = {
+        "orders": 2,
+        "matrix_orders": 1,
+        "diagonal_only": True,
+        "matrix_rows": [2],
+        "alphas": (),
+        "log": lambda _: None,
+    }
+    rows = ["task_arithmetic", "OPCM (alpha=0.5)"]
+    both = run_benchmark(llm_zoo, methods=select_methods(rows), **kwargs)
+    # The parts given in the other order than the table's: the join restores the table order.
+    opcm = run_benchmark(llm_zoo, methods=select_methods(["OPCM (alpha=0.5)"]), **kwargs)
+    arithmetic = run_benchmark(llm_zoo, methods=select_methods(["task_arithmetic"]), **kwargs)
+    write_report(opcm, tmp_path / "p1", plots=False)
+    write_report(arithmetic, tmp_path / "p2", plots=False)
+
+    assert main(["bench-join", str(tmp_path / "p1"), str(tmp_path / "p2/results.json"),
+                 "--out", str(tmp_path / "joined")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 methods from 2 runs" in printed, printed[-300:]
+    joined = load_part(tmp_path / "joined")
+    assert list(joined["methods"]) == list(both["methods"]) == [
+        "task arithmetic (c=0.3)",
+        "OPCM (alpha=0.5)",
+    ]
+    assert joined["methods"] == _without_times(both["methods"], joined["methods"])
+    assert joined["methods"]["OPCM (alpha=0.5)"] == opcm["methods"]["OPCM (alpha=0.5)"]
+    assert joined["reference"] == both["reference"]
+    evaluations = opcm["meta"]["evaluations"] + arithmetic["meta"]["evaluations"]
+    assert joined["meta"]["evaluations"] == evaluations > both["meta"]["evaluations"]
+    assert [part["methods"] for part in joined["meta"]["joined"]] == [
+        ["OPCM (alpha=0.5)"],
+        ["task arithmetic (c=0.3)"],
+    ]
+    assert {k: joined["meta"][k] for k in ("tasks", "orders", "matrix_rows")} == {
+        k: both["meta"][k] for k in ("tasks", "orders", "matrix_rows")
+    }
+    report = (tmp_path / "joined/results.md").read_text()
+    assert f"{evaluations} task evaluations" in report and "OPCM (alpha=0.5)" in report
+
+    # What cannot be one run is refused, naming the part and the entry.
+    other_orders = json.loads(json.dumps(arithmetic))
+    other_orders["meta"]["orders"] = 3
+    with pytest.raises(JoinError, match="orders is 3"):
+        join_results([opcm, other_orders])
+    other_scores = json.loads(json.dumps(arithmetic))
+    other_scores["reference"]["individual"][TASKS[0]] += 0.5
+    with pytest.raises(JoinError, match=f"individual accuracy of {TASKS[0]}"):
+        join_results([opcm, other_scores], ["a.json", "b.json"])
+    with pytest.raises(JoinError, match="in both"):
+        join_results([opcm, opcm])
+    assert main(["bench-join", str(tmp_path / "p1"), str(tmp_path / "p2"),
+                 "--out", str(tmp_path / "p2")]) != 0
+    assert "would be overwritten" in capsys.readouterr().err
+    assert main(["bench-join", str(tmp_path / "p1"), str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "j2")]) != 0
+    assert "no such file" in capsys.readouterr().err

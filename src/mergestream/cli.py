@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(sub)
     from .bench.commands import add_commands as add_bench_suite_commands
 
-    add_bench_suite_commands(sub)  # bench-suite init/check, finetune
+    add_bench_suite_commands(sub)  # bench-suite init/check, bench-join, finetune
     return parser
 
 

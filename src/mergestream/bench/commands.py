@@ -195,6 +195,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_join(args: argparse.Namespace) -> int:
+    """``mergestream bench-join``: one report from runs that shared the methods."""
+    from mergestream.bench.join import JoinError, join_results, load_part
+    from mergestream.bench.report import PLOTS_NEED, markdown_table, plots_available, write_report
+
+    out = args.out.resolve()
+    for part in args.parts:
+        folder = part if part.is_dir() else part.parent
+        if folder.resolve() == out:
+            raise JoinError(f"{part}: --out is this part's folder; its report would be overwritten")
+    joined = join_results([load_part(p) for p in args.parts], [str(p) for p in args.parts])
+    plots = plots_available()
+    written = write_report(joined, args.out, plots=plots)
+    print(markdown_table(joined))
+    files = ", ".join(p.name for p in written.values())
+    skipped = "" if plots else f"; plots skipped: {PLOTS_NEED}"
+    count = len(joined["methods"])
+    print(f"{count} methods from {len(args.parts)} runs in {args.out} ({files}){skipped}")
+    return 0
+
+
 def _require_transformers() -> None:
     """The benchmark's encoder needs transformers (the `bench` extra): say so, not a traceback."""
     try:
@@ -215,7 +236,7 @@ def load_suite_argument(path: Path | None) -> Suite | None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``bench-suite`` and ``finetune`` to the ``mergestream`` parser."""
+    """Add ``bench-suite``, ``bench-join`` and ``finetune`` to the ``mergestream`` parser."""
     p = sub.add_parser("bench-suite", help="write or check a benchmark suite file (YAML)")
     suite_sub = p.add_subparsers(dest="suite_command", required=True)
     q = suite_sub.add_parser("init", help="write a commented suite template")
@@ -235,6 +256,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     q.add_argument("--cache", type=Path, default=None, help="data cache of built-in tasks")
     q.add_argument("--no-fetch", action="store_true", help="never download built-in sources")
     q.set_defaults(func=cmd_suite_check)
+
+    p = sub.add_parser(
+        "bench-join",
+        help="one report from bench runs that shared the methods between them (same zoo and "
+        "protocol, disjoint --methods); nothing is merged or scored again",
+    )
+    p.add_argument("parts", type=Path, nargs="+", help="report folders (or their results.json)")
+    p.add_argument("--out", type=Path, required=True, help="folder of the joined report")
+    p.set_defaults(func=cmd_bench_join)
 
     p = sub.add_parser(
         "finetune",
