@@ -65,18 +65,21 @@ def round_off_floor(dtype: torch.dtype, frobenius_norm: float) -> float:
     return torch.finfo(dtype).eps / 2 * frobenius_norm
 
 
+def stored_round_off_floor(x: torch.Tensor) -> float:
+    """`round_off_floor` of the tensor `x` as it is held. Zero, and no pass over `x`, for a
+    tensor held in float64 (or an integer one)."""
+    if not held_below_float64(x.dtype):
+        return 0.0
+    return round_off_floor(x.dtype, float(torch.linalg.vector_norm(x, dtype=COMPUTE_DTYPE)))
+
+
 def stored_rtol(rows: int, cols: int, sigma_max: float, *inputs: torch.Tensor) -> float:
     """`rank_rtol`, raised to cover the round-off of `inputs` held below float64 (a float32
     state, see `round_off_floor`): a direction of the matrix made from them with σ under that
     cannot be told apart from it. Without this a rank-deficient running sum stored in float32
     (a LoRA stream) shows float32 noise as hundreds of directions of σ ≈ 1e-7·σ_max. Inputs
     in float64 add nothing: the rule is then `rank_rtol`, the references' parity rule."""
-    # Norms only of the inputs held below float64: a float64 state costs no extra pass.
-    floor = sum(
-        round_off_floor(x.dtype, float(torch.linalg.vector_norm(x, dtype=torch.float64)))
-        for x in inputs
-        if held_below_float64(x.dtype)
-    )
+    floor = sum(stored_round_off_floor(x) for x in inputs)
     base = rank_rtol(rows, cols)
     return max(base, floor / sigma_max) if sigma_max > 0 else base
 

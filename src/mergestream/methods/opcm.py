@@ -35,13 +35,13 @@ from .linalg import (
     Decomposition,
     RightSingular,
     above_round_off,
-    held_below_float64,
     r_factor,
     right_singular,
     right_singular_from_gram,
     right_singular_from_r,
     round_off_floor,
     split_index,
+    stored_round_off_floor,
 )
 from .lowrank import Factors, ThinSVD, device_of, opcm_step, scaled
 from .ops import squared_norm
@@ -239,7 +239,7 @@ class OPCM(ContinualMethod):
                 decomposed = _prepared(state)
                 if decomposed is None:
                     decomposed = decompose_running_sum(running_sum, cfg.decomposition)
-                    decomposed = above_round_off(decomposed, _stored_floor(state["sum"]))
+                    decomposed = above_round_off(decomposed, stored_round_off_floor(state["sum"]))
                 removed_sq = project_in_place(
                     running_sum,
                     task_vector,
@@ -268,7 +268,7 @@ class OPCM(ContinualMethod):
         decomposed = decompose_running_sum(
             state["sum"].to(COMPUTE_DTYPE), self.config.decomposition
         )
-        decomposed = above_round_off(decomposed, _stored_floor(state["sum"]))
+        decomposed = above_round_off(decomposed, stored_round_off_floor(state["sum"]))
         return {"v": decomposed.v, "sigma": decomposed.sigma}
 
     def prepared_shapes(self, info: TensorInfo) -> dict[str, tuple[int, ...]]:
@@ -339,17 +339,6 @@ class OPCM(ContinualMethod):
         self, info: TensorInfo, state: Mapping[str, torch.Tensor], scalars: Scalars
     ) -> torch.Tensor:
         return state["sum"].to(COMPUTE_DTYPE) / scalars["scale"]
-
-
-def _stored_floor(stored_sum: torch.Tensor) -> float:
-    """The singular values of a running sum stored below float64 that are its storage's
-    round-off (`linalg.round_off_floor`): in a float32 state a rank-deficient sum (a LoRA
-    stream) shows float32 noise as directions of σ ≈ 1e-7·σ_max, and the diagonal rule would
-    remove τ's components along them. Zero, and nothing computed, for a float64 sum."""
-    if not held_below_float64(stored_sum.dtype):
-        return 0.0
-    norm = float(torch.linalg.vector_norm(stored_sum, dtype=COMPUTE_DTYPE))
-    return round_off_floor(stored_sum.dtype, norm)
 
 
 def _prepared(state: Mapping[str, torch.Tensor]) -> RightSingular | None:
