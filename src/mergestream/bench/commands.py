@@ -197,13 +197,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_join(args: argparse.Namespace) -> int:
     """``mergestream bench-join``: one report from runs that shared the methods."""
-    from mergestream.bench.join import JoinError, join_results, load_part
+    from mergestream.bench.join import JoinError, join_results, load_part, results_file
     from mergestream.bench.report import PLOTS_NEED, markdown_table, plots_available, write_report
 
     out = args.out.resolve()
     for part in args.parts:
-        folder = part if part.is_dir() else part.parent
-        if folder.resolve() == out:
+        if results_file(part).parent.resolve() == out:
             raise JoinError(f"{part}: --out is this part's folder; its report would be overwritten")
     joined = join_results([load_part(p) for p in args.parts], [str(p) for p in args.parts])
     plots = plots_available()

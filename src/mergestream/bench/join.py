@@ -52,7 +52,8 @@ SUMMED_KEYS = (
     "seconds",
 )
 # Perplexities are sums of float32 log-probabilities: a process with other threads may round
-# them differently. Accuracies are counts over the same test sets and must be equal.
+# them differently. Task accuracies are counts over the same test sets and must be equal; the
+# general prompts' accuracy, compared with this tolerance too, moves by 1/n or not at all.
 RETENTION_RTOL = 1e-5
 
 
@@ -60,9 +61,14 @@ class JoinError(ConfigError):
     """Benchmark results that cannot be joined into one report."""
 
 
+def results_file(path: Path) -> Path:
+    """A part's results file: ``path`` is a ``results.json`` or the report folder holding one."""
+    return path / "results.json" if path.is_dir() else path
+
+
 def load_part(path: Path) -> dict[str, Any]:
-    """A part's results: ``path`` is a ``results.json`` or the report folder holding one."""
-    file = path / "results.json" if path.is_dir() else path
+    """A part's results (``path`` as for `results_file`)."""
+    file = results_file(path)
     try:
         results = json.loads(file.read_text())
     except FileNotFoundError:
