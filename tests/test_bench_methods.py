@@ -48,3 +48,19 @@ def test_unknown_name_is_refused(tmp_path, capsys):
         select_methods(["opcm", "nope"])
     assert main(["bench", str(tmp_path), "--methods", "nope"]) != 0
     assert "unknown benchmark method 'nope'" in capsys.readouterr().err
+
+
+def test_a_method_name_that_takes_several_rows_is_named_before_the_run(tmp_path, capsys):
+    from mergestream.bench.run import expanded_tokens
+
+    opcm_rows = tuple(s.label for s in DEFAULT_METHODS if s.method == "opcm")
+    assert expanded_tokens(["opcm", "tsv_m", "OPCM (alpha=0.5)", "dop-exact"]) == {
+        "opcm": opcm_rows
+    }
+    assert expanded_tokens(None) == {}
+    main(["bench", str(tmp_path), "--methods", "opcm,average"])
+    err = capsys.readouterr().err
+    assert f"--methods 'opcm' takes every row of the method ({len(opcm_rows)})" in err
+    assert all(label in err for label in opcm_rows)
+    main(["bench", str(tmp_path), "--methods", "OPCM (alpha=0.5)"])
+    assert "takes every row" not in capsys.readouterr().err

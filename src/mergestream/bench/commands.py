@@ -142,6 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         DEFAULT_ALPHAS,
         SCORE_RECORD,
         StateOptions,
+        expanded_tokens,
         run_benchmark,
         select_methods,
     )
@@ -151,6 +152,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods = select_methods(_task_list(args.methods))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for token, rows in expanded_tokens(_task_list(args.methods)).items():
+        print(
+            f"--methods {token!r} takes every row of the method ({len(rows)}): "
+            f"{'; '.join(rows)}. Name a row by its label to take it alone",
+            file=sys.stderr,
+        )
     suite = load_suite_argument(args.suite)
     # Known before the first evaluation: a run of hours must not end in a missing plotter.
     plots = plots_available()

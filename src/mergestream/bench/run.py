@@ -121,6 +121,21 @@ def select_methods(tokens: Sequence[str] | None) -> tuple[MethodSpec, ...]:
     return tuple(s for s in known if s.label in wanted or s.method in wanted or s.name in wanted)
 
 
+def expanded_tokens(tokens: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
+    """The tokens of `select_methods` that take more than one row (a method name such as
+    `opcm` or `dop`), with the labels of the rows each takes: a benchmark of hours should say
+    so before it starts, since `opcm` reads like the main OPCM row alone."""
+    known = DEFAULT_METHODS + OPTIONAL_METHODS
+    expanded = {}
+    for token in dict.fromkeys(tokens or ()):
+        if any(s.label == token for s in known):
+            continue
+        rows = tuple(s.label for s in known if s.method == token or s.name == token)
+        if len(rows) > 1:
+            expanded[token] = rows
+    return expanded
+
+
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
