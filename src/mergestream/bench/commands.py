@@ -148,11 +148,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     tasks = _task_list(args.tasks)
+    method_tokens = _task_list(args.methods)
     try:
-        methods = select_methods(_task_list(args.methods))
+        methods = select_methods(method_tokens)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for token, rows in expanded_tokens(_task_list(args.methods)).items():
+    for token, rows in expanded_tokens(method_tokens).items():
         print(
             f"--methods {token!r} takes every row of the method ({len(rows)}): "
             f"{'; '.join(rows)}. Name a row by its label to take it alone",

@@ -125,14 +125,11 @@ def expanded_tokens(tokens: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
     """The tokens of `select_methods` that take more than one row (a method name such as
     `opcm` or `dop`), with the labels of the rows each takes: a benchmark of hours should say
     so before it starts, since `opcm` reads like the main OPCM row alone."""
-    known = DEFAULT_METHODS + OPTIONAL_METHODS
     expanded = {}
     for token in dict.fromkeys(tokens or ()):
-        if any(s.label == token for s in known):
-            continue
-        rows = tuple(s.label for s in known if s.method == token or s.name == token)
+        rows = select_methods([token]) if token != "all" else ()
         if len(rows) > 1:
-            expanded[token] = rows
+            expanded[token] = tuple(s.label for s in rows)
     return expanded
 
 
